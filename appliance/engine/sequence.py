@@ -1,0 +1,245 @@
+"""Requests, sequences and what the engine hands back. No torch here.
+
+A request (one `add_request` call) owns `n` sequences. With n > 1 the prompt is prefilled once
+(by the first sequence); when its first token is sampled the other n-1 sequences are forked
+from it and share every prompt block (reference counts), copying only the last partial block.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from appliance.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling options, with OpenAI/vLLM meanings.
+
+    temperature 0 means greedy. top_k <= 0 means off. logprobs: None = none, k >= 0 = the sampled
+    token's logprob plus the top-k alternatives. max_tokens None = up to max_model_len.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the parameter when a value is impossible."""
+
+        def bad(param: str, expected: str, value: object) -> InvalidRequestError:
+            return InvalidRequestError(f"'{param}' must be {expected}, got {value!r}", param=param)
+
+        if not isinstance(self.n, int) or not 1 <= self.n <= 128:
+            raise bad("n", "an integer in [1, 128]", self.n)
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
+            raise bad("max_tokens", "a positive integer", self.max_tokens)
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", "a non-negative integer", self.min_tokens)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"at most max_tokens ({self.max_tokens})", self.min_tokens)
+        if not 0.0 <= self.temperature <= 100.0:
+            raise bad("temperature", "in [0, 100]", self.temperature)
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "in (0, 1]", self.top_p)
+        if not isinstance(self.top_k, int):
+            raise bad("top_k", "an integer (0 or -1 disables it)", self.top_k)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "in [0, 1]", self.min_p)
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad("presence_penalty", "in [-2, 2]", self.presence_penalty)
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad("frequency_penalty", "in [-2, 2]", self.frequency_penalty)
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise bad("repetition_penalty", "in (0, 10]", self.repetition_penalty)
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            raise bad("logprobs", "an integer in [0, 20]", self.logprobs)
+        if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "at most 16 non-empty strings", self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # back in the waiting queue, its blocks freed (recompute)
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"  # cancelled by the client or the operator
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first; len == SamplingParams.logprobs
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """One token stream: the prompt plus what has been generated so far.
+
+    NOTE: `num_computed_tokens` counts tokens whose K/V are in the cache. The scheduler advances
+    it; the block manager sizes `block_table` to cover every token that will be computed.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        *,
+        index: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id
+        self.index = index  # which of the request's n choices this is
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # prompt + output
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served by prefix-cache hits (last admission)
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: str | int | None = None  # the stop string or token id that matched
+        self.logprobs: list[TokenLogprob] = []
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.num_preemptions = 0
+        # Text state, owned by the detokenizer in llm_engine.
+        self.output_text = ""
+        self.detok_state: object | None = None
+        # For n > 1: the request's first sequence prefills alone, then is forked.
+        self.pending_forks = sampling_params.n - 1 if index == 0 else 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than one token still to compute (prompt, or re-prefill after preemption)."""
+        return self.num_uncomputed_tokens > 1
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, req={self.request_id!r}, len={len(self)}, "
+            f"computed={self.num_computed_tokens}, status={self.status.value})"
+        )
+
+
+@dataclass
+class CompletionOutput:
+    """One of a request's n choices, cumulative (text and token ids since the start)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """What the engine reports for a request after a step in which it changed.
+
+    Outputs are cumulative; `AsyncEngine` consumers compute deltas from the previous output.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float | None
+    num_preemptions: int = 0
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /status, /metrics and the dashboard. Plain data, safe to hand across threads."""
+
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_total: int
+    num_kv_blocks_used: int  # referenced by a live sequence
+    num_kv_blocks_cached: int  # free but holding a reusable prefix (evictable)
+    kv_cache_usage: float  # used / total, 0..1
+    prefix_cache_queries: int  # tokens looked up, cumulative
+    prefix_cache_hits: int  # tokens found, cumulative
+    num_preemptions: int  # cumulative
+    prompt_tokens_total: int  # cumulative, prompt tokens computed (excludes prefix hits)
+    generation_tokens_total: int  # cumulative
+    num_steps: int  # cumulative engine steps
+    last_step_time: float  # time.monotonic() of the last finished step (for stall detection)
+    requests: list[RequestSnapshot] = field(default_factory=list)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+@dataclass
+class RequestSnapshot:
+    request_id: str
+    phase: str  # "waiting", "prefill", "decode"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    arrival_time: float

@@ -1,0 +1,1 @@
+"""Benchmark harnesses, imported as `appliance_bench` (`llm-appliance bench ...`)."""

@@ -1,0 +1,110 @@
+"""Pure-torch references for every kernel. They are also the CPU path of the engine.
+
+Paged KV cache layout (one per layer, K and V separate):
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+A token at position p of a sequence lives in block block_table[p // block_size], row p % block_size;
+its flat slot is block_id * block_size + p % block_size.
+
+A batch is "varlen": the new (query) tokens of all sequences are concatenated along dim 0.
+    query_start_loc: int32 [B + 1]  cumulative query lengths (decode rows have length 1)
+    seq_lens:        int32 [B]      context length of each sequence *including* this step's tokens
+    block_tables:    int32 [B, max_blocks_per_seq]  (unused entries are ignored)
+Query token i of sequence b sits at position seq_lens[b] - q_len[b] + i and attends causally to
+positions 0..that position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_ref(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    v_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    slot_mapping: torch.Tensor,  # int64 [T]; -1 marks a padding token that is not stored
+) -> None:
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = k[valid].to(k_cache.dtype)
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v[valid].to(v_cache.dtype)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    v_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    block_tables: torch.Tensor,  # int32 [B, max_blocks]
+    seq_lens: torch.Tensor,  # int32 [B]
+    query_start_loc: torch.Tensor,  # int32 [B + 1]
+    scale: float,
+) -> torch.Tensor:  # [T, Hq, D]
+    """Causal attention of each sequence's new tokens over its whole paged context (fp32 math)."""
+    num_q_heads = q.shape[1]
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    group = num_q_heads // num_kv_heads
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        q_start, q_end = starts[b], starts[b + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        num_blocks = (seq_len + block_size - 1) // block_size
+        blocks = block_tables[b, :num_blocks].long()
+        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [S, Hkv, D]
+        values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        qb = q[q_start:q_end].float().transpose(0, 1)  # [Hq, L, D]
+        kb = keys.float().transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, S, D]
+        vb = values.float().transpose(0, 1).repeat_interleave(group, dim=0)
+        # Causal: query i (position seq_len - q_len + i) sees keys 0..seq_len - q_len + i.
+        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+        k_pos = torch.arange(seq_len).unsqueeze(0)
+        mask = k_pos <= q_pos  # [L, S]
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+        out[q_start:q_end] = ob.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def rms_norm_ref(
+    x: torch.Tensor,  # [T, H]
+    weight: torch.Tensor,  # [H]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [T, H]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm with fp32 math. With a residual: h = x + residual; returns (norm(h), h)."""
+    dtype = x.dtype
+    h = x.float()
+    if residual is not None:
+        h = h + residual.float()
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return normed.to(dtype), (h.to(dtype) if residual is not None else None)
+
+
+def rotary_ref(
+    positions: torch.Tensor,  # int64 [T]
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    cos_sin_cache: torch.Tensor,  # fp32 [max_pos, D] = cat(cos[:, :D/2], sin[:, :D/2])
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) rotary embedding, as Llama/Qwen in HF apply it."""
+    half = q.shape[-1] // 2
+    cs = cos_sin_cache[positions]  # [T, D]
+    cos = cs[:, :half].unsqueeze(1)
+    sin = cs[:, half:].unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # x: [T, 2 * I] -> [T, I]
+    gate, up = x.chunk(2, dim=-1)
+    return (F.silu(gate.float()) * up.float()).to(x.dtype)
