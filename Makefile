@@ -24,7 +24,7 @@ run: model
 	$(BIN)/llm-appliance serve --model default
 
 test: model
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/pytest -q -ra tests
 
 lint: setup
 	$(BIN)/ruff check appliance kernels bench tests
