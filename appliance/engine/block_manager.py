@@ -1,0 +1,262 @@
+"""Paged KV cache bookkeeping: blocks, reference counts, prefix caching. No torch here.
+
+Contract
+- A block holds `block_size` consecutive token positions of one or more sequences (shared by
+  prefix hits and n > 1 forks). `ref_count` = number of block tables that list it.
+- A *full, computed* block gets a chained hash: hash(parent block's hash, its token ids), so equal
+  hashes mean equal whole prefixes. The hash is registered only after the block's K/V are
+  written (`commit`), so a hit never reads K/V that a running step has not produced yet.
+- A block whose ref_count drops to 0 but that holds a registered hash stays reusable: it goes to
+  the LRU of cached-free blocks, evicted (hash dropped) only when a fresh block is needed.
+- The caller (Scheduler) is single-threaded; nothing here locks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from appliance.engine.sequence import Sequence
+
+
+class NoFreeBlocksError(RuntimeError):
+    """Raised by allocation when the pool is exhausted; the scheduler checks first and preempts."""
+
+
+def chain_hash(parent_hash: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent_hash or b"root")
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return h.digest()
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None
+    token_ids: tuple[int, ...] = ()  # kept for the collision check on a hit
+
+
+@dataclass(frozen=True)
+class BlockUsage:
+    num_total: int
+    num_used: int  # ref_count > 0
+    num_cached_free: int  # ref_count == 0, holding a reusable prefix
+    num_free: int  # ref_count == 0, empty (cached-free blocks are also allocatable)
+    prefix_queries_tokens: int
+    prefix_hits_tokens: int
+
+    @property
+    def usage(self) -> float:
+        return self.num_used / self.num_total if self.num_total else 0.0
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        assert num_blocks > 0 and block_size > 0
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free_ids: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() from the end: low ids first
+        self._cached_free: OrderedDict[int, None] = OrderedDict()  # LRU order: oldest first
+        self._hash_to_block: dict[bytes, int] = {}
+        self._pending_copies: list[tuple[int, int]] = []
+        self.prefix_queries_tokens = 0
+        self.prefix_hits_tokens = 0
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_allocatable(self) -> int:
+        return len(self._free_ids) + len(self._cached_free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def usage(self) -> BlockUsage:
+        used = sum(1 for b in self.blocks if b.ref_count > 0)
+        return BlockUsage(
+            num_total=self.num_blocks,
+            num_used=used,
+            num_cached_free=len(self._cached_free),
+            num_free=len(self._free_ids),
+            prefix_queries_tokens=self.prefix_queries_tokens,
+            prefix_hits_tokens=self.prefix_hits_tokens,
+        )
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """Copy-on-write (src, dst) pairs the model runner must apply before the next forward."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+    # ------------------------------------------------------------------ internals
+    def _take_fresh(self) -> int:
+        if self._free_ids:
+            block_id = self._free_ids.pop()
+        elif self._cached_free:
+            block_id, _ = self._cached_free.popitem(last=False)  # evict the least recently used
+            block = self.blocks[block_id]
+            if block.block_hash is not None and self._hash_to_block.get(block.block_hash) == block_id:
+                del self._hash_to_block[block.block_hash]
+            block.block_hash, block.token_ids = None, ()
+        else:
+            raise NoFreeBlocksError("KV cache has no free block")
+        block = self.blocks[block_id]
+        assert block.ref_count == 0, f"block {block_id} handed out while referenced"
+        block.ref_count = 1
+        return block_id
+
+    def _incref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            self._cached_free.pop(block_id, None)
+        block.ref_count += 1
+
+    def _decref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        assert block.ref_count > 0, f"double free of block {block_id}"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.block_hash is not None:
+                self._cached_free[block_id] = None  # most recently used at the end
+            else:
+                self._free_ids.append(block_id)
+
+    def _lookup(self, parent_hash: bytes | None, tokens: tuple[int, ...]) -> tuple[bytes, int | None]:
+        block_hash = chain_hash(parent_hash, tokens)
+        block_id = self._hash_to_block.get(block_hash)
+        if block_id is not None and self.blocks[block_id].token_ids != tokens:
+            block_id = None  # hash collision: never serve another prefix's K/V
+        return block_hash, block_id
+
+    # ------------------------------------------------------------------ admission
+    def num_blocks_to_allocate(self, seq: Sequence) -> int:
+        """Fresh blocks `allocate(seq)` would take (prefix hits on free-cached blocks count too)."""
+        return self.blocks_needed(len(seq))
+
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        return self.num_allocatable - reserve >= self.num_blocks_to_allocate(seq)
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a waiting sequence blocks for all its known tokens, reusing cached prefix blocks.
+
+        Sets seq.num_computed_tokens to the number of tokens found in the cache. NOTE: at least
+        one token is always left to compute, so the step produces logits to sample from.
+        """
+        assert not seq.block_table, f"{seq} already has blocks"
+        tokens = seq.token_ids
+        num_full = len(tokens) // self.block_size
+        # Never serve the whole sequence from cache: the last token must run through the model.
+        max_hit_blocks = (len(tokens) - 1) // self.block_size
+        table: list[int] = []
+        parent: bytes | None = None
+        hits = 0
+        if self.enable_prefix_caching:
+            self.prefix_queries_tokens += num_full * self.block_size
+            for i in range(min(num_full, max_hit_blocks)):
+                chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
+                parent, block_id = self._lookup(parent, chunk)
+                if block_id is None:
+                    break
+                self._incref(block_id)
+                table.append(block_id)
+                hits += 1
+            self.prefix_hits_tokens += hits * self.block_size
+        try:
+            for _ in range(self.blocks_needed(len(tokens)) - hits):
+                table.append(self._take_fresh())
+        except NoFreeBlocksError:
+            for block_id in table:
+                self._decref(block_id)
+            raise
+        seq.block_table = table
+        seq.num_cached_tokens = hits * self.block_size
+        seq.num_computed_tokens = hits * self.block_size
+
+    # ------------------------------------------------------------------ growth
+    def slots_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """Fresh blocks needed so the table covers `num_tokens` positions (incl. copy-on-write)."""
+        need = max(0, self.blocks_needed(num_tokens) - len(seq.block_table))
+        if self._needs_cow(seq, num_tokens):
+            need += 1
+        return need
+
+    def _needs_cow(self, seq: Sequence, num_tokens: int) -> bool:
+        # The next write lands in the last block of the table, and another table shares it.
+        if not seq.block_table or seq.num_computed_tokens >= num_tokens:
+            return False
+        first_write_block = seq.num_computed_tokens // self.block_size
+        if first_write_block >= len(seq.block_table):
+            return False
+        return self.blocks[seq.block_table[first_write_block]].ref_count > 1
+
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.num_allocatable >= self.slots_needed(seq, num_tokens)
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Make seq.block_table cover positions [0, num_tokens); copy a shared partial block first."""
+        if self._needs_cow(seq, num_tokens):
+            idx = seq.num_computed_tokens // self.block_size
+            src = seq.block_table[idx]
+            dst = self._take_fresh()
+            self._pending_copies.append((src, dst))
+            self._decref(src)
+            seq.block_table[idx] = dst
+        while len(seq.block_table) < self.blocks_needed(num_tokens):
+            seq.block_table.append(self._take_fresh())
+
+    def commit(self, seq: Sequence) -> None:
+        """Register the hashes of blocks that became full and computed (after a step)."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        parent: bytes | None = None
+        for i in range(num_full):
+            block = self.blocks[seq.block_table[i]]
+            chunk = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            if block.block_hash is not None and block.token_ids == chunk:
+                parent = block.block_hash
+                continue
+            block_hash = chain_hash(parent, chunk)
+            if block.block_hash is None:
+                block.block_hash, block.token_ids = block_hash, chunk
+                # First writer wins; a later identical block stays unregistered but valid.
+                self._hash_to_block.setdefault(block_hash, block.block_id)
+            parent = block.block_hash
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child shares every block of the parent (n > 1 after the prompt's prefill)."""
+        assert not child.block_table
+        for block_id in parent.block_table:
+            self._incref(block_id)
+        child.block_table = list(parent.block_table)
+
+    def free(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):  # reversed: the prefix's head is evicted last
+            self._decref(block_id)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    def check_invariants(self, live_tables: list[list[int]]) -> None:
+        """Tests: refcounts equal table membership; every block is in exactly one pool."""
+        counts = [0] * self.num_blocks
+        for table in live_tables:
+            for block_id in table:
+                counts[block_id] += 1
+        for block in self.blocks:
+            assert block.ref_count == counts[block.block_id], (block, counts[block.block_id])
+        free = set(self._free_ids)
+        cached = set(self._cached_free)
+        assert len(free) == len(self._free_ids), "a block is twice in the free list"
+        assert not free & cached
+        for block in self.blocks:
+            in_pools = (block.block_id in free) + (block.block_id in cached)
+            assert in_pools == (1 if block.ref_count == 0 else 0), block
+        for block_hash, block_id in self._hash_to_block.items():
+            assert self.blocks[block_id].block_hash == block_hash

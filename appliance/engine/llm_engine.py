@@ -1,0 +1,378 @@
+"""The engine core (`EngineCore.step()` = schedule → execute → update) and the offline `LLM` API.
+
+EngineCore is not thread-safe: exactly one thread drives it (the AsyncEngine thread in the
+daemon, the caller's thread for `LLM`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from appliance.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from appliance.engine.block_manager import BlockManager
+from appliance.engine.detokenizer import IncrementalDetokenizer
+from appliance.engine.model_runner import ModelRunner, resolve_device_dtype
+from appliance.engine.scheduler import Scheduler
+from appliance.engine.sequence import (
+    CompletionOutput,
+    EngineStats,
+    FinishReason,
+    RequestMetrics,
+    RequestOutput,
+    RequestSnapshot,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+    TokenLogprob,
+)
+from appliance.errors import InvalidRequestError, PromptTooLongError
+
+log = logging.getLogger(__name__)
+
+CPU_MAX_MODEL_LEN = 8192
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+    finished_time: float | None = None
+    changed: bool = False
+    eos_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+
+class EngineCore:
+    """Owns the model runner, the scheduler and every request's sequences.
+
+    Contract: `add_request` validates (raising typed errors, changing nothing on failure);
+    `step` runs one batch and returns a RequestOutput for every request that changed;
+    `abort` frees a request's blocks at any point. Outputs are cumulative.
+    """
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        from appliance.models.loader import load_model, resolve_model
+        from appliance.models.tokenizer import eos_token_ids, load_tokenizer
+
+        self.config = config = config or EngineConfig()
+        t0 = time.monotonic()
+        torch.manual_seed(config.model.seed)
+        self.resolved = resolve_model(config.model)
+        self.tokenizer = load_tokenizer(config.model.tokenizer or str(self.resolved.tokenizer_path))
+        self.model_name = config.model.served_model_name or self._default_name()
+        self.device, self.dtype = resolve_device_dtype(config)
+        model = load_model(config.model, self.device, self.dtype)
+        self.eos_token_ids = list(eos_token_ids(self.tokenizer, self.resolved.hf_config))
+        self.max_model_len = self._decide_max_model_len()
+        self.runner = ModelRunner(config, model, self.device, self.dtype, self.eos_token_ids,
+                                  self.max_model_len)
+        # A sequence must fit in the cache on its own, or it could never run.
+        self.max_model_len = min(self.max_model_len, self.runner.num_kv_blocks * config.cache.block_size)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        sched = config.scheduler
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=sched.max_num_seqs,
+            max_num_batched_tokens=max(sched.max_num_batched_tokens, 1),
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=sched.enable_chunked_prefill,
+        )
+        self.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self.requests: dict[str, _Request] = {}
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._num_steps = 0
+        self._last_step_time = time.monotonic()
+        self.load_time_s = time.monotonic() - t0
+        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d (%.1f s)",
+                 self.model_name, self.device, str(self.dtype).removeprefix("torch."),
+                 self.runner.num_kv_blocks, config.cache.block_size, self.max_model_len, self.load_time_s)
+
+    def _default_name(self) -> str:
+        if self.config.model.model == "default":
+            return "SmolLM2-135M-Instruct"
+        return Path(self.config.model.model.rstrip("/")).name
+
+    def _decide_max_model_len(self) -> int:
+        hf_len = getattr(self.resolved.hf_config, "max_position_embeddings", None) or 2048
+        want = self.config.scheduler.max_model_len
+        if want is not None:
+            if want > hf_len:
+                log.warning("max_model_len %d exceeds the model's %d", want, hf_len)
+            return want
+        return min(hf_len, CPU_MAX_MODEL_LEN) if self.device.type == "cpu" else hf_len
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.runner.model.vocab_size)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        params.validate()
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = self.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if len(prompt_token_ids) + 1 > self.max_model_len:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{len(prompt_token_ids)} tokens, leaving no room for output.", param="messages",
+                code="context_length_exceeded")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seq = Sequence(request_id, prompt_token_ids, params, index=0, arrival_time=arrival)
+        self.requests[request_id] = _Request(request_id, list(prompt_token_ids), params, [seq], arrival)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            self._finish(seq, FinishReason.ABORT)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """Schedule → execute → update. Returns outputs of the requests that changed."""
+        out = self.scheduler.schedule()
+        now = time.monotonic()
+        for item in out.scheduled:
+            if item.seq.first_scheduled_time is None:
+                item.seq.first_scheduled_time = now
+        results = self.runner.execute(out)
+        sampled = {seq_id: res.token_ids[0] for seq_id, res in results.items()}
+        self.scheduler.update(out, sampled)
+        now = time.monotonic()
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            self._prompt_tokens_total += max(0, min(seq.num_computed_tokens, seq.num_prompt_tokens)
+                                             - max(0, seq.num_computed_tokens - item.num_new_tokens))
+            if not item.sample:
+                continue
+            res = results[seq.seq_id]
+            req = self.requests[seq.request_id]
+            req.changed = True
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if res.logprobs is not None:
+                seq.logprobs.append(res.logprobs[0])
+            children = self._fork(seq, res.token_ids[1:], res.logprobs[1:] if res.logprobs else None, now)
+            for s in [seq, *children]:
+                self._generation_tokens_total += 1
+                self._check_stop(s)
+        self._num_steps += 1
+        self._last_step_time = time.monotonic()
+        return self._collect_outputs()
+
+    def _fork(self, parent: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None,
+              now: float) -> list[Sequence]:
+        if not parent.pending_forks:
+            return []
+        req = self.requests[parent.request_id]
+        children = []
+        for k, token in enumerate(tokens, start=1):
+            child = Sequence(parent.request_id, parent.prompt_token_ids, parent.sampling_params,
+                             index=k, arrival_time=parent.arrival_time)
+            child.token_ids = parent.token_ids[:-1] + [token]
+            self.block_manager.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.first_scheduled_time = parent.first_scheduled_time
+            child.first_token_time = now
+            if logprobs is not None:
+                child.logprobs.append(logprobs[k - 1])
+            self.scheduler.add_running(child)
+            req.seqs.append(child)
+            children.append(child)
+        parent.pending_forks = 0
+        return children
+
+    def _check_stop(self, seq: Sequence) -> None:
+        params = seq.sampling_params
+        token = seq.token_ids[-1]
+        stop_str = self.detokenizer.update(seq)
+        num_out = seq.num_output_tokens
+        reason: FinishReason | None = None
+        if num_out >= params.min_tokens:
+            if token in params.stop_token_ids:
+                reason, seq.stop_reason = FinishReason.STOP, token
+            elif token in self.eos_token_ids and not params.ignore_eos:
+                reason = FinishReason.STOP
+            elif stop_str is not None:
+                reason, seq.stop_reason = FinishReason.STOP, stop_str
+        if reason is None:
+            if params.max_tokens is not None and num_out >= params.max_tokens:
+                reason = FinishReason.LENGTH
+            elif len(seq) >= self.max_model_len:
+                reason = FinishReason.LENGTH
+        if reason is not None:
+            if stop_str is None:
+                self.detokenizer.finalize(seq)
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        self.runner.sampler.forget(seq.seq_id)
+
+    def _collect_outputs(self) -> list[RequestOutput]:
+        outputs = []
+        done = []
+        for req in self.requests.values():
+            if not req.changed:
+                continue
+            req.changed = False
+            finished = req.finished
+            if finished:
+                req.finished_time = time.monotonic()
+                done.append(req.request_id)
+            outputs.append(self._make_output(req, finished))
+        for request_id in done:
+            del self.requests[request_id]
+        return outputs
+
+    def _make_output(self, req: _Request, finished: bool) -> RequestOutput:
+        seqs = sorted(req.seqs, key=lambda s: s.index)
+        want_logprobs = req.params.logprobs is not None
+        outputs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.output_text,
+                token_ids=s.output_token_ids,
+                finish_reason=s.finish_reason.value if s.finish_reason else None,
+                stop_reason=s.stop_reason,
+                logprobs=list(s.logprobs) if want_logprobs else None,
+            )
+            for s in seqs
+        ]
+        first = seqs[0]
+        metrics = RequestMetrics(
+            arrival_time=req.arrival_time,
+            first_scheduled_time=first.first_scheduled_time,
+            first_token_time=first.first_token_time,
+            finished_time=req.finished_time,
+            num_preemptions=sum(s.num_preemptions for s in seqs),
+        )
+        return RequestOutput(req.request_id, req.prompt_token_ids, outputs, finished,
+                             num_cached_tokens=first.num_cached_tokens, metrics=metrics)
+
+    # ------------------------------------------------------------------ observability
+    def stats(self, include_requests: bool = False) -> EngineStats:
+        usage = self.block_manager.usage()
+        snapshots = []
+        if include_requests:
+            for req in self.requests.values():
+                seq = req.seqs[0]
+                if seq.status == SequenceStatus.RUNNING:
+                    phase = "prefill" if seq.num_computed_tokens < seq.num_prompt_tokens else "decode"
+                else:
+                    phase = "waiting" if not seq.is_finished else "finished"
+                snapshots.append(RequestSnapshot(req.request_id, phase, len(req.prompt_token_ids),
+                                                 sum(s.num_output_tokens for s in req.seqs), req.arrival_time))
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks_total=usage.num_total,
+            num_kv_blocks_used=usage.num_used,
+            num_kv_blocks_cached=usage.num_cached_free,
+            kv_cache_usage=usage.usage,
+            prefix_cache_queries=usage.prefix_queries_tokens,
+            prefix_cache_hits=usage.prefix_hits_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            num_steps=self._num_steps,
+            last_step_time=self._last_step_time,
+            requests=snapshots,
+        )
+
+    def warmup(self) -> None:
+        """One short request end to end (the daemon says READY only after this)."""
+        self.add_request("__warmup__", [self.eos_token_ids[0] if self.eos_token_ids else 0] * 4,
+                         SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        while "__warmup__" in self.requests:
+            self.step()
+
+
+def engine_config_from_kwargs(model: str = "default", **kwargs: Any) -> EngineConfig:
+    """vLLM-style flat keyword arguments (max_model_len=..., block_size=...) → EngineConfig."""
+    sections: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
+    top: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        for cls, values in sections.items():
+            if key in cls.__dataclass_fields__:
+                values[key] = value
+                break
+        else:
+            if key in EngineConfig.__dataclass_fields__:
+                top[key] = value
+            else:
+                raise TypeError(f"unknown engine argument {key!r}")
+    return replace(EngineConfig(), model=ModelConfig(**sections[ModelConfig]),
+                   cache=CacheConfig(**sections[CacheConfig]),
+                   scheduler=SchedulerConfig(**sections[SchedulerConfig]), **top)
+
+
+class LLM:
+    """Offline generation for Python users: `LLM().generate(["Hello"], SamplingParams(...))`."""
+
+    def __init__(self, model: str = "default", **engine_kwargs: Any) -> None:
+        self.engine = EngineCore(engine_config_from_kwargs(model, **engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._counter = 0
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        return list(prompt)
+
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = []
+        for prompt, p in zip(prompts, plist, strict=True):
+            request_id = f"offline-{self._counter}"
+            self._counter += 1
+            self.engine.add_request(request_id, self._encode(prompt), p)  # type: ignore[arg-type]
+            ids.append(request_id)
+        return self._run(ids)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             params: SamplingParams | None = None) -> list[RequestOutput]:
+        from appliance.models.tokenizer import apply_chat_template
+
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [apply_chat_template(self.tokenizer, conv) for conv in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, params)
+
+    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        pending = set(request_ids)
+        while pending:
+            for output in self.engine.step():
+                if output.finished:
+                    final[output.request_id] = output
+                    pending.discard(output.request_id)
+        return [final[r] for r in request_ids]

@@ -1,0 +1,300 @@
+"""Runs the model over the paged KV cache for one scheduled step, then samples.
+
+CPU: eager forward with the torch reference attention. CUDA: KV cache sized from
+`gpu_memory_utilization` after a profiled peak, decode steps replayed from CUDA graphs captured
+for a ladder of batch sizes (padded), prefill and mixed steps eager. The only host<->device
+synchronisation inside a step is reading back the sampled token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from appliance.config import EngineConfig
+from appliance.engine.sampler import Sampler, SampleResult, SampleRow
+from appliance.engine.scheduler import SchedulerOutput
+from appliance.layers.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    want = config.model.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(want)
+    if config.model.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif config.model.dtype in _DTYPES:
+        dtype = _DTYPES[config.model.dtype]
+    else:
+        from appliance.errors import ConfigError
+
+        raise ConfigError(f"model.dtype must be one of auto, {', '.join(_DTYPES)}; got {config.model.dtype!r}")
+    return device, dtype
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # int64 [S]: rows of the hidden states to sample from
+    rows: list[SampleRow]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device,
+                 dtype: torch.dtype, eos_token_ids: list[int], max_model_len: int) -> None:
+        self.config = config
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.cache.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = (max_model_len + self.block_size - 1) // self.block_size
+        self.sampler = Sampler(model.vocab_size, eos_token_ids)
+        self.num_kv_blocks = self._decide_num_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if device.type == "cuda" and not config.enforce_eager:
+            self._capture_cuda_graphs()
+
+    # ------------------------------------------------------------------ KV cache sizing
+    @property
+    def kv_bytes_per_block(self) -> int:
+        m = self.model
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
+
+    def _decide_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        if self.device.type != "cuda":
+            return max(1, cache.cpu_kv_cache_bytes // self.kv_bytes_per_block)
+        peak = self._profile_peak_bytes()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * cache.gpu_memory_utilization - used_by_others - peak
+        num_blocks = int(budget // self.kv_bytes_per_block)
+        log.info("KV cache: peak %.2f GiB (weights+activations), %d blocks = %.2f GiB",
+                 peak / 2**30, num_blocks, num_blocks * self.kv_bytes_per_block / 2**30)
+        if num_blocks < self.max_blocks_per_seq:
+            from appliance.errors import ModelLoadError
+
+            raise ModelLoadError(
+                f"not enough GPU memory for one max_model_len sequence: {num_blocks} KV blocks; "
+                "raise gpu_memory_utilization or lower max_model_len")
+        return num_blocks
+
+    def _profile_peak_bytes(self) -> int:
+        """Peak memory of the largest step: max_num_batched_tokens of prefill + full logits."""
+        sched = self.config.scheduler
+        num_tokens = sched.max_num_batched_tokens
+        num_seqs = max(1, min(sched.max_num_seqs, num_tokens))
+        blocks_needed = num_seqs + (num_tokens + self.block_size - 1) // self.block_size
+        tmp_caches = self._allocate_kv_cache(blocks_needed)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        per_seq = num_tokens // num_seqs
+        lens = [per_seq] * num_seqs
+        lens[-1] += num_tokens - per_seq * num_seqs
+        qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        block_tables = np.zeros((num_seqs, max(1, -(-max(lens) // self.block_size))), dtype=np.int32)
+        next_block = 0
+        for i, n in enumerate(lens):
+            nb = -(-n // self.block_size)
+            block_tables[i, :nb] = np.arange(next_block, next_block + nb)
+            next_block += nb
+        slots = np.concatenate([block_tables[i, np.arange(n) // self.block_size] * self.block_size
+                                + np.arange(n) % self.block_size for i, n in enumerate(lens)])
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots.astype(np.int64)).to(self.device),
+            query_start_loc=torch.from_numpy(qsl).to(self.device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.from_numpy(block_tables).to(self.device),
+            max_query_len=max(lens), max_seq_len=max(lens))
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        pos = torch.from_numpy(np.concatenate([np.arange(n) for n in lens])).to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(ids, pos, tmp_caches, meta)
+            logits = self.model.compute_logits(hidden[: sched.max_num_seqs])
+            torch.softmax(logits, dim=-1)
+        torch.cuda.synchronize(self.device)
+        peak_activation = torch.cuda.max_memory_allocated(self.device) - base
+        del tmp_caches, hidden, logits
+        torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated(self.device)
+        return weights + peak_activation
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        m = self.model
+        shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        caches = []
+        for _ in range(m.num_layers):
+            caches.append((torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device)))
+        return caches
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[int, SampleResult]:
+        """Run the scheduled tokens; return seq_id -> sampled tokens for rows that sample."""
+        if out.blocks_to_copy:
+            self._copy_blocks(out.blocks_to_copy)
+        if out.is_empty:
+            return {}
+        batch = self._prepare(out)
+        decode_only = batch.meta.is_decode_only
+        num_seqs = len(out.scheduled)
+        graph_size = self._graph_size_for(num_seqs) if decode_only else None
+        if graph_size is not None:
+            logits = self._replay(batch, graph_size)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+        if not batch.rows:
+            return {}
+        results = self.sampler(logits, batch.rows)
+        return {row.seq.seq_id: res for row, res in zip(batch.rows, results, strict=True)}
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
+
+    def _prepare(self, out: SchedulerOutput) -> _Batch:
+        bs = self.block_size
+        ids_parts, pos_parts, slot_parts = [], [], []
+        q_lens, seq_lens = [], []
+        logits_rows: list[int] = []
+        rows: list[SampleRow] = []
+        max_blocks = max(len(item.seq.block_table) for item in out.scheduled)
+        block_tables = np.zeros((len(out.scheduled), max_blocks), dtype=np.int32)
+        num_tokens = 0
+        for i, item in enumerate(out.scheduled):
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            block_tables[i, : len(table)] = table
+            pos = np.arange(start, start + n, dtype=np.int64)
+            ids_parts.append(np.asarray(seq.token_ids[start : start + n], dtype=np.int64))
+            pos_parts.append(pos)
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            q_lens.append(n)
+            seq_lens.append(start + n)
+            num_tokens += n
+            if item.sample:
+                logits_rows.append(num_tokens - 1)
+                rows.append(SampleRow(seq, 1 + seq.pending_forks))
+        qsl = np.zeros(len(q_lens) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=qsl[1:])
+        dev = self.device
+        pin = dev.type == "cuda"
+
+        def to_dev(a: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(a)
+            return t.pin_memory().to(dev, non_blocking=True) if pin else t
+
+        meta = AttentionMetadata(
+            slot_mapping=to_dev(np.concatenate(slot_parts)),
+            query_start_loc=to_dev(qsl),
+            seq_lens=to_dev(np.asarray(seq_lens, dtype=np.int32)),
+            block_tables=to_dev(block_tables),
+            max_query_len=max(q_lens),
+            max_seq_len=max(seq_lens),
+            is_decode_only=max(q_lens) == 1,
+        )
+        return _Batch(
+            input_ids=to_dev(np.concatenate(ids_parts)),
+            positions=to_dev(np.concatenate(pos_parts)),
+            meta=meta,
+            logits_indices=to_dev(np.asarray(logits_rows, dtype=np.int64)),
+            rows=rows,
+        )
+
+    # ------------------------------------------------------------------ CUDA graphs (decode)
+    def _graph_sizes(self) -> list[int]:
+        if self.config.cuda_graph_batch_sizes:
+            sizes = list(self.config.cuda_graph_batch_sizes)
+        else:
+            sizes = [1, 2, 4, 8] + list(range(16, 513, 16))
+        return sorted(s for s in sizes if s <= self.config.scheduler.max_num_seqs)
+
+    def _graph_size_for(self, num_seqs: int) -> int | None:
+        if not self.graphs:
+            return None
+        for size in self._graph_sizes():
+            if size >= num_seqs and size in self.graphs:
+                return size
+        return None
+
+    def _capture_cuda_graphs(self) -> None:
+        t0 = time.monotonic()
+        sizes = self._graph_sizes()
+        if not sizes:
+            return
+        max_bs = max(sizes)
+        dev = self.device
+        self._g_input_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self._g_positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self._g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
+        self._g_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self._g_qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self._g_block_tables = torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self._g_logits: dict[int, torch.Tensor] = {}
+        pool = None
+        stream = torch.cuda.Stream(dev)
+        for size in reversed(sizes):
+            meta = self._graph_meta(size)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: Triton autotune/compile outside the capture
+                    hidden = self.model(self._g_input_ids[:size], self._g_positions[:size], self.kv_caches, meta)
+                    self.model.compute_logits(hidden)
+            stream.synchronize()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                hidden = self.model(self._g_input_ids[:size], self._g_positions[:size], self.kv_caches, meta)
+                self._g_logits[size] = self.model.compute_logits(hidden)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize(dev)
+        log.info("captured %d CUDA graphs (batch %d..%d) in %.1f s", len(sizes), sizes[0], max_bs,
+                 time.monotonic() - t0)
+
+    def _graph_meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self._g_slots[:size],
+            query_start_loc=self._g_qsl[: size + 1],
+            seq_lens=self._g_seq_lens[:size],
+            block_tables=self._g_block_tables[:size],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,  # NOTE: the kernel grid must not depend on live lengths
+            is_decode_only=True,
+        )
+
+    def _replay(self, batch: _Batch, size: int) -> torch.Tensor:
+        n = batch.input_ids.shape[0]
+        meta = batch.meta
+        self._g_input_ids[:n].copy_(batch.input_ids)
+        self._g_positions[:n].copy_(batch.positions)
+        self._g_slots[:n].copy_(meta.slot_mapping)
+        self._g_slots[n:size].fill_(-1)
+        self._g_seq_lens[:n].copy_(meta.seq_lens)
+        self._g_seq_lens[n:size].fill_(1)
+        width = meta.block_tables.shape[1]
+        self._g_block_tables[:n, :width].copy_(meta.block_tables)
+        self._g_block_tables[n:size].zero_()
+        self.graphs[size].replay()
+        return self._g_logits[size][batch.logits_indices]

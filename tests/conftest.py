@@ -1,0 +1,17 @@
+"""Suite-wide setup. CI has no GPU: Triton kernels run under the interpreter there.
+
+NOTE: TRITON_INTERPRET must be set before any @triton.jit function is defined, i.e. before the
+first import of appliance_kernels.*; setting it here, at collection start, guarantees that.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Keep CPU tests predictable on the 2-core CI machine.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
