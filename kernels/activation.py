@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from appliance_kernels.checks import check_out
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -30,7 +31,11 @@ def _silu_and_mul_kernel(
     tl.store(out_ptr + row * INTERMEDIATE + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x: [T, 2 * I] -> [T, I]
+def silu_and_mul(
+    x: torch.Tensor,  # [T, 2 * I]
+    *,
+    out: torch.Tensor | None = None,  # [T, I]; written in place when given
+) -> torch.Tensor:  # [T, I]
     """silu(x[:, :I]) * x[:, I:] with fp32 math."""
     if x.dim() != 2 or x.shape[1] % 2:
         raise ValueError(f"silu_and_mul: x must be [T, 2 * I], got {tuple(x.shape)}")
@@ -39,7 +44,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x: [T, 2 * I] -> [T, I]
     if x.stride(1) != 1:
         raise ValueError(f"silu_and_mul: x needs a contiguous last dim, got strides {x.stride()}")
     num_tokens, intermediate = x.shape[0], x.shape[1] // 2
-    out = torch.empty((num_tokens, intermediate), dtype=x.dtype, device=x.device)
+    out = check_out("silu_and_mul", "out", out, x[:, :intermediate])
     if num_tokens == 0 or intermediate == 0:
         return out
     block = min(1024, triton.next_power_of_2(intermediate))

@@ -23,6 +23,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from appliance_kernels.checks import check_out, check_same_device
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Split-KV: never give a partition fewer keys than this, and never more partitions than this.
@@ -80,7 +81,7 @@ def store_kv(
                              f"got {t.stride()}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous()):
         raise ValueError("store_kv: k_cache, v_cache and slot_mapping must be contiguous")
-    _check_same_device("store_kv", k, v, k_cache, v_cache, slot_mapping)
+    check_same_device("store_kv", k, v, k_cache, v_cache, slot_mapping)
     if num_tokens == 0:
         return
     row_elems = num_kv_heads * head_dim
@@ -271,6 +272,7 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     is_decode_only: bool = False,
+    out: torch.Tensor | None = None,  # [T, Hq, D] like q; written in place when given
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new tokens over its whole paged context.
 
@@ -284,7 +286,7 @@ def paged_attention(
         num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_seq_len, q.device)
     return paged_attention_with_splits(
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-        max_query_len=1 if decode else max_query_len, num_splits=num_splits,
+        max_query_len=1 if decode else max_query_len, num_splits=num_splits, out=out,
     )
 
 
@@ -299,6 +301,7 @@ def paged_attention_with_splits(
     *,
     max_query_len: int,
     num_splits: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the partition count chosen by the caller (tests and benchmarks).
 
@@ -313,7 +316,7 @@ def paged_attention_with_splits(
     num_seqs = seq_lens.shape[0]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    out = torch.empty_like(q)
+    out = check_out("paged_attention", "out", out, q)
     if num_tokens == 0 or num_seqs == 0:
         return out
     if max_query_len < 1:
@@ -354,13 +357,6 @@ def paged_attention_with_splits(
             num_warps=4,
         )
     return out
-
-
-def _check_same_device(op: str, *tensors: torch.Tensor) -> None:
-    device = tensors[0].device
-    for t in tensors[1:]:
-        if t.device != device:
-            raise ValueError(f"{op}: every tensor must be on {device}, found one on {t.device}")
 
 
 def _check_attention_inputs(
@@ -404,4 +400,4 @@ def _check_attention_inputs(
                          f"{tuple(block_tables.shape)}")
     if block_tables.stride(1) != 1:
         raise ValueError(f"{op}: block_tables rows must be contiguous, got strides {block_tables.stride()}")
-    _check_same_device(op, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    check_same_device(op, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)

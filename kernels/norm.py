@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from appliance_kernels.checks import check_out, check_same_device
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -48,6 +49,9 @@ def rms_norm(
     weight: torch.Tensor,  # [H]
     eps: float,
     residual: torch.Tensor | None = None,  # [T, H]
+    *,
+    out: torch.Tensor | None = None,  # [T, H]; written in place when given
+    residual_out: torch.Tensor | None = None,  # [T, H]; may be `residual` itself (in-place update)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm with fp32 math. With a residual: h = x + residual; returns (norm(h), h)."""
     if x.dim() != 2:
@@ -66,11 +70,9 @@ def rms_norm(
             raise ValueError(f"rms_norm: residual must match x ({x.dtype} {tuple(x.shape)}, last dim contiguous), "
                              f"got {residual.dtype} {tuple(residual.shape)} strides {residual.stride()}")
         tensors.append(residual)
-    for t in tensors[1:]:
-        if t.device != x.device:
-            raise ValueError(f"rms_norm: every tensor must be on {x.device}, found one on {t.device}")
-    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
-    new_residual = torch.empty_like(out) if residual is not None else None
+    check_same_device("rms_norm", *tensors)
+    out = check_out("rms_norm", "out", out, x)
+    new_residual = check_out("rms_norm", "residual_out", residual_out, x) if residual is not None else None
     if num_tokens == 0:
         return out, new_residual
     block = triton.next_power_of_2(hidden)

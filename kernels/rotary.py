@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from appliance_kernels.checks import check_out, check_same_device
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -75,8 +76,12 @@ def rotary_embedding(
     q: torch.Tensor,  # [T, Hq, D]
     k: torch.Tensor,  # [T, Hkv, D]
     cos_sin_cache: torch.Tensor,  # fp32 [max_pos, D] = cat(cos[:, :D/2], sin[:, :D/2])
+    *,
+    q_out: torch.Tensor | None = None,  # [T, Hq, D] contiguous; may be q itself (in place)
+    k_out: torch.Tensor | None = None,  # [T, Hkv, D] contiguous; may be k itself (in place)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotary embedding; returns new contiguous (q, k), the inputs are left untouched."""
+    """Neox-style rotary embedding; by default returns new contiguous (q, k) and leaves the inputs
+    untouched. In place is safe: each program loads both halves of a head before storing either."""
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"rotary_embedding: q must be [T, Hq, D] and k [T, Hkv, D], got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
@@ -96,11 +101,9 @@ def rotary_embedding(
     if q.stride(2) != 1 or k.stride(2) != 1 or not positions.is_contiguous():
         raise ValueError(f"rotary_embedding: q and k need a contiguous last dim (strides {q.stride()}, "
                          f"{k.stride()}) and positions must be contiguous")
-    for t in (k, positions, cos_sin_cache):
-        if t.device != q.device:
-            raise ValueError(f"rotary_embedding: every tensor must be on {q.device}, found one on {t.device}")
-    q_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
-    k_out = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=k.dtype, device=k.device)
+    check_same_device("rotary_embedding", q, k, positions, cos_sin_cache)
+    q_out = check_out("rotary_embedding", "q_out", q_out, q)
+    k_out = check_out("rotary_embedding", "k_out", k_out, k)
     if num_tokens == 0:
         return q_out, k_out
     _rotary_kernel[(num_tokens,)](
