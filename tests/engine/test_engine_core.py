@@ -1,0 +1,132 @@
+"""EngineCore behaviour on the real default model: preemption, prefix cache, n > 1, aborts, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.engine.llm_engine import EngineCore
+from appliance.engine.sequence import SamplingParams
+from appliance.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, PromptTooLongError
+
+from .conftest import CHAT_PROMPTS, chat_ids, engine_config, run_to_completion
+
+
+def assert_idle(engine) -> None:
+    stats = engine.stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.num_kv_blocks_used == 0, "blocks leaked"
+    engine.block_manager.check_invariants([])
+
+
+def test_tiny_kv_budget_preempts_and_gives_the_same_tokens(engine, default_model_dir):
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompts = {f"p{i}": (chat_ids(engine.tokenizer, p), params) for i, p in enumerate(CHAT_PROMPTS)}
+    roomy = run_to_completion(engine, prompts)
+    # 8 sequences of ~30-60 + 40 tokens need ~50 blocks of 16; give 16, one full sequence's worth.
+    small = EngineCore(engine_config(default_model_dir, num_kv_blocks=16, max_model_len=256))
+    tight = run_to_completion(small, prompts)
+    assert small.stats().num_preemptions > 0
+    for request_id in prompts:
+        assert tight[request_id].outputs[0].token_ids == roomy[request_id].outputs[0].token_ids
+    assert_idle(small)
+
+
+def test_chunked_prefill_small_token_budget_gives_the_same_tokens(engine, default_model_dir):
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = {f"c{i}": (chat_ids(engine.tokenizer, p), params) for i, p in enumerate(CHAT_PROMPTS[:4])}
+    reference = run_to_completion(engine, prompts)
+    chunky = EngineCore(engine_config(default_model_dir, max_num_batched_tokens=7, num_kv_blocks=64))
+    chunked = run_to_completion(chunky, prompts)
+    for request_id in prompts:
+        assert chunked[request_id].outputs[0].token_ids == reference[request_id].outputs[0].token_ids
+
+
+def test_prefix_hits_reuse_blocks_and_match_a_cold_run(engine):
+    system = "You are a meticulous assistant who answers in full sentences. " * 4
+    ids = chat_ids(engine.tokenizer, system + "What is two plus two?")
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    before = engine.stats()
+    cold = run_to_completion(engine, {"cold": (ids, params)})["cold"]
+    warm = run_to_completion(engine, {"warm": (ids, params)})["warm"]
+    after = engine.stats()
+    assert warm.num_cached_tokens >= (len(ids) // 16 - 1) * 16 > 0
+    assert after.prefix_cache_hits - before.prefix_cache_hits >= warm.num_cached_tokens
+    assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+    assert_idle(engine)
+
+
+def test_n_greater_than_one_shares_the_prompt_blocks(engine):
+    ids = chat_ids(engine.tokenizer, "Give me a random animal name.")
+    params = SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    engine.add_request("fork", ids, params)
+    engine.step()  # prefill + first tokens, then forks
+    seqs = engine.requests["fork"].seqs
+    assert len(seqs) == 4
+    full_prompt_blocks = len(ids) // 16
+    shared = set(seqs[0].block_table[:full_prompt_blocks])
+    for s in seqs[1:]:
+        assert set(s.block_table[:full_prompt_blocks]) == shared
+    final = None
+    while final is None:
+        for out in engine.step():
+            if out.request_id == "fork" and out.finished:
+                final = out
+    assert [c.index for c in final.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 8 for c in final.outputs)
+    assert len({tuple(c.token_ids) for c in final.outputs}) > 1, "4 samples at temperature 1 were identical"
+    assert_idle(engine)
+    # The seed makes the whole request reproducible.
+    again = run_to_completion(engine, {"fork2": (ids, params)})["fork2"]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in final.outputs]
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(engine):
+    ids = chat_ids(engine.tokenizer, "Write a sentence about cats.")
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = run_to_completion(engine, {"s": (ids, params)})["s"].outputs[0].token_ids
+    others = {f"o{i}": (chat_ids(engine.tokenizer, p), SamplingParams(max_tokens=10, temperature=1.0))
+              for i, p in enumerate(CHAT_PROMPTS[:5])}
+    others["s2"] = (ids, params)
+    mixed = run_to_completion(engine, others)["s2"].outputs[0].token_ids
+    assert alone == mixed
+
+
+def test_stop_string_cuts_exactly(engine):
+    ids = chat_ids(engine.tokenizer, "What is the capital of France?")
+    free = run_to_completion(engine, {"free": (ids, SamplingParams(max_tokens=32, temperature=0.0))})
+    text = free["free"].outputs[0].text
+    assert "Paris" in text
+    stop = "Paris"
+    cut = run_to_completion(engine, {"cut": (ids, SamplingParams(max_tokens=32, temperature=0.0, stop=[stop]))})
+    choice = cut["cut"].outputs[0]
+    assert choice.text == text[: text.index(stop)]
+    assert choice.finish_reason == "stop" and choice.stop_reason == stop
+
+
+def test_abort_mid_generation_frees_every_block(engine):
+    ids = chat_ids(engine.tokenizer, "Write a long essay about rivers.")
+    engine.add_request("ab", ids, SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().num_kv_blocks_used > 0
+    engine.abort("ab")
+    assert not engine.has_unfinished_requests()
+    assert_idle(engine)
+
+
+def test_bad_input_raises_typed_errors(engine, tmp_path):
+    with pytest.raises(PromptTooLongError, match="maximum context length"):
+        engine.add_request("long", [1] * engine.max_model_len, SamplingParams())
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        engine.add_request("mt", [1, 2, 3], SamplingParams(max_tokens=0))
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        engine.add_request("mt2", [1, 2, 3], SamplingParams(max_tokens=-5))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request("empty", [], SamplingParams())
+    assert not engine.has_unfinished_requests()
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        EngineCore(engine_config(tmp_path / "no-such-model"))
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    with pytest.raises(ModelLoadError):
+        EngineCore(engine_config(corrupt))
