@@ -1,0 +1,200 @@
+"""Paged attention and KV writes against the torch references, over mixed decode/prefill batches.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py) in float32 at tiny
+shapes; with CUDA the same grid also runs in bfloat16 at the issue's tolerance, plus a CUDA-graph
+replay that proves the launcher reads no device values on the host.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+from appliance_kernels import attention, reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))]
+# fp32: exact math (interpreter, or IEEE dots on GPU). bf16: the issue's bound.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+# (new tokens per sequence, context tokens already cached before them)
+MIXED = ([1, 7, 1, 20, 1], [9, 0, 33, 5, 1])  # decode, fresh prefill, decode, chunk after context, ...
+DECODE = ([1, 1, 1, 1], [2, 40, 71, 16])
+PREFILL = ([13, 4], [0, 19])
+
+
+@dataclass
+class PagedBatch:
+    q: torch.Tensor  # [T, Hq, D]
+    k_cache: torch.Tensor  # [N, BS, Hkv, D]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    seq_lens: torch.Tensor  # int32 [B]
+    query_start_loc: torch.Tensor  # int32 [B + 1]
+    max_query_len: int
+    max_seq_len: int
+
+
+def make_batch(q_lens: list[int], ctx_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
+               block_size: int, dtype: torch.dtype, generator: torch.Generator) -> PagedBatch:
+    """Random q and caches; each sequence's blocks are scattered at random (shuffled block ids)."""
+    seq_lens = [c + q for c, q in zip(ctx_lens, q_lens, strict=True)]
+    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 2  # spare blocks nobody references
+    order = torch.randperm(num_blocks, generator=generator)
+    block_tables = torch.full((len(q_lens), max(blocks_per_seq) + 1), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(blocks_per_seq):
+        block_tables[b, :n] = order[used:used + n]
+        used += n
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=generator).to(dtype)
+    v_cache = torch.randn(shape, generator=generator).to(dtype)
+    q = torch.randn((sum(q_lens), num_q_heads, head_dim), generator=generator).to(dtype)
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    return PagedBatch(
+        q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), block_tables.to(DEVICE),
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        torch.tensor(starts, dtype=torch.int32, device=DEVICE), max(q_lens), max(seq_lens),
+    )
+
+
+def reference_attention(batch: PagedBatch, scale: float) -> torch.Tensor:
+    cpu = [t.cpu() for t in (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                             batch.query_start_loc)]
+    return reference.paged_attention_ref(*cpu, scale).float()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "NaN in the output: a row was not written or the softmax broke"
+    return float((out.float().cpu() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim"), [(2, 2, 64), (4, 2, 16), (8, 2, 64), (6, 2, 48)])
+@pytest.mark.parametrize("lens", [MIXED, DECODE, PREFILL], ids=["mixed", "decode", "prefill"])
+def test_paged_attention_matches_reference(dtype: torch.dtype, block_size: int, num_q_heads: int, num_kv_heads: int,
+                                           head_dim: int, lens: tuple[list[int], list[int]]) -> None:
+    generator = torch.Generator().manual_seed(zlib.crc32(repr((block_size, num_q_heads, head_dim, lens)).encode()))
+    batch = make_batch(*lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, generator)
+    scale = head_dim**-0.5
+    out = torch.full_like(batch.q, float("nan"))  # poisoned: every row must be written
+    attention.paged_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale,
+        max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len, out=out,
+    )
+    assert relative_error(out, reference_attention(batch, scale)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [2, 8])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(4, 1), (3, 3)])
+def test_split_kv_decode_matches_reference(dtype: torch.dtype, num_splits: int, num_q_heads: int,
+                                           num_kv_heads: int) -> None:
+    # Context 3 with 8 splits leaves most partitions empty; the merge must weigh them 0, not NaN.
+    generator = torch.Generator().manual_seed(num_splits * 10 + num_q_heads)
+    batch = make_batch([1, 1, 1], [3, 150, 64], num_q_heads, num_kv_heads, 32, 16, dtype, generator)
+    out = torch.full_like(batch.q, float("nan"))
+    attention.paged_attention_with_splits(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.2,
+        max_query_len=1, num_splits=num_splits, out=out,
+    )
+    assert relative_error(out, reference_attention(batch, 0.2)) <= TOLERANCE[dtype]
+
+
+def test_decode_launcher_picks_split_kv_for_few_long_sequences() -> None:
+    assert attention.choose_num_splits(1, 8, 4096, DEVICE) > 1
+    assert attention.choose_num_splits(512, 8, 4096, DEVICE) == 1  # the grid is already full
+    assert attention.choose_num_splits(1, 8, 64, DEVICE) == 1  # too short to be worth a merge
+
+
+def test_decode_only_batch_through_public_launcher() -> None:
+    # Long enough context that the launcher splits (see the test above), through the public entry.
+    generator = torch.Generator().manual_seed(7)
+    batch = make_batch([1], [300], 4, 2, 16, 16, torch.float32, generator)
+    out = attention.paged_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.25,
+        max_query_len=1, max_seq_len=301, is_decode_only=True,
+    )
+    assert relative_error(out, reference_attention(batch, 0.25)) <= 1e-4
+
+
+def test_padding_rows_without_tokens_are_skipped() -> None:
+    # A CUDA-graph batch padded with empty sequences (q_len 0, seq_len 0) must still be right.
+    generator = torch.Generator().manual_seed(3)
+    batch = make_batch([1, 1], [5, 20], 2, 1, 16, 4, torch.float32, generator)
+    pad = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.cat([batch.seq_lens, pad])
+    starts = torch.cat([batch.query_start_loc, batch.query_start_loc[-1:].repeat(2)])
+    tables = torch.cat([batch.block_tables, torch.zeros_like(batch.block_tables)])
+    ref = reference_attention(batch, 0.3)
+    for splits in (1, 4):
+        out = attention.paged_attention_with_splits(batch.q, batch.k_cache, batch.v_cache, tables, seq_lens, starts,
+                                                    0.3, max_query_len=1, num_splits=splits)
+        assert relative_error(out, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_store_kv_writes_slots_and_skips_padding(dtype: torch.dtype, block_size: int) -> None:
+    generator = torch.Generator().manual_seed(block_size)
+    num_blocks, num_kv_heads, head_dim, num_tokens = 6, 2, 16, 9
+    # k/v as views of a fused qkv projection: the token stride is not Hkv * D.
+    qkv = torch.randn((num_tokens, 5, num_kv_heads, head_dim), generator=generator).to(dtype).to(DEVICE)
+    k, v = qkv[:, 1], qkv[:, 3]
+    slots = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens]
+    slots[[2, 5]] = -1  # padding tokens
+    slots = slots.to(DEVICE)
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    attention.store_kv(k, v, k_cache, v_cache, slots)
+    reference.store_kv_ref(k, v, k_ref, v_ref, slots)
+    torch.testing.assert_close(k_cache, k_ref, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(v_cache, v_ref, equal_nan=True, rtol=0, atol=0)
+    assert int((~k_cache.isnan()).all(-1).all(-1).sum()) == num_tokens - 2  # padding left untouched
+
+
+def test_launcher_rejects_bad_inputs() -> None:
+    generator = torch.Generator().manual_seed(0)
+    b = make_batch([2], [3], 4, 2, 16, 4, torch.float32, generator)
+    args = (b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.query_start_loc, 0.5)
+    kwargs = {"max_query_len": 2, "max_seq_len": 5}
+    with pytest.raises(ValueError, match="multiple"):
+        attention.paged_attention(b.q[:, :3], *args, **kwargs)
+    with pytest.raises(ValueError, match="seq_lens"):
+        attention.paged_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens.long(),
+                                  b.query_start_loc, 0.5, **kwargs)
+    with pytest.raises(TypeError, match="float64"):
+        attention.paged_attention(b.q.double(), *args, **kwargs)
+    with pytest.raises(ValueError, match="decode"):
+        attention.paged_attention_with_splits(b.q, *args, max_query_len=2, num_splits=2)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        attention.store_kv(b.q[:, :2], b.q[:, :2], b.k_cache, b.v_cache, torch.zeros(1, dtype=torch.int64))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_decode_attention_replays_in_a_cuda_graph() -> None:
+    # Captured with one set of lengths, replayed with another: the kernel must read lengths on device.
+    generator = torch.Generator().manual_seed(11)
+    batch = make_batch([1, 1], [40, 200], 8, 2, 128, 16, torch.bfloat16, generator)
+    seq_lens = batch.seq_lens.clone()
+    out = torch.empty_like(batch.q)
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, seq_lens, batch.query_start_loc, 0.1)
+    attention.paged_attention(*args, max_query_len=1, max_seq_len=512, is_decode_only=True, out=out)  # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attention.paged_attention(*args, max_query_len=1, max_seq_len=512, is_decode_only=True, out=out)
+    seq_lens.copy_(torch.tensor([17, 150], dtype=torch.int32))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    shorter = PagedBatch(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, seq_lens,
+                         batch.query_start_loc, 1, 150)
+    assert relative_error(out, reference_attention(shorter, 0.1)) <= 1e-2
