@@ -1,0 +1,148 @@
+"""OpenAI response bodies built from the engine's cumulative outputs (streamed or whole).
+
+`ChoiceTracker` turns a request's cumulative `RequestOutput`s into per-choice deltas (new text,
+new tokens, new logprobs, the finish reason once) for both kinds of route, so streaming and
+non-streaming responses are built from the same bookkeeping.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from appliance.engine.sequence import RequestOutput, TokenLogprob
+
+
+class TokenTexts:
+    """Token id → its text (as OpenAI's logprobs show it), cached: the vocabulary is fixed."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.text = lru_cache(maxsize=1 << 16)(self._decode)
+
+    def _decode(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+@dataclass
+class ChoiceDelta:
+    index: int  # the choice's index in the response (prompt index × n + output index)
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+    first: bool  # the first delta of this choice (chat: carries the role)
+
+
+@dataclass
+class _ChoiceState:
+    text_len: int = 0
+    num_tokens: int = 0
+    num_logprobs: int = 0
+    started: bool = False
+    finish_reason: str | None = None
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class ChoiceTracker:
+    """Per-choice progress of one HTTP request (possibly several prompts × n choices)."""
+
+    def __init__(self, num_prompts: int, n: int, prompt_lens: list[int]) -> None:
+        self.n = n
+        self.prompt_lens = prompt_lens
+        self.choices = [_ChoiceState() for _ in range(num_prompts * n)]
+        self.first_token_monotonic: float | None = None
+        self.last_token_monotonic: float | None = None
+        self.finished_metrics: list[Any] = []
+
+    def update(self, prompt_index: int, output: RequestOutput) -> list[ChoiceDelta]:
+        deltas = []
+        for out in output.outputs:
+            index = prompt_index * self.n + out.index
+            state = self.choices[index]
+            if state.finish_reason is not None:
+                continue
+            new_text = out.text[state.text_len:]
+            new_ids = out.token_ids[state.num_tokens:]
+            new_logprobs = (out.logprobs or [])[state.num_logprobs:]
+            state.text_len = len(out.text)
+            state.num_tokens = len(out.token_ids)
+            state.num_logprobs = len(out.logprobs or [])
+            state.text = out.text
+            state.token_ids = out.token_ids
+            state.logprobs = list(out.logprobs or [])
+            if not (new_text or new_ids or out.finish_reason or not state.started):
+                continue
+            deltas.append(ChoiceDelta(index, new_text, list(new_ids), list(new_logprobs), out.finish_reason,
+                                      not state.started))
+            state.started = True
+            state.finish_reason = out.finish_reason
+        if output.finished and output.metrics is not None:
+            self.finished_metrics.append(output.metrics)
+        return deltas
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [c.finish_reason for c in self.choices if c.finish_reason is not None]
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(self.prompt_lens)
+        completion = self.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+# ----- logprobs -------------------------------------------------------------------------------
+
+
+def _token_entry(texts: TokenTexts, token_id: int, logprob: float) -> dict[str, Any]:
+    text = texts.text(token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(texts: TokenTexts, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    content = []
+    for lp in logprobs:
+        entry = _token_entry(texts, lp.token_id, lp.logprob)
+        entry["top_logprobs"] = [_token_entry(texts, tid, value) for tid, value in lp.top]
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(
+    texts: TokenTexts, logprobs: list[TokenLogprob], *, text_offset_start: int,
+    echo_prompt_ids: list[int] | None = None,
+) -> dict[str, Any]:
+    """Legacy completions logprobs. Echoed prompt tokens carry no logprob (None)."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    offset = text_offset_start
+    for tid in echo_prompt_ids or []:
+        text = texts.text(tid)
+        tokens.append(text)
+        token_logprobs.append(None)
+        top_logprobs.append(None)
+        offsets.append(offset)
+        offset += len(text)
+    for lp in logprobs:
+        text = texts.text(lp.token_id)
+        tokens.append(text)
+        token_logprobs.append(lp.logprob)
+        top_logprobs.append({texts.text(tid): value for tid, value in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}

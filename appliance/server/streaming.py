@@ -1,0 +1,128 @@
+"""Server-sent events exactly as the OpenAI SDK parses them.
+
+Each event is `data: <json>\n\n`; the stream ends with `data: [DONE]\n\n`. Chat chunks carry the
+role in each choice's first delta and `finish_reason` in its last; with
+`stream_options.include_usage` every chunk has `"usage": null` and a last chunk with no choices
+carries the usage. An error after the 200 is sent as `data: {"error": {...}}`, which the SDK
+raises as `openai.APIError`.
+
+NOTE: all the chunks produced by one engine step go out in one write.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from appliance.server.responses import ChoiceDelta, TokenTexts, chat_logprobs, completion_logprobs
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class SSEWriter:
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.response = web.StreamResponse(
+            status=200,
+            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                     "X-Accel-Buffering": "no"},
+        )
+        self.prepared = False
+
+    async def open(self) -> None:
+        await self.response.prepare(self._request)
+        self.prepared = True
+
+    async def send(self, payloads: list[dict[str, Any]]) -> None:
+        if payloads:
+            await self.response.write(b"".join(_event(p) for p in payloads))
+
+    async def send_error(self, error: dict[str, Any]) -> None:
+        await self.response.write(_event({"error": error}) + _DONE)
+
+    async def done(self) -> None:
+        await self.response.write(_DONE)
+        await self.response.write_eof()
+
+
+class ChatChunks:
+    """Builds `chat.completion.chunk` payloads."""
+
+    def __init__(self, completion_id: str, model: str, created: int, texts: TokenTexts, *,
+                 logprobs: bool, include_usage: bool) -> None:
+        self._base = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                      "model": model, "system_fingerprint": None}
+        self._texts = texts
+        self._logprobs = logprobs
+        self._include_usage = include_usage
+
+    def chunks(self, deltas: list[ChoiceDelta]) -> list[dict[str, Any]]:
+        out = []
+        for d in deltas:
+            if d.first:  # the role alone first, as OpenAI does
+                out.append(self._chunk(d.index, {"role": "assistant", "content": ""}, None, None))
+            if d.text or d.logprobs or d.finish_reason:
+                delta = {"content": d.text} if (d.text or d.logprobs) else {}
+                logprobs = chat_logprobs(self._texts, d.logprobs) if self._logprobs and d.logprobs else None
+                out.append(self._chunk(d.index, delta, logprobs, d.finish_reason))
+        return out
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self._base, "choices": [], "usage": usage}
+
+    def _chunk(self, index: int, delta: dict[str, Any], logprobs: Any, finish_reason: str | None) -> dict[str, Any]:
+        chunk = {**self._base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                            "finish_reason": finish_reason}]}
+        if self._include_usage:
+            chunk["usage"] = None
+        return chunk
+
+
+class CompletionChunks:
+    """Builds legacy `text_completion` stream payloads (echo puts the prompt in the first one)."""
+
+    def __init__(self, completion_id: str, model: str, created: int, texts: TokenTexts, *,
+                 logprobs: bool, include_usage: bool, echo_texts: list[str] | None,
+                 echo_ids: list[list[int]] | None, n: int) -> None:
+        self._base = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
+                      "system_fingerprint": None}
+        self._texts = texts
+        self._logprobs = logprobs
+        self._include_usage = include_usage
+        self._echo_texts = echo_texts
+        self._echo_ids = echo_ids
+        self._n = n
+        self._offsets: dict[int, int] = {}
+
+    def chunks(self, deltas: list[ChoiceDelta]) -> list[dict[str, Any]]:
+        out = []
+        for d in deltas:
+            prompt_index = d.index // self._n
+            text = d.text
+            echo_ids = None
+            if d.first and self._echo_texts is not None:
+                text = self._echo_texts[prompt_index] + text
+                echo_ids = self._echo_ids[prompt_index] if self._echo_ids else None
+            logprobs = None
+            if self._logprobs:
+                start = self._offsets.get(d.index, 0)
+                logprobs = completion_logprobs(self._texts, d.logprobs, text_offset_start=start,
+                                               echo_prompt_ids=echo_ids)
+                self._offsets[d.index] = start + len(text)
+            if not (text or d.finish_reason or logprobs and logprobs["tokens"]):
+                continue
+            chunk = {**self._base, "choices": [{"index": d.index, "text": text, "logprobs": logprobs,
+                                                "finish_reason": d.finish_reason}]}
+            if self._include_usage:
+                chunk["usage"] = None
+            out.append(chunk)
+        return out
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self._base, "choices": [], "usage": usage}
