@@ -31,7 +31,7 @@ from appliance.config import (
     config_to_toml_dict,
     load_config,
 )
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, ModelLoadError
 from appliance.logs import reopen_log_files, setup_logging
 from appliance.systemd_notify import SystemdNotifier, watchdog_interval_s
 
@@ -171,6 +171,7 @@ class Daemon:
         self.engine: Any = None  # AsyncEngine once loaded
         self.model_name: str | None = None
         self.http_address: str | None = None
+        self._app: Any = None  # the aiohttp app, once serving
         self._stop = asyncio.Event()
         self._exit_status = 0
         self._tasks: list[asyncio.Task[Any]] = []
@@ -245,6 +246,13 @@ class Daemon:
             runner = await self._start()
             if runner is not None:
                 await self._stop.wait()
+        except ModelLoadError as e:
+            # A missing or corrupt model is not fixed by restarting: EX_CONFIG stops systemd's loop.
+            log.critical("cannot load the model: %s", e)
+            self._exit_status = EX_CONFIG
+        except Exception:
+            log.critical("start-up failed", exc_info=True)
+            self._exit_status = 1
         finally:
             self.notifier.notify(STOPPING=1, STATUS="stopping")
             self.state.set_phase("stopping")
@@ -262,10 +270,8 @@ class Daemon:
 
     async def _start(self) -> Any:
         """Load, warm up, serve. Returns the HTTP runner, or None when the stop came first."""
-        from aiohttp import web
-
         from appliance.engine.async_engine import AsyncEngine
-        from appliance.server.app import make_app
+        from appliance.server.app import make_app, start_site
 
         server = self.config.server
         load_timeout_us = int(server.load_timeout_s * 1e6)
@@ -289,12 +295,9 @@ class Daemon:
         self.state.attach_engine(self.engine)
         self._tasks.append(asyncio.create_task(self._watch_engine(), name="engine-death"))
 
-        app = make_app(self.config, self.engine, self.state)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, server.host, server.port, shutdown_timeout=max(server.drain_timeout_s, 1.0)).start()
-        host, port = runner.addresses[0][:2]
-        self.http_address = f"{host}:{port}"
+        self._app = make_app(self.config, self.engine, self.state)
+        runner, port = await start_site(self._app, server.host, server.port)
+        self.http_address = f"{server.host}:{port}"
         self.state.set_phase("ready")
         log.info("serving %s on http://%s (loaded and warmed up in %.1f s)",
                  self.model_name, self.http_address, time.monotonic() - t0)
@@ -378,7 +381,12 @@ class Daemon:
             log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
 
     def _on_sigusr1(self) -> None:
+        from appliance.server.context import REQUEST_LOG_KEY
+
         reopened = reopen_log_files()
+        if self._app is not None and REQUEST_LOG_KEY in self._app:
+            self._app[REQUEST_LOG_KEY].reopen()
+            reopened += 1
         log.info("SIGUSR1: reopened %d log file(s)", reopened)
 
 
