@@ -1,0 +1,33 @@
+"""RMSNorm, optionally fused with the residual add that precedes it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from appliance.layers import dispatch
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight (fp32 math).
+
+    forward(x) -> y. forward(x, residual) -> (norm(x + residual), x + residual): the decoder layers
+    carry the un-normalized residual stream this way so the add fuses into the norm kernel.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])  # the kernels take [T, H]; q/k norms pass [T, heads, D]
+        if residual is None:
+            normed, _ = dispatch.rms_norm(x2d, self.weight, self.eps)
+            return normed.view(shape)
+        normed, summed = dispatch.rms_norm(x2d, self.weight, self.eps, residual.reshape(-1, shape[-1]))
+        assert summed is not None
+        return normed.view(shape), summed.view(shape)
