@@ -62,8 +62,8 @@ def paged_attention_ref(
         kb = keys.float().transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, S, D]
         vb = values.float().transpose(0, 1).repeat_interleave(group, dim=0)
         # Causal: query i (position seq_len - q_len + i) sees keys 0..seq_len - q_len + i.
-        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-        k_pos = torch.arange(seq_len).unsqueeze(0)
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+        k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
         mask = k_pos <= q_pos  # [L, S]
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
         out[q_start:q_end] = ob.transpose(0, 1).to(q.dtype)
