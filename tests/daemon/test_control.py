@@ -1,0 +1,185 @@
+"""Every control-socket command over the real Unix socket of a real daemon, and `ctl`'s output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import httpx
+import pytest
+
+from appliance.ctl import EX_UNAVAILABLE, ControlClient, ControlError
+
+if TYPE_CHECKING:
+    from conftest import DaemonProcess  # type: ignore[import-not-found]
+
+CANARY = "zebra-canary-7731"
+
+
+def auth(daemon: DaemonProcess) -> dict[str, str]:
+    return {"Authorization": f"Bearer {daemon.key_file.read_text().strip()}"}
+
+
+def chat(daemon: DaemonProcess, content: str = "Say hi.", max_tokens: int = 4) -> httpx.Response:
+    models = httpx.get(f"{daemon.base_url}/v1/models", headers=auth(daemon), timeout=10).json()
+    return httpx.post(f"{daemon.base_url}/v1/chat/completions", headers=auth(daemon), timeout=120,
+                      json={"model": models["data"][0]["id"], "max_tokens": max_tokens,
+                            "messages": [{"role": "user", "content": content}]})
+
+
+def ctl(daemon: DaemonProcess, *args: str, socket_path: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance.cli", "ctl", "--socket",
+                           socket_path or daemon.control_socket, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def client(daemon: DaemonProcess) -> ControlClient:
+    return ControlClient(daemon.control_socket)
+
+
+@pytest.fixture
+def stalled_request(daemon: DaemonProcess, client: ControlClient) -> Any:
+    """A chat request held in flight by the test-only stall hook; yields its control-socket row."""
+    daemon.stall_file.touch()
+    result: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: result.append(chat(daemon, f"Remember {CANARY}.", 8)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not client.requests():
+        assert time.monotonic() < deadline, "request never showed up in /requests"
+        time.sleep(0.05)
+    yield client.requests()[0], result
+    if daemon.stall_file.exists():
+        daemon.stall_file.unlink()
+    worker.join(120)
+
+
+def test_socket_is_a_0660_unix_socket(daemon: DaemonProcess) -> None:
+    st = os.stat(daemon.control_socket)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+
+
+def test_status(daemon: DaemonProcess, client: ControlClient) -> None:
+    status = client.status()
+    assert status["phase"] == "ready" and status["pid"] == daemon.proc.pid
+    assert status["model"] == "SmolLM2-135M-Instruct"
+    assert status["http_address"].endswith(f":{daemon.port}")
+    assert status["uptime_s"] > 0 and status["version"]
+    engine = status["engine"]
+    assert engine["progressing"] is True and engine["dead"] is False
+    assert {"num_running", "num_waiting", "kv_cache_usage", "prefix_cache_hit_rate",
+            "generation_tokens_per_s"} <= engine.keys()
+    before = engine["generation_tokens_total"]
+    assert chat(daemon).status_code == 200
+    assert client.status()["engine"]["generation_tokens_total"] > before
+
+
+def test_requests_lists_in_flight_without_text_then_cancel(
+        daemon: DaemonProcess, client: ControlClient, stalled_request: Any) -> None:
+    row, result = stalled_request
+    assert row["client"] == "app" and row["prompt_tokens"] > 0 and row["age_s"] >= 0
+    assert {"id", "client", "phase", "prompt_tokens", "completion_tokens", "age_s"} <= row.keys()
+    raw = client.request("GET", "/requests")
+    assert CANARY not in json.dumps(raw)
+    listing = ctl(daemon, "requests")
+    assert listing.returncode == 0 and row["id"] in listing.stdout and "CLIENT" in listing.stdout
+    assert ctl(daemon, "cancel", row["id"]).stdout.strip() == f"cancelled {row['id']}"
+    daemon.stall_file.unlink()
+    deadline = time.monotonic() + 60
+    while not result:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert result[0].json()["choices"][0]["finish_reason"] == "abort" or result[0].status_code >= 400
+    assert client.requests() == []
+
+
+def test_cancel_unknown_request(daemon: DaemonProcess, client: ControlClient) -> None:
+    with pytest.raises(ControlError) as info:
+        client.cancel("chatcmpl-nope")
+    assert info.value.status == 404
+    result = ctl(daemon, "cancel", "chatcmpl-nope")
+    assert result.returncode == 1 and "no request 'chatcmpl-nope' in flight" in result.stderr
+
+
+def test_drain_and_resume(daemon: DaemonProcess, client: ControlClient) -> None:
+    assert client.drain() == {"phase": "draining", "inflight": 0}
+    try:
+        refused = chat(daemon)
+        assert refused.status_code == 503 and "retry-after" in refused.headers
+        assert client.status()["phase"] == "draining"
+    finally:
+        out = ctl(daemon, "resume")
+    assert out.returncode == 0 and out.stdout.strip() == "phase ready"
+    assert chat(daemon).status_code == 200
+
+
+def test_reload_reports_what_needs_a_restart(daemon: DaemonProcess, client: ControlClient) -> None:
+    assert client.reload()["needs_restart"] == []
+    daemon.config_file.write_text(daemon.config_text.replace("max_model_len = 512", "max_model_len = 256"))
+    try:
+        out = ctl(daemon, "reload")
+        assert out.returncode == 0
+        assert out.stdout.splitlines() == ["reloaded: 1 client(s) (app)",
+                                           "needs a restart to apply: engine.max_model_len"]
+        daemon.config_file.write_text("[engine]\nmax_num_seqs = 0\n")
+        with pytest.raises(ControlError) as info:
+            client.reload()
+        assert info.value.status == 400 and "engine.max_num_seqs: expected an integer >= 1" in str(info.value)
+    finally:
+        daemon.config_file.write_text(daemon.config_text)
+    assert client.reload()["needs_restart"] == []
+
+
+def test_log_level(daemon: DaemonProcess, client: ControlClient) -> None:
+    out = ctl(daemon, "log-level", "debug")
+    assert out.returncode == 0 and out.stdout.strip() == "log level DEBUG"
+    assert client.status()["log_level"] == "DEBUG"
+    with pytest.raises(ControlError) as info:
+        client.request("PUT", "/log-level", {"level": "LOUD"})
+    assert info.value.status == 400
+    assert client.set_log_level("INFO") == {"level": "INFO"}
+
+
+def test_ctl_status_text_and_json(daemon: DaemonProcess) -> None:
+    text = ctl(daemon, "status")
+    assert text.returncode == 0, text.stderr
+    assert "  phase       ready" in text.stdout and "SmolLM2-135M-Instruct" in text.stdout
+    assert "kv cache" in text.stdout and "tokens/s" in text.stdout
+    as_json = json.loads(ctl(daemon, "--json", "status").stdout)
+    assert as_json["phase"] == "ready"
+
+
+def test_ctl_without_a_daemon(daemon: DaemonProcess) -> None:
+    out = ctl(daemon, "status", socket_path=str(daemon.dir / "absent.sock"))
+    assert out.returncode == EX_UNAVAILABLE and "no daemon at" in out.stderr
+
+
+async def test_events_stream_stats_every_second(daemon: DaemonProcess) -> None:
+    connector = aiohttp.UnixConnector(path=daemon.control_socket)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get("http://control/events") as response:
+            assert response.status == 200 and response.content_type == "text/event-stream"
+            events: list[dict[str, Any]] = []
+            event = None
+            async with asyncio.timeout(10):
+                async for raw in response.content:
+                    line = raw.decode().rstrip("\n")
+                    if line.startswith("event: "):
+                        event = line.removeprefix("event: ")
+                    elif line.startswith("data: "):
+                        assert event == "stats"
+                        events.append(json.loads(line.removeprefix("data: ")))
+                        if len(events) == 2:
+                            break
+    assert [e["phase"] for e in events] == ["ready", "ready"]
+    assert events[1]["uptime_s"] > events[0]["uptime_s"]
