@@ -1,0 +1,142 @@
+"""Incremental detokenization with stop strings, exact across token boundaries.
+
+Tokens do not map to text one by one: a byte-level BPE token may hold half of a UTF-8 character
+(emoji, CJK), and SentencePiece-style decoders drop the leading space of the first token they see.
+So each step decodes a short window of recent tokens twice, with and without the new tokens
+(`prefix_offset` .. `read_offset` .. end), and emits the difference; while that text ends with
+U+FFFD (an incomplete character) nothing is emitted and the window grows until it completes. The
+first window reaches back into the prompt so the first output token gets its leading space.
+
+Stop strings: after each step the new text (plus an overlap of max stop length - 1 characters) is
+searched for every stop string; the earliest match wins and the text is cut exactly before it (or
+after it with include_stop_str_in_output). While streaming, a trailing piece of text that could
+be the start of a stop string is held back, so a stop string is never partially emitted.
+
+NOTE: `seq.output_text` only ever grows (streaming consumers send its new suffix as a delta).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.engine.sequence import Sequence
+
+# Prompt tokens the first window reaches back over (enough context for any leading-space rule).
+_PROMPT_CONTEXT_TOKENS = 6
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass(frozen=True)
+class _DetokState:
+    """Replaced, never mutated: a sequence forked from another may share the object safely."""
+
+    prefix_offset: int  # token_ids[prefix_offset:read_offset]: the context decoded last time
+    read_offset: int  # token_ids[read_offset:]: not yet turned into text
+    text: str  # every character decoded so far (held-back characters included)
+
+
+def _partial_stop_len(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+def _find_stop(text: str, start: int, stops: list[str]) -> tuple[int, str] | None:
+    """The earliest stop string in text[start:] (ties: the first listed), as (index, string)."""
+    found: tuple[int, str] | None = None
+    for stop in stops:
+        index = text.find(stop, start)
+        if index >= 0 and (found is None or index < found[0]):
+            found = (index, stop)
+    return found
+
+
+class IncrementalDetokenizer:
+    """Turns each sequence's new tokens into text. State lives on the sequence (`detok_state`)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        # The Rust tokenizer decodes without the Python wrapper's overhead; the wrapper is only
+        # needed when it post-processes (clean_up_tokenization_spaces).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._backend = backend
+        else:
+            self._backend = None
+
+    def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        if self._backend is not None:
+            return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def _state(self, seq: Sequence) -> _DetokState:
+        state = seq.detok_state
+        if isinstance(state, _DetokState):
+            return state
+        prompt_len = seq.num_prompt_tokens
+        prefix_offset = max(prompt_len - _PROMPT_CONTEXT_TOKENS, 0)
+        # Start the window on a whole character: byte-fallback decoders turn a whole run of byte
+        # tokens into U+FFFDs when it begins inside a character, new tokens included.
+        skip = seq.sampling_params.skip_special_tokens
+        while prefix_offset < prompt_len and self._decode(
+            seq.token_ids[prefix_offset:prompt_len], skip
+        ).startswith(_REPLACEMENT_CHAR):
+            prefix_offset += 1
+        return _DetokState(prefix_offset, prompt_len, "")
+
+    def _advance(self, seq: Sequence, state: _DetokState, flush: bool) -> tuple[_DetokState, str]:
+        """Decode the tokens past read_offset; returns the new state and text (empty while the
+        text ends inside a character, unless flushing)."""
+        token_ids = seq.token_ids
+        if state.read_offset >= len(token_ids):
+            return state, ""
+        skip = seq.sampling_params.skip_special_tokens
+        prefix_text = self._decode(token_ids[state.prefix_offset : state.read_offset], skip)
+        full_text = self._decode(token_ids[state.prefix_offset :], skip)
+        if len(full_text) <= len(prefix_text) or (full_text.endswith(_REPLACEMENT_CHAR) and not flush):
+            return state, ""
+        new_text = full_text[len(prefix_text) :]
+        return _DetokState(state.read_offset, len(token_ids), state.text + new_text), new_text
+
+    def update(self, seq: Sequence) -> str | None:
+        """Call after each appended token (or several). Updates seq.output_text (the emittable text,
+        held-back characters excluded) and seq.detok_state; returns the matched stop string or None.
+
+        On a match, seq.output_text is final: it ends exactly before the stop string (or after it
+        with include_stop_str_in_output).
+        """
+        state, new_text = self._advance(seq, self._state(seq), flush=False)
+        return self._emit(seq, state, new_text, final=False)
+
+    def finalize(self, seq: Sequence) -> str | None:
+        """At a finish without a stop-string match (EOS, stop token, length, abort): flush the
+        held-back text into seq.output_text. Returns a stop string found in the flushed tail (then
+        cut as in `update`), else None."""
+        state, new_text = self._advance(seq, self._state(seq), flush=True)
+        return self._emit(seq, state, new_text, final=True)
+
+    def _emit(self, seq: Sequence, state: _DetokState, new_text: str, final: bool) -> str | None:
+        params = seq.sampling_params
+        stops = params.stop
+        text = state.text
+        # Like vLLM, stop strings count only once more than min_tokens tokens have been produced.
+        if stops and new_text and seq.num_output_tokens > params.min_tokens:
+            old_len = len(text) - len(new_text)
+            start = max(old_len - (max(len(s) for s in stops) - 1), 0)
+            match = _find_stop(text, start, stops)
+            if match is not None:
+                index, stop = match
+                end = index + len(stop) if params.include_stop_str_in_output else index
+                seq.detok_state = _DetokState(state.prefix_offset, state.read_offset, text[:end])
+                seq.output_text = text[:end]
+                return stop
+        seq.detok_state = state
+        hold = 0 if final or not stops else _partial_stop_len(text, stops)
+        seq.output_text = text[: len(text) - hold]
+        return None
