@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 # Items put on a request's asyncio queue besides RequestOutput.
 _ABORTED = object()  # the request was aborted from outside (operator cancel, shutdown)
+_REQUEST_SNAPSHOT_INTERVAL_S = 0.25
 
 
 @dataclasses.dataclass
@@ -82,6 +83,7 @@ class AsyncEngine:
         self._busy = False  # the thread has work (written by the thread)
         self._last_progress = time.monotonic()  # last step end, or when work began after idling
         self._error: BaseException | None = None
+        self._last_full_stats = 0.0
         self.dead_event = asyncio.Event()
 
     # ----- properties -----------------------------------------------------------------------
@@ -240,7 +242,7 @@ class AsyncEngine:
                     for output in core.step():
                         deliveries.append((output.request_id, output))
                     self._last_progress = time.monotonic()
-                self._stats = core.stats()
+                self._stats = self._snapshot(core)
                 if acks or deliveries:
                     self._post(acks, deliveries)
         except BaseException as exc:  # noqa: BLE001 - any failure of the loop kills the engine
@@ -248,6 +250,16 @@ class AsyncEngine:
             self._error = exc
             self._busy = False
             self._post_dead(exc)
+
+    def _snapshot(self, core: Any) -> EngineStats:
+        # The per-request list costs a little per request: refresh it a few times a second only.
+        now = time.monotonic()
+        if now - self._last_full_stats >= _REQUEST_SNAPSHOT_INTERVAL_S or not core.has_unfinished_requests():
+            self._last_full_stats = now
+            return core.stats(include_requests=True)
+        stats = core.stats()
+        stats.requests = self._stats.requests
+        return stats
 
     def _post(self, acks: list[tuple[str, BaseException | None]], deliveries: list[tuple[str, Any]]) -> None:
         assert self._loop is not None

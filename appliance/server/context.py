@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from appliance.config import AppConfig
 from appliance.engine.async_engine import AsyncEngine
 from appliance.server.metrics import ServerMetrics
-from appliance.server.request_log import RequestLog
+from appliance.server.request_log import RequestLog, RequestRecord
 from appliance.server.responses import TokenTexts
 from appliance.server.state import ServiceState
 
@@ -18,7 +20,14 @@ METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 REQUEST_LOG_KEY = web.AppKey("request_log", RequestLog)
 TOKEN_TEXTS_KEY = web.AppKey("token_texts", TokenTexts)
 
-# Request-dict keys (set by the middlewares).
-REQUEST_ID = "appliance.request_id"
-RECORD = "appliance.record"  # the RequestRecord written to the request log
-CLIENT = "appliance.client"  # the client name from the API key ("anonymous" when open)
+# Request-dict keys (set by the middlewares). aiohttp >= 3.13 has typed RequestKeys; older
+# releases (the GPU machine's) take plain strings.
+_RequestKey: Any = getattr(web, "RequestKey", None)
+if _RequestKey is not None:
+    REQUEST_ID: Any = _RequestKey("request_id", str)
+    RECORD: Any = _RequestKey("record", RequestRecord)  # the RequestRecord written to the request log
+    CLIENT: Any = _RequestKey("client", str)  # the client name from the API key ("anonymous" when open)
+else:
+    REQUEST_ID = "appliance.request_id"
+    RECORD = "appliance.record"
+    CLIENT = "appliance.client"

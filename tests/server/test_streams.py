@@ -1,0 +1,96 @@
+"""Many streams at once; a stream cut mid-way (or cancelled by the operator) frees its blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from .conftest import MODEL, http_request, wait_until
+
+
+async def test_32_concurrent_streams_complete(serve):
+    served = serve()
+    client = served.async_client()
+
+    async def one(i: int) -> tuple[str, str | None, int]:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=6,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        text, finish, usage = "", None, None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage
+        return text, finish, usage.completion_tokens
+
+    before = served.engine.stats().generation_tokens_total
+    results = await asyncio.gather(*(one(i) for i in range(32)))
+    assert len(results) == 32
+    assert all(finish == "length" and tokens == 6 and text for text, finish, tokens in results)
+    assert served.engine.stats().generation_tokens_total - before == 32 * 6
+    await client.close()
+
+
+def _kv_idle(engine) -> bool:
+    stats = engine.stats()
+    return stats.num_running == 0 and stats.num_waiting == 0 and stats.num_kv_blocks_used == 0
+
+
+def test_cutting_a_stream_aborts_and_frees_blocks(serve):
+    served = serve()
+    engine = served.engine
+    assert _kv_idle(engine)
+    before = engine.stats().generation_tokens_total
+    client = served.client()
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a very long story."}],
+        max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+    received = 0
+    for _chunk in stream:
+        received += 1
+        if received == 4:
+            # The request holds blocks while it runs.
+            assert engine.stats().num_kv_blocks_used > 0 and served.state.inflight_count == 1
+            break
+    stream.close()  # the client goes away mid-stream
+    wait_until(lambda: _kv_idle(engine) and served.state.inflight_count == 0, what="the aborted stream's blocks")
+    assert not engine._core.has_unfinished_requests()
+    # It was aborted, not run to its 400 tokens.
+    assert engine.stats().generation_tokens_total - before < 400
+
+
+def test_client_timeout_on_non_stream_aborts(serve):
+    served = serve()
+    engine = served.engine
+    before = engine.stats().generation_tokens_total
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write an essay."}], "max_tokens": 400,
+            "ignore_eos": True}
+    with pytest.raises(TimeoutError):  # 400 tokens on CPU take far longer than that
+        http_request("POST", served.base_url + "/v1/chat/completions", json_body=body, timeout_s=1.0)
+    wait_until(lambda: _kv_idle(engine) and served.state.inflight_count == 0, what="the abandoned request")
+    assert engine.stats().generation_tokens_total - before < 400
+
+
+def test_operator_cancel_ends_the_stream_with_abort(serve, server_loop):
+    served = serve()
+    client = served.client()
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=400,
+        stream=True, extra_body={"ignore_eos": True})
+    finish = None
+    for i, chunk in enumerate(stream):
+        if i == 2:
+            requests = served.state.requests()
+            assert len(requests) == 1 and requests[0]["client"] == "anonymous"
+            assert set(requests[0]) == {"id", "client", "route", "phase", "prompt_tokens", "completion_tokens",
+                                        "age_s"}
+            assert server_loop.call(served.state.cancel(requests[0]["id"]))
+            assert not server_loop.call(served.state.cancel("no-such-request"))
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    assert finish == "abort"
+    wait_until(lambda: _kv_idle(served.engine), what="the cancelled request's blocks")
+    assert server_loop.call(served.state.wait_idle(5.0))
