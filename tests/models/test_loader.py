@@ -121,6 +121,69 @@ def test_corrupt_gguf_is_model_load_error(tmp_path: Path, content: bytes) -> Non
     assert not isinstance(info.value, ModelNotFoundError)
 
 
+def _write_tiny_gguf(path: Path) -> dict[str, torch.Tensor]:
+    """A float32 llama GGUF as llama.cpp's converter lays it out; returns the HF state dict."""
+    import gguf
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    state = transformers.AutoModelForCausalLM.from_config(config).state_dict()
+
+    def rope_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:  # llama.cpp's q/k row order
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(64)
+    writer.add_embedding_length(32)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(48)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(8)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(64)
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
+    writer.add_tensor("output.weight", state["lm_head.weight"].numpy())
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for layer in range(2):
+        for hf_name, gguf_name in names.items():
+            tensor = state[f"model.layers.{layer}.{hf_name}.weight"]
+            if hf_name.endswith("q_proj"):
+                tensor = rope_permute(tensor, 4)
+            elif hf_name.endswith("k_proj"):
+                tensor = rope_permute(tensor, 2)
+            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return state
+
+
+def test_gguf_file_loads_and_truncated_one_fails(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    state = _write_tiny_gguf(path)
+    resolved = resolve_model(ModelConfig(model=str(path)))
+    assert resolved.load_format == "gguf" and resolved.architecture == "LlamaForCausalLM"
+    exported = load_model(ModelConfig(model=str(path)), CPU, torch.float32, resolved).hf_state_dict()
+    assert set(exported) == set(state)
+    for name, tensor in state.items():
+        assert torch.equal(exported[name], tensor), name
+
+    truncated = tmp_path / "truncated.gguf"
+    data = path.read_bytes()
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ModelLoadError, match="truncated.gguf"):
+        load_model(ModelConfig(model=str(truncated)), CPU, torch.float32)
+
+
 def test_corrupt_safetensors_and_unknown_architecture(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(DUMMY_CONFIGS["tiny-llama"]))
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
