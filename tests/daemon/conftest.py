@@ -4,6 +4,8 @@ log in a short temporary directory (Unix socket paths are limited to 107 bytes).
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import shutil
@@ -15,7 +17,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,6 +76,16 @@ class NotifyListener:
         self._sock.close()
 
 
+@dataclass
+class Response:
+    status_code: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
 class DaemonProcess:
     def __init__(self, workdir: Path, extra_args: list[str], config_text: str) -> None:
         self.dir = workdir
@@ -90,7 +104,7 @@ class DaemonProcess:
         env.pop("WATCHDOG_PID", None)
         cmd = [sys.executable, "-m", "appliance.cli", "serve", "--config", str(self.config_file),
                "--port", "0", "--control-socket", self.control_socket, "--request-log", str(self.request_log),
-               "--set", f"server.stall_timeout_s={STALL_TIMEOUT_S}", *extra_args]
+               "--set", f"server.stall_timeout_s={STALL_TIMEOUT_S}", "--drain-timeout", "120", *extra_args]
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         self.stall_timeout_s = STALL_TIMEOUT_S
@@ -106,6 +120,30 @@ class DaemonProcess:
         match = re.search(r"STATUS=serving .* on [\d.]+:(\d+)", self.notify.messages[self.ready_index])
         assert match, self.notify.messages[self.ready_index]
         self.port = int(match.group(1))
+
+    def http(self, method: str, path: str, body: Any = None, key: str | None = "current",
+             timeout_s: float = 120.0) -> Response:
+        """One request to the HTTP API (stdlib client). key="current": the key file's key."""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if key == "current":
+            key = self.key_file.read_text().strip()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+        try:
+            conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+            r = conn.getresponse()
+            return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        finally:
+            conn.close()
+
+    def model_name(self) -> str:
+        return self.http("GET", "/v1/models").json()["data"][0]["id"]
+
+    def chat(self, content: str = "Say hi.", max_tokens: int = 4) -> Response:
+        return self.http("POST", "/v1/chat/completions", {
+            "model": self.model_name(), "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": content}]})
 
     @property
     def base_url(self) -> str:

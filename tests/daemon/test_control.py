@@ -13,7 +13,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import httpx
 import pytest
 
 from appliance.ctl import EX_UNAVAILABLE, ControlClient, ControlError
@@ -22,17 +21,6 @@ if TYPE_CHECKING:
     from conftest import DaemonProcess  # type: ignore[import-not-found]
 
 CANARY = "zebra-canary-7731"
-
-
-def auth(daemon: DaemonProcess) -> dict[str, str]:
-    return {"Authorization": f"Bearer {daemon.key_file.read_text().strip()}"}
-
-
-def chat(daemon: DaemonProcess, content: str = "Say hi.", max_tokens: int = 4) -> httpx.Response:
-    models = httpx.get(f"{daemon.base_url}/v1/models", headers=auth(daemon), timeout=10).json()
-    return httpx.post(f"{daemon.base_url}/v1/chat/completions", headers=auth(daemon), timeout=120,
-                      json={"model": models["data"][0]["id"], "max_tokens": max_tokens,
-                            "messages": [{"role": "user", "content": content}]})
 
 
 def ctl(daemon: DaemonProcess, *args: str, socket_path: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -50,8 +38,8 @@ def client(daemon: DaemonProcess) -> ControlClient:
 def stalled_request(daemon: DaemonProcess, client: ControlClient) -> Any:
     """A chat request held in flight by the test-only stall hook; yields its control-socket row."""
     daemon.stall_file.touch()
-    result: list[httpx.Response] = []
-    worker = threading.Thread(target=lambda: result.append(chat(daemon, f"Remember {CANARY}.", 8)))
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.append(daemon.chat(f"Remember {CANARY}.", 8)))
     worker.start()
     deadline = time.monotonic() + 30
     while not client.requests():
@@ -80,7 +68,7 @@ def test_status(daemon: DaemonProcess, client: ControlClient) -> None:
     assert {"num_running", "num_waiting", "kv_cache_usage", "prefix_cache_hit_rate",
             "generation_tokens_per_s"} <= engine.keys()
     before = engine["generation_tokens_total"]
-    assert chat(daemon).status_code == 200
+    assert daemon.chat().status_code == 200
     assert client.status()["engine"]["generation_tokens_total"] > before
 
 
@@ -114,13 +102,13 @@ def test_cancel_unknown_request(daemon: DaemonProcess, client: ControlClient) ->
 def test_drain_and_resume(daemon: DaemonProcess, client: ControlClient) -> None:
     assert client.drain() == {"phase": "draining", "inflight": 0}
     try:
-        refused = chat(daemon)
+        refused = daemon.chat()
         assert refused.status_code == 503 and "retry-after" in refused.headers
         assert client.status()["phase"] == "draining"
     finally:
         out = ctl(daemon, "resume")
     assert out.returncode == 0 and out.stdout.strip() == "phase ready"
-    assert chat(daemon).status_code == 200
+    assert daemon.chat().status_code == 200
 
 
 def test_reload_reports_what_needs_a_restart(daemon: DaemonProcess, client: ControlClient) -> None:
