@@ -117,3 +117,17 @@ def measure_matmul_flops_per_s(device: torch.device, n: int = 8192, dtype: torch
     b = torch.randn((n, n), device=device, dtype=dtype)
     ms = time_device_ms(lambda: a @ b, device)
     return 2.0 * n**3 / (ms / 1e3)
+
+
+def shape_from_hf_dict(name: str, config: dict[str, object], dtype_bytes: int) -> ModelShape:
+    """A ModelShape from an HF config.json-style dict (the engine's dummy architectures)."""
+    hidden = int(config["hidden_size"])  # type: ignore[arg-type]
+    heads = int(config["num_attention_heads"])  # type: ignore[arg-type]
+    return ModelShape(
+        name=name, hidden_size=hidden, intermediate_size=int(config["intermediate_size"]),  # type: ignore[arg-type]
+        num_layers=int(config["num_hidden_layers"]),  # type: ignore[arg-type]
+        num_q_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),  # type: ignore[arg-type]
+        head_dim=int(config.get("head_dim") or hidden // heads),  # type: ignore[arg-type]
+        vocab_size=int(config["vocab_size"]),  # type: ignore[arg-type]
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), dtype_bytes=dtype_bytes,
+    )
