@@ -38,9 +38,11 @@ from appliance.systemd_notify import SystemdNotifier, watchdog_interval_s
 log = logging.getLogger("appliance.daemon")
 
 EX_SOFTWARE = 70  # the engine died: systemd's Restart=on-failure brings us back
-# Test-only: while the file named here exists, every engine step blocks (a real stall of the
-# engine thread, for the watchdog test). Never set it in production.
+# Test-only hooks, never set in production: while the file named by the first exists, every
+# engine step blocks (a real stall of the engine thread, for the watchdog test); while the file
+# named by the second exists, every engine step raises (a real engine death).
 TEST_STALL_FILE_ENV = "LLM_APPLIANCE_TEST_STALL_FILE"
+TEST_FAIL_FILE_ENV = "LLM_APPLIANCE_TEST_FAIL_FILE"
 
 # Keys a SIGHUP applies without a restart; every other change is reported as needing one.
 _LIVE_KEYS = {"clients", "logging.level"}
@@ -306,14 +308,14 @@ class Daemon:
 
     def _load_engine_core(self) -> Any:
         """On a worker thread: build the EngineCore, warm it up (the first step compiles and
-        allocates), and install the test-only stall hook."""
+        allocates), and install the test-only hooks."""
         from appliance.engine.llm_engine import EngineCore
 
         core = EngineCore(self.config.engine)
         self.notifier.notify(STATUS=f"warming up {core.model_name}",
                              EXTEND_TIMEOUT_USEC=int(self.config.server.load_timeout_s * 1e6))
         core.warmup()
-        _install_test_stall_hook(core)
+        _install_test_hooks(core)
         return core
 
     def _status_line(self) -> str:
@@ -390,17 +392,21 @@ class Daemon:
         log.info("SIGUSR1: reopened %d log file(s)", reopened)
 
 
-def _install_test_stall_hook(core: Any) -> None:
-    path = os.environ.get(TEST_STALL_FILE_ENV)
-    if not path:
+def _install_test_hooks(core: Any) -> None:
+    stall_path = os.environ.get(TEST_STALL_FILE_ENV)
+    fail_path = os.environ.get(TEST_FAIL_FILE_ENV)
+    if not stall_path and not fail_path:
         return
     step = core.step
 
-    def stalling_step() -> Any:
-        while os.path.exists(path):
+    def hooked_step() -> Any:
+        while stall_path and os.path.exists(stall_path):
             time.sleep(0.05)
+        if fail_path and os.path.exists(fail_path):
+            raise RuntimeError(f"test-only failure: {fail_path} exists")
         return step()
 
-    core.step = stalling_step
-    log.warning("TEST ONLY: engine steps block while %s exists (%s)", path, TEST_STALL_FILE_ENV)
+    core.step = hooked_step
+    log.warning("TEST ONLY: engine steps block while %s exists and fail while %s exists",
+                stall_path, fail_path)
 

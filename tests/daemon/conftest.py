@@ -97,10 +97,12 @@ class DaemonProcess:
         self.control_socket = str(workdir / "control.sock")
         self.request_log = workdir / "requests.log"
         self.stall_file = workdir / "stall"
+        self.fail_file = workdir / "fail"
         self.stderr_path = workdir / "stderr.log"
         self.notify = NotifyListener(str(workdir / "notify.sock"))
         env = {**os.environ, "NOTIFY_SOCKET": self.notify.path, "WATCHDOG_USEC": str(WATCHDOG_USEC),
-               "LLM_APPLIANCE_TEST_STALL_FILE": str(self.stall_file), "PYTHONUNBUFFERED": "1"}
+               "LLM_APPLIANCE_TEST_STALL_FILE": str(self.stall_file),
+               "LLM_APPLIANCE_TEST_FAIL_FILE": str(self.fail_file), "PYTHONUNBUFFERED": "1"}
         env.pop("WATCHDOG_PID", None)
         cmd = [sys.executable, "-m", "appliance.cli", "serve", "--config", str(self.config_file),
                "--port", "0", "--control-socket", self.control_socket, "--request-log", str(self.request_log),

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from appliance.ctl import EX_UNAVAILABLE, ControlClient, ControlError
+from appliance.daemon import EX_SOFTWARE
 
 if TYPE_CHECKING:
     from conftest import DaemonProcess  # type: ignore[import-not-found]
@@ -87,7 +88,7 @@ def test_requests_lists_in_flight_without_text_then_cancel(
     while not result:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert result[0].json()["choices"][0]["finish_reason"] == "abort" or result[0].status_code >= 400
+    assert result[0].status_code == 200 and result[0].json()["choices"][0]["finish_reason"] == "abort"
     assert client.requests() == []
 
 
@@ -171,3 +172,13 @@ async def test_events_stream_stats_every_second(daemon: DaemonProcess) -> None:
                             break
     assert [e["phase"] for e in events] == ["ready", "ready"]
     assert events[1]["uptime_s"] > events[0]["uptime_s"]
+
+
+def test_a_dead_engine_fails_its_request_and_exits_non_zero(daemon: DaemonProcess, client: ControlClient) -> None:
+    """Last: it ends the module's daemon. systemd's Restart=on-failure restarts it from here."""
+    daemon.fail_file.touch()  # test-only hook: the next engine step raises
+    response = daemon.chat()
+    assert response.status_code == 500
+    assert daemon.proc.wait(60) == EX_SOFTWARE
+    assert "engine died" in daemon.stderr()
+    assert not os.path.exists(daemon.control_socket)
