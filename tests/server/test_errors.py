@@ -47,8 +47,7 @@ def test_400_prompt_too_long_and_bad_json(serve):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt=[7] * (MAX_MODEL_LEN + 3), max_tokens=1)
     assert _error(info.value)["code"] == "context_length_exceeded"
-    response = http_request("POST", served.base_url + "/v1/chat/completions", content=b"{not json",
-                            headers={"content-type": "application/json"})
+    response = http_request("POST", served.base_url + "/v1/chat/completions", content=b"{not json")
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
 
 
