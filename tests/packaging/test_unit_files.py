@@ -39,7 +39,8 @@ def test_unit_has_what_the_appliance_relies_on() -> None:
     for key in ("RuntimeDirectory", "StateDirectory", "CacheDirectory", "LogsDirectory"):
         assert d[key] == ["llm-appliance"]
     env = dict(e.split("=", 1) for e in d["Environment"])
-    for var in ("HF_HOME", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH", "LLM_APPLIANCE_CACHE"):
+    assert env["LLM_APPLIANCE_CACHE"] == "/var/cache/llm-appliance"  # models in its models/
+    for var in ("HF_HOME", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH"):
         assert env[var].startswith("/var/cache/llm-appliance/")
     # CUDA needs the device nodes and JIT (W+X) memory.
     assert "PrivateDevices" not in d and "MemoryDenyWriteExecute" not in d and "DeviceAllow" not in d
