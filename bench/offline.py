@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import random
 import time
 from pathlib import Path
@@ -255,6 +256,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m appliance_bench.offline", description=__doc__.splitlines()[0])
     add_arguments_bench(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return run_bench(parser.parse_args(argv))
 
 
