@@ -152,6 +152,7 @@ def _convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -160,6 +161,9 @@ def _convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for a bad file
         raise ModelLoadError(f"could not convert {gguf_path}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if bars_were_on:
+            transformers.utils.logging.enable_progress_bar()
     if tokenizer.chat_template is None:
         raise ModelLoadError(f"{gguf_path} carries no chat template")
     _save_plain(model, out_dir)

@@ -14,6 +14,7 @@ SmolLM2-135M-Instruct (fetched on first use, see fetch.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,9 +90,7 @@ def resolve_model(model_config: ModelConfig) -> ResolvedModel:
 
 
 def _with(resolved: ResolvedModel, **changes: Any) -> ResolvedModel:
-    fields = dict(resolved.__dict__)
-    fields.update(changes)
-    return ResolvedModel(**fields)
+    return dataclasses.replace(resolved, **changes)
 
 
 def _resolve_path(path: Path, fmt: str) -> ResolvedModel:
