@@ -59,7 +59,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def make_app(config: AppConfig, engine: AsyncEngine, state: ServiceState | None = None) -> web.Application:
     if state is None:
-        state = ServiceState("ready")
+        state = ServiceState("ready", stall_timeout_s=config.server.stall_timeout_s)
     state.set_clients(config.clients)
     state.set_server_limits(config.server)
     state.attach_engine(engine)

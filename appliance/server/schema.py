@@ -190,8 +190,15 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers' BatchEncoding
+    """The conversation rendered by the model's chat template, the assistant's turn opened."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
+    try:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                            return_dict=False)
+    except Exception as exc:  # the template's own checks (roles out of order, …) raise jinja errors
+        raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from None
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # a BatchEncoding on some versions
         ids = ids["input_ids"]
     return [int(t) for t in ids]
 
@@ -280,10 +287,11 @@ def parse_completion(
     echo = _opt(body, "echo", bool, False, "a boolean")
     params = _sampling_params(body, max_tokens=max_tokens, n=n, logprobs=logprobs)
     prompts, texts = _prompts(body, tokenizer)
+    vocab_size = len(tokenizer)
     for i, prompt in enumerate(prompts):
         _check_length(prompt, params, max_model_len, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
-        if any(t < 0 or t >= len(tokenizer) for t in prompt):
-            raise _bad("prompt", f"token ids in [0, {len(tokenizer)})", show_value=False)
+        if any(t < 0 or t >= vocab_size for t in prompt):
+            raise _bad("prompt", f"token ids in [0, {vocab_size})", show_value=False)
     return ParsedRequest(
         model=model, prompts=prompts, prompt_texts=texts, params=params, stream=stream,
         include_usage=include_usage, logprobs=logprobs is not None, top_logprobs=logprobs or 0, echo=echo,

@@ -187,8 +187,11 @@ def serve(server_loop: ServerLoop, engine: AsyncEngine) -> Iterator[Callable[...
 
 
 @pytest.fixture(scope="session")
-def tokenizer(gated_core: GatedCore) -> Any:
-    return gated_core.tokenizer
+def tokenizer(default_model_dir: Path) -> Any:
+    """The default model's tokenizer, loaded the way the engine loads it (without the model)."""
+    from appliance.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(default_model_dir))
 
 
 def chat_prompt_len(tokenizer: Any, content: str) -> int:

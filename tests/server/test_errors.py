@@ -64,6 +64,19 @@ def test_401_missing_or_wrong_key(serve):
     assert http_request("GET", served.base_url + "/metrics").status_code == 200
 
 
+def test_keys_reload_live(serve, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-old\n")
+    clients = (ClientConfig(name="filed", api_key_file=str(key_file)),)
+    served = serve(AppConfig(clients=clients))
+    assert served.client(api_key="sk-old").models.list().data
+    key_file.write_text("sk-new\n")
+    served.state.set_clients(clients)  # what the daemon does on SIGHUP
+    with pytest.raises(openai.AuthenticationError):
+        served.client(api_key="sk-old").models.list()
+    assert served.client(api_key="sk-new").models.list().data
+
+
 def test_metrics_can_require_a_key(serve):
     served = serve(AppConfig(server=ServerConfig(metrics_require_auth=True),
                              clients=(ClientConfig(name="ops", api_key="k1"),)))
