@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import io
 import os
 import shutil
 import subprocess
@@ -156,9 +157,12 @@ def _convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     folder, name = str(gguf_path.parent), gguf_path.name
+    # The GGUF de-quantizer draws its own tqdm bar (deaf to transformers' switch): quiet mode hides it.
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for a bad file
         raise ModelLoadError(f"could not convert {gguf_path}: {type(exc).__name__}: {exc}") from exc
     finally:
