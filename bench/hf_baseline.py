@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,9 +94,9 @@ def hf_decode_latency_ms(model: Any, prompt: list[int], output_tokens: int, devi
 
 def run_hf(architecture: dict[str, Any], device: torch.device, dtype: torch.dtype, prompts: list[list[int]],
            output_tokens: int, latency_prompt: list[int], latency_output_tokens: int, modes: list[str],
-           batch_size: int) -> dict[str, Any]:
-    """Every HF measurement for one model; errors are recorded, not raised (HF APIs move)."""
-    results: dict[str, Any] = {}
+           batch_size: int, results: dict[str, Any], checkpoint: Callable[[], None]) -> None:
+    """Every HF measurement for one model, into `results`; `checkpoint()` after each, so a run cut
+    short by a time limit keeps what it measured. Errors are recorded, not raised (HF APIs move)."""
     model = build_hf_model(architecture, device, dtype)
     try:
         for mode in modes:
@@ -109,9 +110,9 @@ def run_hf(architecture: dict[str, Any], device: torch.device, dtype: torch.dtyp
                     results["generate_batch"] = hf_generate_batch(model, prompts, output_tokens, device)
             except Exception as exc:  # noqa: BLE001 - a baseline failing must not lose the engine's numbers
                 results[f"{mode}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            checkpoint()
     finally:
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return results

@@ -19,6 +19,7 @@ import gc
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,8 @@ def add_arguments_bench(parser: argparse.ArgumentParser) -> None:
 
 def _smoke_overrides(args: argparse.Namespace) -> None:
     args.models = SMOKE_MODEL
-    args.num_requests, args.prompt_tokens, args.output_tokens = 4, 16, 8
-    args.latency_prompt_tokens, args.latency_output_tokens = 16, 6
+    args.num_requests, args.prompt_tokens, args.output_tokens = 4, 16, 6
+    args.latency_prompt_tokens, args.latency_output_tokens = 16, 4
     args.hf_batch_size = 2
     # generate_batch spends ~30 s on CPU in its own machinery even for 4 tiny requests: opt-in only.
     if args.hf_modes == HF_MODES_DEFAULT:
@@ -148,7 +149,9 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_model(model: str, args: argparse.Namespace, device: torch.device, ceilings: dict[str, float]) -> dict[str, Any]:
+def bench_model(model: str, args: argparse.Namespace, device: torch.device, ceilings: dict[str, float],
+                result: dict[str, Any], checkpoint: Callable[[], None]) -> None:
+    """Every measurement of one model into `result`, with `checkpoint()` after each phase."""
     from appliance_bench import roofline
     from appliance_bench.hf_baseline import run_hf
 
@@ -161,23 +164,24 @@ def bench_model(model: str, args: argparse.Namespace, device: torch.device, ceil
     vocab = shape.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(args.num_requests)]
     latency_prompt = [rng.randrange(vocab) for _ in range(args.latency_prompt_tokens)]
-    result: dict[str, Any] = {"model": model, "dtype": str(dtype).removeprefix("torch."),
-                              "weight_bytes": shape.weight_bytes}
+    result.update({"model": model, "dtype": str(dtype).removeprefix("torch."), "weight_bytes": shape.weight_bytes})
 
     if not args.no_hf:  # first, so the engine then sizes its KV cache with the GPU to itself
-        result["hf"] = run_hf(architecture, device, dtype, prompts, args.output_tokens, latency_prompt,
-                              args.latency_output_tokens, [m for m in args.hf_modes.split(",") if m],
-                              args.hf_batch_size)
+        result["hf"] = {}
+        run_hf(architecture, device, dtype, prompts, args.output_tokens, latency_prompt, args.latency_output_tokens,
+               [m for m in args.hf_modes.split(",") if m], args.hf_batch_size, result["hf"], checkpoint)
         _free(device)
 
     engine, startup_s = engine_startup(model, args, device)
     result["startup_s"] = startup_s
     result["max_num_seqs"] = engine.scheduler.max_num_seqs if hasattr(engine.scheduler, "max_num_seqs") else None
     result["num_kv_blocks"] = engine.runner.num_kv_blocks
+    checkpoint()
     if not args.skip_latency:
         engine_decode_latency_ms(engine, latency_prompt[:16], 4)  # warm-up of the latency path
         result["decode_ms_per_token"] = engine_decode_latency_ms(engine, latency_prompt, args.latency_output_tokens)
         result["decode_floor_ms_per_token"] = shape.weight_bytes / ceilings["copy_bytes_per_s"] * 1e3
+        checkpoint()
     w1 = engine_throughput(engine, prompts, args.output_tokens)
     floor = roofline.workload_floor_s(shape, args.num_requests, args.prompt_tokens, args.output_tokens,
                                       max_batch=args.max_num_seqs or 256,
@@ -188,9 +192,9 @@ def bench_model(model: str, args: argparse.Namespace, device: torch.device, ceil
     w1["roofline"] = floor
     w1["roofline_fraction"] = floor["floor_s"] / w1["time_s"]
     result["w1"] = w1
+    checkpoint()
     del engine
     _free(device)
-    return result
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -238,18 +242,23 @@ def run_bench(args: argparse.Namespace) -> int:
                     "matmul_flops_per_s": roofline.measure_matmul_flops_per_s(device, 256, torch.float32)}
     print(f"device {device}: copy {ceilings['copy_bytes_per_s'] / 1e12:.3f} TB/s, matmul "
           f"{ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
-    results = []
-    for model in [m for m in args.models.split(",") if m]:
-        print(f"--- {model}", flush=True)
-        results.append(bench_model(model, args, device, ceilings))
-        print(format_table(results[-1:]), flush=True)
-    print(format_table(results))
     workload = {k: getattr(args, k) for k in ("num_requests", "prompt_tokens", "output_tokens",
                                               "latency_prompt_tokens", "latency_output_tokens", "smoke",
-                                              "enforce_eager", "max_num_seqs", "max_model_len")}
-    path = write_result({"benchmark": "offline-W1", "workload": workload, "ceilings": ceilings,
-                         "results": results}, "offline-smoke" if args.smoke else "offline", args.results_dir)
-    print("wrote", path)
+                                              "enforce_eager", "max_num_seqs", "max_model_len", "hf_modes",
+                                              "hf_batch_size", "no_hf")}
+    results: list[dict[str, Any]] = []
+
+    def checkpoint() -> Path:
+        return write_result({"benchmark": "offline-W1", "workload": workload, "ceilings": ceilings,
+                             "results": results}, "offline-smoke" if args.smoke else "offline", args.results_dir)
+
+    for model in [m for m in args.models.split(",") if m]:
+        print(f"--- {model}", flush=True)
+        results.append({})
+        bench_model(model, args, device, ceilings, results[-1], checkpoint)
+        print(format_table(results[-1:]), flush=True)
+    print(format_table(results))
+    print("wrote", checkpoint())
     return 0
 
 
