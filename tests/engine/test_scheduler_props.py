@@ -1,0 +1,301 @@
+"""Scheduler + block manager properties under random add / step / abort traffic (hypothesis).
+
+The real Scheduler and BlockManager run; the model is simulated without torch. The simulated
+forward writes each computed token id into a paged "KV cache" (one slot per position, addressed
+through the block table) and then reads the whole prefix back through the table, so a block
+that holds the wrong tokens (a bad prefix hit, a missed copy-on-write, a write into a shared or
+cached block) is caught on the spot. The next token is a deterministic function of the prefix
+read back, so every finished sequence must equal a cold, cache-free generation.
+
+Tiny caches force preemption; every sequence still fits the cache alone, so all must finish.
+"""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from appliance.engine.block_manager import BlockManager, chain_hash
+from appliance.engine.scheduler import Scheduler, SchedulerOutput
+from appliance.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+
+VOCAB = 13
+# Prompts are drawn from a few shared prefixes so prefix-cache hits are frequent.
+BASES = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 12, 11, 10, 9, 8, 7], [5] * 10]
+
+
+def next_token(prefix: list[int], choice: int = 0) -> int:
+    """The simulated model: depends on every token of the prefix (and, for the first token of
+    an n > 1 request, on the choice index)."""
+    h = 7
+    for tok in prefix:
+        h = (h * 1_000_003 + tok + 1) % 2_147_483_647
+    return (h + choice) % VOCAB
+
+
+def cold_generation(prompt: list[int], choice: int, max_tokens: int, max_model_len: int) -> list[int]:
+    tokens = list(prompt) + [next_token(prompt, choice)]
+    while len(tokens) - len(prompt) < max_tokens and len(tokens) < max_model_len:
+        tokens.append(next_token(tokens))
+    return tokens
+
+
+class SimEngine:
+    """EngineCore.step's loop around the real scheduler, with a fake model (see module doc)."""
+
+    def __init__(
+        self, num_blocks: int, block_size: int, budget: int, max_seqs: int, prefix_caching: bool
+    ) -> None:
+        self.block_size = block_size
+        self.max_model_len = num_blocks * block_size  # any single sequence fits the whole cache
+        self.bm = BlockManager(num_blocks, block_size, prefix_caching)
+        self.sched = Scheduler(
+            self.bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=self.max_model_len
+        )
+        self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.requests: dict[str, list[Sequence]] = {}
+        self.done: list[Sequence] = []  # finished by length (not aborted)
+        self.aborted: list[Sequence] = []
+        self.num_preempted = 0
+        self.num_prefix_hit_tokens = 0
+
+    # -- requests ---------------------------------------------------------------------------
+    def add(self, request_id: str, prompt: list[int], max_tokens: int, n: int) -> None:
+        assert len(prompt) + 1 <= self.max_model_len  # EngineCore rejects longer prompts
+        seq = Sequence(request_id, prompt, SamplingParams(n=n, max_tokens=max_tokens, temperature=0.0))
+        self.requests[request_id] = [seq]
+        self.sched.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        for seq in self.requests.pop(request_id, []):
+            if not seq.is_finished:
+                self.sched.finish(seq, FinishReason.ABORT)
+                self.aborted.append(seq)
+            assert seq.block_table == []
+
+    def live(self) -> list[Sequence]:
+        return [s for seqs in self.requests.values() for s in seqs if not s.is_finished]
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self, abort_midway: str | None = None) -> SchedulerOutput:
+        waiting_before = list(self.sched.waiting)
+        running_before = list(self.sched.running)
+        out = self.sched.schedule()
+        self._check_schedule(out, waiting_before, running_before)
+
+        for src, dst in out.blocks_to_copy:  # before the forward, as the model runner does
+            self.kv[dst] = list(self.kv[src])
+        sampled: dict[int, int] = {}
+        for item in out.scheduled:
+            seq, bs = item.seq, self.block_size
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
+            assert 0 < item.num_new_tokens and end <= len(seq)
+            assert item.sample == (end == len(seq))
+            assert len(seq.block_table) * bs >= end, "block table too short for the step"
+            for pos in range(start, end):  # write K/V of the new tokens
+                block = self.bm.blocks[seq.block_table[pos // bs]]
+                assert block.ref_count == 1, f"write into shared block {block}"
+                assert block.block_hash is None, f"write into a cached (hashed) block {block}"
+                self.kv[block.block_id][pos % bs] = seq.token_ids[pos]
+            # Attention reads the whole prefix back through the block table.
+            seen = [self.kv[seq.block_table[p // bs]][p % bs] for p in range(end)]
+            assert seen == seq.token_ids[:end], f"{seq}: KV cache holds {seen}, tokens {seq.token_ids[:end]}"
+            if item.sample:
+                sampled[seq.seq_id] = next_token(seq.token_ids)
+
+        if abort_midway is not None:  # a client disconnect while the forward runs
+            self.abort(abort_midway)
+        self.sched.update(out, sampled)
+
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.status != SequenceStatus.RUNNING or not item.sample:
+                continue
+            if seq.num_output_tokens == 1 and seq.num_cached_tokens:
+                self.num_prefix_hit_tokens += seq.num_cached_tokens
+            for s in [seq, *self._fork(seq)]:
+                if s.num_output_tokens >= (s.sampling_params.max_tokens or 0) or len(s) >= self.max_model_len:
+                    self.sched.finish(s, FinishReason.LENGTH)
+                    self.done.append(s)
+        for request_id in [r for r, seqs in self.requests.items() if all(s.is_finished for s in seqs)]:
+            del self.requests[request_id]
+        self.num_preempted += len(out.preempted)
+        return out
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """n > 1: after the lead's first token, the other choices share its blocks (EngineCore._fork)."""
+        children = []
+        for k in range(1, parent.pending_forks + 1):
+            child = Sequence(parent.request_id, parent.prompt_token_ids, parent.sampling_params, index=k)
+            child.token_ids = parent.token_ids[:-1] + [next_token(parent.token_ids[:-1], k)]
+            self.bm.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            self.sched.add_running(child)
+            self.requests[parent.request_id].append(child)
+            children.append(child)
+        parent.pending_forks = 0
+        return children
+
+    def _check_schedule(
+        self, out: SchedulerOutput, waiting_before: list[Sequence], running_before: list[Sequence]
+    ) -> None:
+        assert out.num_batched_tokens == sum(i.num_new_tokens for i in out.scheduled)
+        assert out.num_batched_tokens <= self.sched.max_num_batched_tokens
+        assert len({id(i.seq) for i in out.scheduled}) == len(out.scheduled)
+        # Preemption takes the newest running sequences first.
+        assert out.preempted == list(reversed(running_before))[: len(out.preempted)]
+        # FCFS: the sequences admitted from the waiting queue are a prefix of it, in order.
+        admitted = [i.seq for i in out.scheduled if i.seq in waiting_before]
+        assert admitted == waiting_before[: len(admitted)]
+        if admitted:
+            assert len(self.sched.running) <= self.sched.max_num_seqs
+            assert not out.preempted  # nothing is admitted in a step that had to preempt
+
+    # -- invariants -------------------------------------------------------------------------
+    def check(self) -> None:
+        bm, bs = self.bm, self.block_size
+        live = self.live()
+        bm.check_invariants([s.block_table for s in live])  # refcounts == table membership, pools
+        usage = bm.usage()
+        assert usage.num_used + usage.num_cached_free + usage.num_free == usage.num_total
+        assert usage.num_used == len({b for s in live for b in s.block_table})
+        running, waiting = self.sched.running, list(self.sched.waiting)
+        assert len(set(map(id, running))) == len(running) and not set(map(id, running)) & set(
+            map(id, waiting)
+        )
+        assert {id(s) for s in live} == {id(s) for s in running} | {id(s) for s in waiting}
+        for seq in waiting:
+            assert seq.block_table == [] and seq.num_computed_tokens == 0
+            assert seq.status in (SequenceStatus.WAITING, SequenceStatus.PREEMPTED)
+        for seq in running:
+            assert seq.status == SequenceStatus.RUNNING
+            assert 0 < seq.num_uncomputed_tokens and len(seq.block_table) * bs >= seq.num_computed_tokens
+            seen = [self.kv[seq.block_table[p // bs]][p % bs] for p in range(seq.num_computed_tokens)]
+            assert seen == seq.token_ids[: seq.num_computed_tokens]
+            # A hashed block in a table holds exactly that sequence's prefix (chained hash).
+            parent = None
+            for i, block_id in enumerate(seq.block_table):
+                block = bm.blocks[block_id]
+                if block.block_hash is None:
+                    break
+                chunk = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+                assert block.token_ids == chunk
+                parent = chain_hash(parent, chunk)
+                assert block.block_hash == parent
+        for block in bm.blocks:  # cached content is never overwritten while its hash is live
+            if block.block_hash is not None:
+                assert tuple(self.kv[block.block_id]) == block.token_ids
+        for seq in self.done:
+            assert seq.block_table == []
+        if not self.sched.has_unfinished():
+            assert usage.num_used == 0 and not self.requests
+
+    def drain(self, max_steps: int = 5000) -> None:
+        """Every sequence finishes (each fits the cache alone), then nothing is held."""
+        for _ in range(max_steps):
+            if not self.sched.has_unfinished():
+                break
+            out = self.step()
+            assert not out.is_empty, f"no progress: running={self.sched.running} waiting={self.sched.waiting}"
+            self.check()
+        assert not self.sched.has_unfinished(), "sequences never finished"
+        usage = self.bm.usage()
+        assert usage.num_used == 0 and usage.num_free + usage.num_cached_free == usage.num_total
+        assert all(b.ref_count == 0 for b in self.bm.blocks)
+        for seq in self.done:
+            params = seq.sampling_params
+            want = cold_generation(
+                seq.prompt_token_ids, seq.index, params.max_tokens or 0, self.max_model_len
+            )
+            assert seq.token_ids == want, f"{seq} differs from a cold run"
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    engine: SimEngine
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_id = 0
+
+    @initialize(
+        num_blocks=st.integers(2, 10),
+        block_size=st.sampled_from([1, 2, 3, 4]),
+        budget=st.integers(1, 20),
+        max_seqs=st.integers(1, 4),
+        prefix_caching=st.booleans(),
+    )
+    def setup(
+        self, num_blocks: int, block_size: int, budget: int, max_seqs: int, prefix_caching: bool
+    ) -> None:
+        self.engine = SimEngine(num_blocks, block_size, budget, max_seqs, prefix_caching)
+
+    @rule(
+        base=st.integers(0, len(BASES) - 1),
+        cut=st.integers(0, 10),
+        extra=st.lists(st.integers(0, VOCAB - 1), max_size=4),
+        max_tokens=st.integers(1, 8),
+        n=st.sampled_from([1, 1, 1, 2, 3]),
+    )
+    def add(self, base: int, cut: int, extra: list[int], max_tokens: int, n: int) -> None:
+        prompt = (BASES[base][:cut] + extra)[: self.engine.max_model_len - 1] or [1]
+        self.engine.add(f"r{self.next_id}", prompt, max_tokens, n)
+        self.next_id += 1
+
+    @rule()
+    def step(self) -> None:
+        self.engine.step()
+
+    @rule()
+    def step_twice(self) -> None:
+        self.engine.step()
+        self.engine.step()
+
+    @precondition(lambda self: bool(self.engine.requests))
+    @rule(data=st.data())
+    def abort(self, data: st.DataObject) -> None:
+        self.engine.abort(data.draw(st.sampled_from(sorted(self.engine.requests))))
+
+    @precondition(lambda self: bool(self.engine.requests))
+    @rule(data=st.data())
+    def abort_during_step(self, data: st.DataObject) -> None:
+        self.engine.step(abort_midway=data.draw(st.sampled_from(sorted(self.engine.requests))))
+
+    @rule()
+    def abort_unknown(self) -> None:
+        self.engine.abort("no-such-request")
+
+    @invariant()
+    def invariants(self) -> None:
+        self.engine.check()
+
+    def teardown(self) -> None:
+        if hasattr(self, "engine"):
+            self.engine.drain()
+
+
+TestSchedulerProperties = SchedulerMachine.TestCase
+TestSchedulerProperties.settings = settings(
+    max_examples=120, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)
+)
+
+
+def test_tiny_cache_preempts_and_still_matches_cold_runs() -> None:
+    """A fixed heavy workload: preemption must happen, prefix hits must happen, outputs stay exact."""
+    rng = random.Random(0)
+    engine = SimEngine(num_blocks=6, block_size=2, budget=8, max_seqs=4, prefix_caching=True)
+    for i in range(40):
+        base = BASES[rng.randrange(len(BASES))]
+        prompt = base[: rng.randint(2, 7)] + [rng.randrange(VOCAB) for _ in range(rng.randint(0, 2))]
+        engine.add(f"r{i}", prompt, rng.randint(1, 4), rng.choice([1, 1, 2]))
+        engine.step()
+        engine.check()
+        if rng.random() < 0.1 and engine.requests:
+            engine.abort(rng.choice(sorted(engine.requests)))
+            engine.check()
+    engine.drain()
+    assert engine.num_preempted > 0
+    assert engine.num_prefix_hit_tokens > 0
+    assert len(engine.done) > 30
