@@ -192,9 +192,23 @@ def bench_model(model: str, args: argparse.Namespace, device: torch.device, ceil
     w1["roofline"] = floor
     w1["roofline_fraction"] = floor["floor_s"] / w1["time_s"]
     result["w1"] = w1
+    result["ratios"] = hf_ratios(result)
     checkpoint()
     del engine
     _free(device)
+
+
+def hf_ratios(result: dict[str, Any]) -> dict[str, float]:
+    """Engine over HF: output tok/s for W1 (each HF mode), HF ms/token over ours for batch-1 decode."""
+    hf = result.get("hf", {})
+    ratios = {}
+    for mode in ("generate", "generate_batch"):
+        run = hf.get(mode)
+        if run and run.get("output_tokens"):
+            ratios[f"w1_vs_hf_{mode}"] = result["w1"]["output_tok_s"] / (run["output_tokens"] / run["time_s"])
+    if hf.get("decode_ms_per_token") and result.get("decode_ms_per_token"):
+        ratios["decode_latency_vs_hf"] = hf["decode_ms_per_token"] / result["decode_ms_per_token"]
+    return ratios
 
 
 def _ratio(a: float | None, b: float | None) -> str:

@@ -38,6 +38,7 @@ def test_offline_smoke_runs_engine_and_hf_and_writes_json(tmp_path: Path, defaul
     hf = result["hf"]
     assert "generate_error" not in hf, hf
     assert hf["generate"]["output_tokens"] == 4 * 6
+    assert result["ratios"]["w1_vs_hf_generate"] > 0 and result["ratios"]["decode_latency_vs_hf"] > 0
     assert "tiny-llama" in capsys.readouterr().out  # the table was printed
 
 
