@@ -59,13 +59,16 @@ def paged_attention_ref(
         keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [S, Hkv, D]
         values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
         qb = q[q_start:q_end].float().transpose(0, 1)  # [Hq, L, D]
-        kb = keys.float().transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, S, D]
-        vb = values.float().transpose(0, 1).repeat_interleave(group, dim=0)
-        # Causal: query i (position seq_len - q_len + i) sees keys 0..seq_len - q_len + i.
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-        k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
-        mask = k_pos <= q_pos  # [L, S]
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+        kb = keys.float().transpose(0, 1)  # [Hkv, S, D]; GQA is expanded inside SDPA
+        vb = values.float().transpose(0, 1)
+        if q_len == 1:
+            mask = None  # a decode row sees its whole context
+        else:
+            # Causal: query i (position seq_len - q_len + i) sees keys 0..seq_len - q_len + i.
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+            k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+            mask = k_pos <= q_pos  # [L, S]
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=group > 1)
         out[q_start:q_end] = ob.transpose(0, 1).to(q.dtype)
     return out
 

@@ -70,11 +70,15 @@ class EngineCore:
         t0 = time.monotonic()
         torch.manual_seed(config.model.seed)
         self.resolved = resolve_model(config.model)
-        self.tokenizer = load_tokenizer(config.model.tokenizer or str(self.resolved.tokenizer_path))
+        tokenizer_path = config.model.tokenizer or self.resolved.tokenizer_path
+        # Named dummy architectures (benchmarks) have no tokenizer: token ids in, token ids out.
+        self.tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
         self.model_name = config.model.served_model_name or self._default_name()
         self.device, self.dtype = resolve_device_dtype(config)
-        model = load_model(config.model, self.device, self.dtype)
-        self.eos_token_ids = list(eos_token_ids(self.tokenizer, self.resolved.hf_config))
+        model = load_model(config.model, self.device, self.dtype, resolved=self.resolved)
+        self.eos_token_ids = (list(eos_token_ids(self.tokenizer, self.resolved.hf_config,
+                                                 self.resolved.generation_config))
+                              if self.tokenizer is not None else [])
         self.max_model_len = self._decide_max_model_len()
         self.runner = ModelRunner(config, model, self.device, self.dtype, self.eos_token_ids,
                                   self.max_model_len)
@@ -90,7 +94,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
             enable_chunked_prefill=sched.enable_chunked_prefill,
         )
-        self.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self.detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.requests: dict[str, _Request] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -102,9 +106,7 @@ class EngineCore:
                  self.runner.num_kv_blocks, config.cache.block_size, self.max_model_len, self.load_time_s)
 
     def _default_name(self) -> str:
-        if self.config.model.model == "default":
-            return "SmolLM2-135M-Instruct"
-        return Path(self.config.model.model.rstrip("/")).name
+        return self.resolved.name or Path(self.config.model.model.rstrip("/")).name
 
     def _decide_max_model_len(self) -> int:
         hf_len = getattr(self.resolved.hf_config, "max_position_embeddings", None) or 2048
@@ -211,7 +213,7 @@ class EngineCore:
     def _check_stop(self, seq: Sequence) -> None:
         params = seq.sampling_params
         token = seq.token_ids[-1]
-        stop_str = self.detokenizer.update(seq)
+        stop_str = self.detokenizer.update(seq) if self.detokenizer is not None else None
         num_out = seq.num_output_tokens
         reason: FinishReason | None = None
         if num_out >= params.min_tokens:
@@ -227,7 +229,7 @@ class EngineCore:
             elif len(seq) >= self.max_model_len:
                 reason = FinishReason.LENGTH
         if reason is not None:
-            if stop_str is None:
+            if stop_str is None and self.detokenizer is not None:
                 self.detokenizer.finalize(seq)
             self._finish(seq, reason)
 
