@@ -17,6 +17,7 @@ fixed-size noise vector per sample, so the generator's stream never depends on t
 from __future__ import annotations
 
 import itertools
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,17 @@ class SampleResult:
     logprobs: list[TokenLogprob] | None  # one per token, when params.logprobs is not None
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without a host sync: from pinned memory, asynchronously on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _tensor(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _to_device(torch.tensor(values, dtype=dtype), device)
+
+
 def _generator_seed(seed: int, index: int) -> int:
     """Mix (seed, choice index) so each of a request's n choices gets its own stream."""
     return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) & _MASK_64
@@ -54,10 +66,12 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self._generators: dict[int, torch.Generator] = {}
+        self._token_arrays: dict[int, array] = {}  # seq_id -> token ids, for the penalties
 
     def forget(self, seq_id: int) -> None:
-        """Drop per-sequence state (the seeded generator) when a sequence finishes."""
+        """Drop per-sequence state (seeded generator, cached token ids) when a sequence finishes."""
         self._generators.pop(seq_id, None)
+        self._token_arrays.pop(seq_id, None)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
@@ -81,7 +95,7 @@ class Sampler:
         num_draws = sum(counts)
         row_of_draw = list(itertools.chain.from_iterable([i] * c for i, c in enumerate(counts)))
         if num_draws != len(rows):
-            x = x.index_select(0, torch.tensor(row_of_draw, device=device))
+            x = x.index_select(0, _tensor(row_of_draw, torch.long, device))
 
         greedy = [params[r].temperature < _GREEDY_TEMPERATURE for r in row_of_draw]
         sampled = x.argmax(dim=-1)  # [M]: right for greedy draws, replaced for random ones
@@ -107,15 +121,19 @@ class Sampler:
         seqs = [rows[i].seq for i in pen_rows]
         lengths = [len(s.token_ids) for s in seqs]
         max_len = max(max(lengths), 1)
-        # Padded [R, L] token ids; the pad id `width` lands in an extra column that is dropped.
-        flat = torch.tensor(list(itertools.chain.from_iterable(s.token_ids for s in seqs)), dtype=torch.long)
+        # Padded [R, L] token ids built on the host; the pad id `width` lands in an extra column
+        # that is dropped. The ids come from per-sequence arrays that grow by the new tokens only.
+        flat_ids = array("q")
+        for seq in seqs:
+            flat_ids.extend(self._token_array(seq))
         positions = torch.arange(max_len)
         filled = positions[None, :] < torch.tensor(lengths)[:, None]
         ids = torch.full((len(seqs), max_len), width, dtype=torch.long)
-        ids[filled] = flat
+        if flat_ids:
+            ids[filled] = torch.frombuffer(flat_ids, dtype=torch.long)
         is_output = positions[None, :] >= torch.tensor([s.num_prompt_tokens for s in seqs])[:, None]
         out_ids = torch.where(is_output, ids, width)
-        ids, out_ids = ids.to(device, non_blocking=True), out_ids.to(device, non_blocking=True)
+        ids, out_ids = _to_device(ids, device), _to_device(out_ids, device)
 
         seen = torch.zeros(len(seqs), width + 1, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, True)
@@ -124,16 +142,25 @@ class Sampler:
         seen, out_counts = seen[:, :width], out_counts[:, :width]
 
         def per_row(name: str) -> torch.Tensor:
-            values = [getattr(s.sampling_params, name) for s in seqs]
-            return torch.tensor(values, dtype=x.dtype).to(device, non_blocking=True)[:, None]
+            return _tensor([getattr(s.sampling_params, name) for s in seqs], x.dtype, device)[:, None]
 
-        index = torch.tensor(pen_rows, device=device)
+        index = _tensor(pen_rows, torch.long, device)
         xr = x.index_select(0, index)
         rep = per_row("repetition_penalty")
         xr = torch.where(seen, torch.where(xr > 0, xr / rep, xr * rep), xr)
         xr = xr - per_row("frequency_penalty") * out_counts
         xr = xr - per_row("presence_penalty") * (out_counts > 0).to(x.dtype)
         return x.index_copy(0, index, xr)
+
+    def _token_array(self, seq: Sequence) -> array:
+        """seq.token_ids as a cached int64 array, extended by the tokens appended since last time."""
+        cached = self._token_arrays.get(seq.seq_id)
+        num_tokens = len(seq.token_ids)
+        if cached is None or len(cached) > num_tokens:
+            cached = self._token_arrays[seq.seq_id] = array("q", seq.token_ids)
+        elif len(cached) < num_tokens:
+            cached.extend(seq.token_ids[len(cached) :])
+        return cached
 
     def _apply_min_tokens(self, x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         row_idx: list[int] = []
@@ -152,7 +179,7 @@ class Sampler:
         if not row_idx:
             return x
         x = x.clone()
-        x[torch.tensor(row_idx, device=x.device), torch.tensor(col_idx, device=x.device)] = float("-inf")
+        x[_tensor(row_idx, torch.long, x.device), _tensor(col_idx, torch.long, x.device)] = float("-inf")
         return x
 
     # -- sampling -------------------------------------------------------------------------------
@@ -167,12 +194,12 @@ class Sampler:
     ) -> torch.Tensor:
         device, width = x.device, x.shape[1]
         all_random = len(random_draws) == x.shape[0]
-        draw_index = None if all_random else torch.tensor(random_draws, device=device)
+        draw_index = None if all_random else _tensor(random_draws, torch.long, device)
         xs = x if draw_index is None else x.index_select(0, draw_index)  # [R, V]
         ps = [rows[row_of_draw[d]].seq.sampling_params for d in random_draws]
 
         def per_draw(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return _tensor(values, dtype, device)
 
         xs = xs / per_draw([p.temperature for p in ps], xs.dtype)[:, None]
 
@@ -262,13 +289,16 @@ class Sampler:
                 d for d, r in enumerate(row_of_draw) if rows[r].seq.sampling_params.logprobs is not None
             ]
             local = {r: j for j, r in enumerate(lp_rows)}
-            logprobs = torch.log_softmax(raw.index_select(0, torch.tensor(lp_rows, device=device)), dim=-1)
-            draw_rows = torch.tensor([local[row_of_draw[d]] for d in lp_draws], device=device)
-            draw_ids = sampled.index_select(0, torch.tensor(lp_draws, device=device))
-            parts.append(logprobs[draw_rows, draw_ids].to(torch.float64))
+            # log_softmax = logits - logsumexp, taken only where needed (no [N, V] result).
+            lp_logits = raw.index_select(0, _tensor(lp_rows, torch.long, device))
+            log_norm = torch.logsumexp(lp_logits, dim=-1)  # [R]
+            draw_rows = _tensor([local[row_of_draw[d]] for d in lp_draws], torch.long, device)
+            draw_ids = sampled.index_select(0, _tensor(lp_draws, torch.long, device))
+            parts.append((lp_logits[draw_rows, draw_ids] - log_norm[draw_rows]).to(torch.float64))
             num_alts = max(rows[r].seq.sampling_params.logprobs or 0 for r in lp_rows)
             if num_alts:
-                top_vals, top_ids = logprobs.topk(num_alts, dim=-1)
+                top_vals, top_ids = lp_logits.topk(num_alts, dim=-1)
+                top_vals = top_vals - log_norm[:, None]
                 parts += [top_ids.flatten().to(torch.float64), top_vals.flatten().to(torch.float64)]
         # NOTE: the one device-to-host transfer of the step's sampling.
         packed = torch.cat(parts).cpu().tolist()
