@@ -1,0 +1,153 @@
+"""What the HTTP side costs the engine: the same workload offline and through the OpenAI server.
+
+Offline: every request added to `EngineCore`, `step()` until done. Online: the same engine behind
+`AsyncEngine` + the aiohttp app on loopback, driven by a load generator in a separate process
+(streaming `/v1/completions` with token-id prompts, all requests at once, as real clients would
+be other processes). Each run gets fresh random prompts so prefix caching helps neither.
+The ratio online/offline output tok/s is the figure DESIGN.md asks for (target: >= 0.90).
+
+    python -m appliance_bench.online --model smollm2-135m --load-format dummy --tokenizer DIR
+    python -m appliance_bench.online --smoke          # the embedded model on CPU, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import random
+import time
+from typing import Any
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m appliance_bench.online", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="default", help="model dir, 'default', or a dummy architecture")
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--tokenizer", help="tokenizer dir (needed for dummy architectures)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, CI)")
+    parser.add_argument("--out", help="write the JSON result here too")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_requests, args.prompt_tokens, args.output_tokens = 8, 16, 8
+    return args
+
+
+def _prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 1) for _ in range(length)] for _ in range(num)]
+
+
+def _offline(core: Any, prompts: list[list[int]], output_tokens: int) -> float:
+    from appliance.engine.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        core.add_request(f"offline-{i}", prompt, params)
+    generated = 0
+    while core.has_unfinished_requests():
+        for out in core.step():
+            if out.finished:
+                generated += len(out.outputs[0].token_ids)
+    return generated / (time.perf_counter() - start)
+
+
+def _load_generator(port: int, prompts: list[list[int]], output_tokens: int, stream: bool, conn: Any) -> None:
+    """Runs in a child process: all requests at once, returns (tokens received, seconds)."""
+    import aiohttp
+
+    async def main() -> tuple[int, float]:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as s:
+
+            async def one(prompt: list[int]) -> int:
+                body = {"prompt": prompt, "max_tokens": output_tokens, "temperature": 0, "ignore_eos": True,
+                        "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+                async with s.post(url, json=body) as response:
+                    assert response.status == 200, await response.text()
+                    if not stream:
+                        return int((await response.json())["usage"]["completion_tokens"])
+                    tokens = 0
+                    async for line in response.content:
+                        if line.startswith(b"data: {") and b'"usage":{' in line:
+                            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+                    return tokens
+
+            start = time.perf_counter()
+            counts = await asyncio.gather(*(one(p) for p in prompts))
+            return sum(counts), time.perf_counter() - start
+
+    conn.send(asyncio.run(main()))
+    conn.close()
+
+
+async def _online(core: Any, prompts: list[list[int]], output_tokens: int, stream: bool) -> float:
+    from appliance.config import AppConfig, ServerConfig
+    from appliance.engine.async_engine import AsyncEngine
+    from appliance.server.app import make_app, start_site
+
+    engine = AsyncEngine(core)
+    await engine.start()
+    app = make_app(AppConfig(server=ServerConfig(max_queued_requests=1 << 20)), engine)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_load_generator, args=(port, prompts, output_tokens, stream, child))
+    proc.start()
+    result = await asyncio.to_thread(parent.recv)
+    proc.join()
+    await runner.cleanup()
+    await engine.shutdown()
+    tokens, seconds = result
+    return tokens / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from appliance.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from appliance.engine.llm_engine import EngineCore
+
+    args = _parse_args(argv)
+    config = EngineConfig(
+        model=ModelConfig(model=args.model, load_format=args.load_format, tokenizer=args.tokenizer,
+                          dtype=args.dtype),
+        cache=CacheConfig(enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_model_len=args.prompt_tokens + args.output_tokens + 16),
+    )
+    core = EngineCore(config)
+    core.warmup()
+    vocab = len(core.tokenizer)
+    # A short run of each first, so one-time costs (compilation, allocator growth) count in neither.
+    _offline(core, _prompts(min(8, args.num_requests), args.prompt_tokens, vocab, 1), 4)
+    offline = _offline(core, _prompts(args.num_requests, args.prompt_tokens, vocab, 2), args.output_tokens)
+    online = asyncio.run(_online(core, _prompts(args.num_requests, args.prompt_tokens, vocab, 3),
+                                 args.output_tokens, args.stream))
+    result = {
+        "bench": "online-vs-offline",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": args.model, "num_requests": args.num_requests, "prompt_tokens": args.prompt_tokens,
+        "output_tokens": args.output_tokens, "stream": args.stream,
+        "offline_output_tok_s": round(offline, 1), "online_output_tok_s": round(online, 1),
+        "online_over_offline": round(online / offline, 3),
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
