@@ -115,6 +115,8 @@ class ControlServer:
         except KeyError:
             log.debug("group %r does not exist; control socket keeps the daemon's group", self.config.group)
             return
+        if os.stat(path).st_gid == gid:
+            return  # under systemd (Group=llm-appliance) it is born with it; chown is filtered there
         try:
             os.chown(path, -1, gid)
         except OSError as e:
