@@ -49,18 +49,20 @@ class Controlled(Protocol):
 
 
 class _TokenRate:
-    """Generation tokens per second over the last few seconds, from cumulative counters."""
+    """Generation tokens per second over the last few seconds, from cumulative counters sampled
+    once a second (so a single `ctl status` already sees a rate)."""
 
     def __init__(self) -> None:
         self._samples: deque[tuple[float, int]] = deque()
+        self.tokens_per_s = 0.0
 
-    def update(self, total_tokens: int) -> float:
+    def update(self, total_tokens: int) -> None:
         now = time.monotonic()
         self._samples.append((now, total_tokens))
         while len(self._samples) > 2 and now - self._samples[1][0] >= _RATE_WINDOW_S:
             self._samples.popleft()
         t0, n0 = self._samples[0]
-        return (total_tokens - n0) / (now - t0) if now > t0 else 0.0
+        self.tokens_per_s = (total_tokens - n0) / (now - t0) if now > t0 else 0.0
 
 
 def _error(status: int, message: str, error_type: str) -> web.Response:
@@ -76,6 +78,7 @@ class ControlServer:
         self._rate = _TokenRate()
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
+        self._sampler: asyncio.Task[None] | None = None
         self.app = web.Application()
         self.app.add_routes([
             web.get("/status", self.get_status),
@@ -105,6 +108,7 @@ class ControlServer:
             os.umask(old_umask)
         os.chmod(path, self.config.mode)
         self._chgrp(path)
+        self._sampler = asyncio.create_task(self._sample_rate(), name="control-rate")
         log.info("control socket on %s (mode %04o)", path, self.config.mode)
 
     def _chgrp(self, path: str) -> None:
@@ -122,8 +126,17 @@ class ControlServer:
         except OSError as e:
             log.warning("cannot give the control socket to group %r: %s", self.config.group, e)
 
+    async def _sample_rate(self) -> None:
+        while True:
+            engine = self.daemon.engine
+            if engine is not None:
+                self._rate.update(engine.stats().generation_tokens_total)
+            await asyncio.sleep(EVENTS_INTERVAL_S)
+
     async def stop(self) -> None:
         self._stopping.set()
+        if self._sampler is not None:
+            self._sampler.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -163,7 +176,7 @@ class ControlServer:
                 "num_preemptions": stats.num_preemptions,
                 "prompt_tokens_total": stats.prompt_tokens_total,
                 "generation_tokens_total": stats.generation_tokens_total,
-                "generation_tokens_per_s": round(self._rate.update(stats.generation_tokens_total), 3),
+                "generation_tokens_per_s": round(self._rate.tokens_per_s, 3),
                 "num_steps": stats.num_steps,
             }
         return body

@@ -71,6 +71,10 @@ def test_status(daemon: DaemonProcess, client: ControlClient) -> None:
     before = engine["generation_tokens_total"]
     assert daemon.chat().status_code == 200
     assert client.status()["engine"]["generation_tokens_total"] > before
+    deadline = time.monotonic() + 10  # the rate is sampled once a second
+    while client.status()["engine"]["generation_tokens_per_s"] <= 0:
+        assert time.monotonic() < deadline, "tokens/s stayed 0 after a generation"
+        time.sleep(0.2)
 
 
 def test_requests_lists_in_flight_without_text_then_cancel(
