@@ -75,6 +75,7 @@ def make_app(config: AppConfig, engine: AsyncEngine, state: ServiceState | None 
     app.on_response_prepare.append(on_response_prepare)
     if config.server.cors_allow_origins:
         app.on_response_prepare.append(_cors_headers(config.server.cors_allow_origins))
+        app.router.add_route("OPTIONS", "/{tail:.*}", _preflight)
     app.cleanup_ctx.append(_request_log_ctx)
     app.cleanup_ctx.append(_engine_ctx)
     routes_openai.add_routes(app)
@@ -98,6 +99,15 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     if started_here:
         await engine.shutdown()
+
+
+async def _preflight(request: web.Request) -> web.Response:
+    """CORS preflight (only routed when CORS is on): no key needed, the origin check is in _cors_headers."""
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
+        "Access-Control-Max-Age": "600",
+    })
 
 
 def _cors_headers(origins: tuple[str, ...]):  # type: ignore[no-untyped-def]

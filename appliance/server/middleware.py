@@ -143,7 +143,8 @@ def _error_response(request: web.Request, exc: BaseException) -> web.Response:
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
     state = request.app[STATE_KEY]
-    needs_key = path != "/health" and (path != "/metrics" or request.app[CONFIG_KEY].server.metrics_require_auth)
+    needs_key = (path != "/health" and request.method != "OPTIONS"  # CORS preflights carry no key
+                 and (path != "/metrics" or request.app[CONFIG_KEY].server.metrics_require_auth))
     if needs_key or not state.keyring.open:
         try:
             client = state.keyring.identify(request.headers.get("Authorization"))

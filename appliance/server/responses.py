@@ -73,12 +73,12 @@ class ChoiceTracker:
             state.num_tokens = len(out.token_ids)
             state.num_logprobs = len(out.logprobs or [])
             state.text = out.text
+            # NOTE: the engine hands over fresh lists in every output, so keeping references is safe.
             state.token_ids = out.token_ids
-            state.logprobs = list(out.logprobs or [])
+            state.logprobs = out.logprobs or []
             if not (new_text or new_ids or out.finish_reason or not state.started):
                 continue
-            deltas.append(ChoiceDelta(index, new_text, list(new_ids), list(new_logprobs), out.finish_reason,
-                                      not state.started))
+            deltas.append(ChoiceDelta(index, new_text, new_ids, new_logprobs, out.finish_reason, not state.started))
             state.started = True
             state.finish_reason = out.finish_reason
         if output.finished and output.metrics is not None:

@@ -162,3 +162,18 @@ def test_openapi_and_request_id(serve):
 def test_every_response_has_a_request_id(serve, path):
     response = http_request("GET", serve().base_url + path)
     assert len(response.headers["x-request-id"]) == 32
+
+
+def test_cors_only_when_configured(serve):
+    from appliance.config import AppConfig, ServerConfig
+
+    plain = serve()
+    response = http_request("GET", plain.base_url + "/v1/models", headers={"Origin": "http://app.local"})
+    assert "access-control-allow-origin" not in response.headers
+    served = serve(AppConfig(server=ServerConfig(cors_allow_origins=("http://app.local",))))
+    preflight = http_request("OPTIONS", served.base_url + "/v1/chat/completions",
+                             headers={"Origin": "http://app.local", "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == "http://app.local"
+    other = http_request("GET", served.base_url + "/v1/models", headers={"Origin": "http://evil.example"})
+    assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
