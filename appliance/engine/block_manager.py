@@ -80,7 +80,8 @@ class BlockManager:
         return (num_tokens + self.block_size - 1) // self.block_size
 
     def usage(self) -> BlockUsage:
-        used = sum(1 for b in self.blocks if b.ref_count > 0)
+        # NOTE: every unreferenced block is in exactly one of the two pools (check_invariants).
+        used = self.num_blocks - len(self._free_ids) - len(self._cached_free)
         return BlockUsage(
             num_total=self.num_blocks,
             num_used=used,
@@ -176,6 +177,7 @@ class BlockManager:
                 self._decref(block_id)
             raise
         seq.block_table = table
+        seq.num_hashed_blocks = hits
         seq.num_cached_tokens = hits * self.block_size
         seq.num_computed_tokens = hits * self.block_size
 
@@ -212,12 +214,18 @@ class BlockManager:
             seq.block_table.append(self._take_fresh())
 
     def commit(self, seq: Sequence) -> None:
-        """Register the hashes of blocks that became full and computed (after a step)."""
+        """Register the hashes of blocks that became full and computed (after a step).
+
+        NOTE: O(new full blocks) per call: seq.num_hashed_blocks marks how far the chain is done.
+        """
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
-        parent: bytes | None = None
-        for i in range(num_full):
+        first = seq.num_hashed_blocks
+        if first >= num_full:
+            return
+        parent = self.blocks[seq.block_table[first - 1]].block_hash if first > 0 else None
+        for i in range(first, num_full):
             block = self.blocks[seq.block_table[i]]
             chunk = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             if block.block_hash is not None and block.token_ids == chunk:
@@ -229,6 +237,7 @@ class BlockManager:
                 # First writer wins; a later identical block stays unregistered but valid.
                 self._hash_to_block.setdefault(block_hash, block.block_id)
             parent = block.block_hash
+        seq.num_hashed_blocks = num_full
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent (n > 1 after the prompt's prefill)."""
@@ -236,12 +245,14 @@ class BlockManager:
         for block_id in parent.block_table:
             self._incref(block_id)
         child.block_table = list(parent.block_table)
+        child.num_hashed_blocks = parent.num_hashed_blocks
 
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):  # reversed: the prefix's head is evicted last
             self._decref(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_hashed_blocks = 0
 
     def check_invariants(self, live_tables: list[list[int]]) -> None:
         """Tests: refcounts equal table membership; every block is in exactly one pool."""

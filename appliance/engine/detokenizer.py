@@ -17,6 +17,8 @@ NOTE: `seq.output_text` only ever grows (streaming consumers send its new suffix
 
 from __future__ import annotations
 
+import codecs
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,52 @@ class _DetokState:
     prefix_offset: int  # token_ids[prefix_offset:read_offset]: the context decoded last time
     read_offset: int  # token_ids[read_offset:]: not yet turned into text
     text: str  # every character decoded so far (held-back characters included)
+    pending: bytes = b""  # byte-level fast path: an incomplete UTF-8 tail, not yet text
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): one printable character per byte value."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def _byte_level_table(backend: Any) -> tuple[list[bytes], frozenset[int]] | None:
+    """Token id -> its bytes, and the special ids, for a byte-level BPE tokenizer; else None.
+
+    Mirrors the Rust ByteLevel decoder: a token's characters map to bytes, a token with a
+    character outside the alphabet (an added token) contributes its UTF-8 text.
+    """
+    try:
+        spec = json.loads(backend.to_str())
+        added = backend.get_added_tokens_decoder()
+    except Exception:  # an unusual backend: use the general path
+        return None
+    decoder = spec.get("decoder") or {}
+    if decoder.get("type") != "ByteLevel" or (spec.get("model") or {}).get("type") != "BPE":
+        return None
+    byte_of = _gpt2_byte_decoder()
+    vocab: dict[str, int] = backend.get_vocab(with_added_tokens=True)
+    table = [b""] * (max(vocab.values(), default=-1) + 1)
+    for token, token_id in vocab.items():
+        if token_id in added:
+            table[token_id] = added[token_id].content.encode("utf-8")
+        elif all(c in byte_of for c in token):
+            table[token_id] = bytes(byte_of[c] for c in token)
+        else:
+            table[token_id] = token.encode("utf-8")
+    special = frozenset(i for i, tok in added.items() if tok.special)
+    return table, special
 
 
 def _partial_stop_len(text: str, stops: list[str]) -> int:
@@ -60,7 +108,7 @@ def _find_stop(text: str, start: int, stops: list[str]) -> tuple[int, str] | Non
 class IncrementalDetokenizer:
     """Turns each sequence's new tokens into text. State lives on the sequence (`detok_state`)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, byte_level_fast_path: bool = True) -> None:
         self.tokenizer = tokenizer
         # The Rust tokenizer decodes without the Python wrapper's overhead; the wrapper is only
         # needed when it post-processes (clean_up_tokenization_spaces).
@@ -69,6 +117,15 @@ class IncrementalDetokenizer:
             self._backend = backend
         else:
             self._backend = None
+        # Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2): text is the UTF-8 decoding of the
+        # tokens' bytes, so each step only decodes its new bytes (several times faster than two
+        # window decodes: this runs for every token of every sequence).
+        self._byte_table: list[bytes] | None = None
+        self._special_ids: frozenset[int] = frozenset()
+        if byte_level_fast_path and self._backend is not None:
+            found = _byte_level_table(self._backend)
+            if found is not None:
+                self._byte_table, self._special_ids = found
 
     def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         if self._backend is not None:
@@ -80,6 +137,8 @@ class IncrementalDetokenizer:
         if isinstance(state, _DetokState):
             return state
         prompt_len = seq.num_prompt_tokens
+        if self._byte_table is not None:
+            return _DetokState(0, prompt_len, "")
         prefix_offset = max(prompt_len - _PROMPT_CONTEXT_TOKENS, 0)
         # Start the window on a whole character: byte-fallback decoders turn a whole run of byte
         # tokens into U+FFFDs when it begins inside a character, new tokens included.
@@ -93,6 +152,8 @@ class IncrementalDetokenizer:
     def _advance(self, seq: Sequence, state: _DetokState, flush: bool) -> tuple[_DetokState, str]:
         """Decode the tokens past read_offset; returns the new state and text (empty while the
         text ends inside a character, unless flushing)."""
+        if self._byte_table is not None:
+            return self._advance_bytes(seq, state, flush)
         token_ids = seq.token_ids
         if state.read_offset >= len(token_ids):
             return state, ""
@@ -103,6 +164,21 @@ class IncrementalDetokenizer:
             return state, ""
         new_text = full_text[len(prefix_text) :]
         return _DetokState(state.read_offset, len(token_ids), state.text + new_text), new_text
+
+    def _advance_bytes(self, seq: Sequence, state: _DetokState, flush: bool) -> tuple[_DetokState, str]:
+        table = self._byte_table
+        assert table is not None
+        new_ids = seq.token_ids[state.read_offset :]
+        if not new_ids and not (flush and state.pending):
+            return state, ""
+        skip = self._special_ids if seq.sampling_params.skip_special_tokens else frozenset()
+        data = state.pending + b"".join(
+            table[i] if 0 <= i < len(table) else b"" for i in new_ids if i not in skip
+        )
+        # final=False stops before an incomplete trailing sequence: that part waits for more bytes.
+        new_text, consumed = codecs.utf_8_decode(data, "replace", flush)
+        new_state = _DetokState(0, len(seq.token_ids), state.text + new_text, data[consumed:])
+        return new_state, new_text
 
     def update(self, seq: Sequence) -> str | None:
         """Call after each appended token (or several). Updates seq.output_text (the emittable text,
@@ -133,7 +209,9 @@ class IncrementalDetokenizer:
             if match is not None:
                 index, stop = match
                 end = index + len(stop) if params.include_stop_str_in_output else index
-                seq.detok_state = _DetokState(state.prefix_offset, state.read_offset, text[:end])
+                seq.detok_state = _DetokState(
+                    state.prefix_offset, state.read_offset, text[:end], state.pending
+                )
                 seq.output_text = text[:end]
                 return stop
         seq.detok_state = state

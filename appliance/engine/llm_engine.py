@@ -62,11 +62,15 @@ class EngineCore:
     `abort` frees a request's blocks at any point. Outputs are cumulative.
     """
 
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, *, stream_outputs: bool = True) -> None:
+        """stream_outputs: report every request that changed on every step (servers stream them);
+        False reports finished requests only and detokenizes once at the end unless a request
+        has stop strings (offline use: far less host time per step)."""
         from appliance.models.loader import load_model, resolve_model
         from appliance.models.tokenizer import eos_token_ids, load_tokenizer
 
         self.config = config = config or EngineConfig()
+        self.stream_outputs = stream_outputs
         t0 = time.monotonic()
         torch.manual_seed(config.model.seed)
         self.resolved = resolve_model(config.model)
@@ -174,7 +178,7 @@ class EngineCore:
                 continue
             res = results[seq.seq_id]
             req = self.requests[seq.request_id]
-            req.changed = True
+            req.changed = self.stream_outputs
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if res.logprobs is not None:
@@ -213,7 +217,9 @@ class EngineCore:
     def _check_stop(self, seq: Sequence) -> None:
         params = seq.sampling_params
         token = seq.token_ids[-1]
-        stop_str = self.detokenizer.update(seq) if self.detokenizer is not None else None
+        stop_str = None
+        if self.detokenizer is not None and (self.stream_outputs or params.stop):
+            stop_str = self.detokenizer.update(seq)
         num_out = seq.num_output_tokens
         reason: FinishReason | None = None
         if num_out >= params.min_tokens:
@@ -234,6 +240,9 @@ class EngineCore:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        req = self.requests.get(seq.request_id)
+        if req is not None:
+            req.changed = True
         self.scheduler.finish(seq, reason)
         self.runner.sampler.forget(seq.seq_id)
 
@@ -339,7 +348,7 @@ class LLM:
     """Offline generation for Python users: `LLM().generate(["Hello"], SamplingParams(...))`."""
 
     def __init__(self, model: str = "default", **engine_kwargs: Any) -> None:
-        self.engine = EngineCore(engine_config_from_kwargs(model, **engine_kwargs))
+        self.engine = EngineCore(engine_config_from_kwargs(model, **engine_kwargs), stream_outputs=False)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
+import numpy as np  # profiling inputs only
 import torch
 
 from appliance.config import EngineConfig
@@ -175,54 +175,81 @@ class ModelRunner:
             v_cache[dst] = v_cache[src]
 
     def _prepare(self, out: SchedulerOutput) -> _Batch:
+        """Flatten the step into int64 host lists, then one host->device copy.
+
+        NOTE: this runs on the host every step while the GPU idles: plain Python ints and list
+        ops (no per-sequence numpy or tensor calls) keep it to a few µs per sequence.
+        """
         bs = self.block_size
-        ids_parts, pos_parts, slot_parts = [], [], []
-        q_lens, seq_lens = [], []
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_lens: list[int] = []
+        seq_lens: list[int] = []
         logits_rows: list[int] = []
         rows: list[SampleRow] = []
-        max_blocks = max(len(item.seq.block_table) for item in out.scheduled)
-        block_tables = np.zeros((len(out.scheduled), max_blocks), dtype=np.int32)
-        num_tokens = 0
-        for i, item in enumerate(out.scheduled):
+        scheduled = out.scheduled
+        width = max(len(item.seq.block_table) for item in scheduled)
+        tables: list[int] = []
+        for item in scheduled:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
-            table = np.asarray(seq.block_table, dtype=np.int64)
-            block_tables[i, : len(table)] = table
-            pos = np.arange(start, start + n, dtype=np.int64)
-            ids_parts.append(np.asarray(seq.token_ids[start : start + n], dtype=np.int64))
-            pos_parts.append(pos)
-            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            table = seq.block_table
+            if n == 1:
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                span = range(start, start + n)
+                ids.extend(seq.token_ids[start : start + n])
+                positions.extend(span)
+                slots.extend([table[p // bs] * bs + p % bs for p in span])
+            tables.extend(table)
+            tables.extend([0] * (width - len(table)))
             q_lens.append(n)
             seq_lens.append(start + n)
-            num_tokens += n
             if item.sample:
-                logits_rows.append(num_tokens - 1)
+                logits_rows.append(len(ids) - 1)
                 rows.append(SampleRow(seq, 1 + seq.pending_forks))
-        qsl = np.zeros(len(q_lens) + 1, dtype=np.int32)
-        np.cumsum(q_lens, out=qsl[1:])
-        dev = self.device
-        pin = dev.type == "cuda"
+        num_seqs = len(scheduled)
+        qsl = [0] * (num_seqs + 1)
+        acc = 0
+        for i, n in enumerate(q_lens):
+            acc += n
+            qsl[i + 1] = acc
+        num_tokens = len(ids)
+        # One flat int64 buffer: [ids | positions | slots | logits_rows | qsl | seq_lens | tables]
+        flat = ids + positions + slots + logits_rows + qsl + seq_lens + tables
+        host = torch.tensor(flat, dtype=torch.int64)
+        if self.device.type == "cuda":
+            dev = host.pin_memory().to(self.device, non_blocking=True)
+        else:
+            dev = host
+        o = 0
 
-        def to_dev(a: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(a)
-            return t.pin_memory().to(dev, non_blocking=True) if pin else t
+        def take(n: int) -> torch.Tensor:
+            nonlocal o
+            part = dev[o : o + n]
+            o += n
+            return part
 
+        input_ids = take(num_tokens)
+        pos_t = take(num_tokens)
+        slot_t = take(num_tokens)
+        logits_t = take(len(logits_rows))
+        qsl_t = take(num_seqs + 1).to(torch.int32)
+        seq_lens_t = take(num_seqs).to(torch.int32)
+        tables_t = take(num_seqs * width).view(num_seqs, width).to(torch.int32)
         meta = AttentionMetadata(
-            slot_mapping=to_dev(np.concatenate(slot_parts)),
-            query_start_loc=to_dev(qsl),
-            seq_lens=to_dev(np.asarray(seq_lens, dtype=np.int32)),
-            block_tables=to_dev(block_tables),
+            slot_mapping=slot_t,
+            query_start_loc=qsl_t,
+            seq_lens=seq_lens_t,
+            block_tables=tables_t,
             max_query_len=max(q_lens),
             max_seq_len=max(seq_lens),
-            is_decode_only=max(q_lens) == 1,
+            is_decode_only=num_tokens == num_seqs,
         )
-        return _Batch(
-            input_ids=to_dev(np.concatenate(ids_parts)),
-            positions=to_dev(np.concatenate(pos_parts)),
-            meta=meta,
-            logits_indices=to_dev(np.asarray(logits_rows, dtype=np.int64)),
-            rows=rows,
-        )
+        return _Batch(input_ids=input_ids, positions=pos_t, meta=meta, logits_indices=logits_t, rows=rows)
 
     # ------------------------------------------------------------------ CUDA graphs (decode)
     def _graph_sizes(self) -> list[int]:
