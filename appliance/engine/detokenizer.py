@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from appliance.engine.sequence import Sequence
 
@@ -29,9 +28,9 @@ _PROMPT_CONTEXT_TOKENS = 6
 _REPLACEMENT_CHAR = "\ufffd"
 
 
-@dataclass(frozen=True)
-class _DetokState:
-    """Replaced, never mutated: a sequence forked from another may share the object safely."""
+class _DetokState(NamedTuple):
+    """Replaced, never mutated: a sequence forked from another may share the object safely.
+    (A NamedTuple: built for every token of every sequence, it must be cheap.)"""
 
     prefix_offset: int  # token_ids[prefix_offset:read_offset]: the context decoded last time
     read_offset: int  # token_ids[read_offset:]: not yet turned into text
@@ -127,6 +126,10 @@ class IncrementalDetokenizer:
             if found is not None:
                 self._byte_table, self._special_ids = found
 
+    @property
+    def uses_byte_level_fast_path(self) -> bool:
+        return self._byte_table is not None
+
     def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         if self._backend is not None:
             return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
@@ -172,9 +175,12 @@ class IncrementalDetokenizer:
         if not new_ids and not (flush and state.pending):
             return state, ""
         skip = self._special_ids if seq.sampling_params.skip_special_tokens else frozenset()
-        data = state.pending + b"".join(
-            table[i] if 0 <= i < len(table) else b"" for i in new_ids if i not in skip
-        )
+        num_ids = len(table)
+        if len(new_ids) == 1:  # the common case: one decoded token per step
+            i = new_ids[0]
+            data = state.pending + (table[i] if 0 <= i < num_ids and i not in skip else b"")
+        else:
+            data = state.pending + b"".join(table[i] for i in new_ids if 0 <= i < num_ids and i not in skip)
         # final=False stops before an incomplete trailing sequence: that part waits for more bytes.
         new_text, consumed = codecs.utf_8_decode(data, "replace", flush)
         new_state = _DetokState(0, len(seq.token_ids), state.text + new_text, data[consumed:])

@@ -70,18 +70,46 @@ def sentencepiece() -> PreTrainedTokenizerFast:
     return build_sentencepiece_tokenizer()
 
 
-@pytest.fixture(params=["smol", "sentencepiece"])
-def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerFast:
-    return request.getfixturevalue(request.param)
+@pytest.fixture(scope="module")
+def detokenizers(
+    smol: PreTrainedTokenizerFast, sentencepiece: PreTrainedTokenizerFast
+) -> dict[str, IncrementalDetokenizer]:
+    """SmolLM2 through both paths (byte-level fast path, general window decode), and the
+    SentencePiece-style tokenizer (window decode only)."""
+    made = {
+        "smol-fast": IncrementalDetokenizer(smol),
+        "smol-window": IncrementalDetokenizer(smol, byte_level_fast_path=False),
+        "sentencepiece": IncrementalDetokenizer(sentencepiece),
+    }
+    assert [d.uses_byte_level_fast_path for d in made.values()] == [True, False, False]
+    return made
+
+
+@pytest.fixture(params=["smol-fast", "smol-window"])
+def smol_detok(
+    request: pytest.FixtureRequest, detokenizers: dict[str, IncrementalDetokenizer]
+) -> IncrementalDetokenizer:
+    return detokenizers[request.param]
+
+
+@pytest.fixture
+def sentencepiece_detok(detokenizers: dict[str, IncrementalDetokenizer]) -> IncrementalDetokenizer:
+    return detokenizers["sentencepiece"]
+
+
+@pytest.fixture(params=["smol-fast", "smol-window", "sentencepiece"])
+def detok(
+    request: pytest.FixtureRequest, detokenizers: dict[str, IncrementalDetokenizer]
+) -> IncrementalDetokenizer:
+    return detokenizers[request.param]
 
 
 def stream(
-    tokenizer: PreTrainedTokenizerFast, prompt: list[int], output: list[int], **params: object
+    detok: IncrementalDetokenizer, prompt: list[int], output: list[int], **params: object
 ) -> tuple[Sequence, list[str], str | None, int | None]:
     """Feed `output` one token at a time. Returns the sequence (finalized when no stop matched), the
     emitted text after each update, the stop string and the number of tokens fed when it matched.
     Checks on the way that the emitted text only ever grows."""
-    detok = IncrementalDetokenizer(tokenizer)
     seq = Sequence("req", prompt, SamplingParams(**params))  # type: ignore[arg-type]
     emitted: list[str] = []
     for fed, tok in enumerate(output, start=1):
@@ -113,7 +141,8 @@ def char_boundary_splits(tokenizer: PreTrainedTokenizerFast, ids: list[int]) -> 
     return [i for i in range(1, len(ids)) if not tokenizer.decode(ids[:i]).endswith("\ufffd")]
 
 
-def test_text_equals_full_decode_for_real_text(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_text_equals_full_decode_for_real_text(detok: IncrementalDetokenizer) -> None:
+    tokenizer = detok.tokenizer
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
     # The tokenizer really splits characters: some tokens alone decode to an incomplete character.
     assert sum("\ufffd" in tokenizer.decode([t]) for t in ids) >= 10
@@ -126,7 +155,7 @@ def test_text_equals_full_decode_for_real_text(tokenizer: PreTrainedTokenizerFas
         # invalid byte run into U+FFFDs where we keep the characters completed before it).
         end = rng.choice([s for s in splits if s > cut] + [len(ids)])
         prompt, output = ids[start:cut], ids[cut:end]
-        seq, emitted, stop, _ = stream(tokenizer, prompt, output)
+        seq, emitted, stop, _ = stream(detok, prompt, output)
         want = expected_text(tokenizer, prompt, output)
         assert stop is None
         assert seq.output_text == want
@@ -134,49 +163,57 @@ def test_text_equals_full_decode_for_real_text(tokenizer: PreTrainedTokenizerFas
         assert all(want.startswith(text) and not text.endswith("\ufffd") for text in emitted)
 
 
-def test_sentencepiece_first_token_keeps_its_leading_space(sentencepiece: PreTrainedTokenizerFast) -> None:
+def test_sentencepiece_first_token_keeps_its_leading_space(
+    sentencepiece_detok: IncrementalDetokenizer,
+) -> None:
+    sentencepiece = sentencepiece_detok.tokenizer
     prompt = sentencepiece.encode("The quick brown", add_special_tokens=False)
     output = sentencepiece.encode("The quick brown fox jumps", add_special_tokens=False)[len(prompt) :]
     assert (
         sentencepiece.decode(output[:1]) == "fox"[: len(sentencepiece.decode(output[:1]))]
     )  # stripped alone
-    seq, emitted, _, _ = stream(sentencepiece, prompt, output)
+    seq, emitted, _, _ = stream(sentencepiece_detok, prompt, output)
     assert seq.output_text == " fox jumps"
     assert emitted[0].startswith(" ")
 
 
-def test_byte_level_output_equals_decode_of_output_ids(smol: PreTrainedTokenizerFast) -> None:
+def test_byte_level_output_equals_decode_of_output_ids(smol_detok: IncrementalDetokenizer) -> None:
+    smol = smol_detok.tokenizer
     ids = smol.encode(TEXT, add_special_tokens=False)
     splits = char_boundary_splits(smol, ids)
     rng = random.Random(1)
     for _ in range(20):
         cut = rng.choice(splits)
         output = ids[cut : rng.randint(cut + 1, len(ids))]
-        seq, _, _, _ = stream(smol, ids[:cut], output)
+        seq, _, _, _ = stream(smol_detok, ids[:cut], output)
         assert seq.output_text == smol.decode(output)
 
 
-def test_random_token_ids(smol: PreTrainedTokenizerFast) -> None:
-    """Arbitrary ids (invalid UTF-8 included) still end up exactly as the full decode."""
+def test_random_token_ids(smol_detok: IncrementalDetokenizer) -> None:
+    """Arbitrary ids (invalid UTF-8 and special tokens included) end up exactly as the full decode."""
+    smol = smol_detok.tokenizer
     rng = random.Random(2)
     byte_tokens = [t for t in range(smol.vocab_size) if "\ufffd" in smol.decode([t])]
-    for _ in range(20):
+    for case in range(24):
         pool = [rng.randrange(smol.vocab_size) for _ in range(40)] + rng.sample(byte_tokens, 40)
+        pool += smol.all_special_ids
         prompt = smol.encode("Say something:", add_special_tokens=False)
         output = [rng.choice(pool) for _ in range(rng.randint(1, 30))]
-        seq, emitted, _, _ = stream(smol, prompt, output)
-        want = expected_text(smol, prompt, output)
+        skip = case % 2 == 0
+        seq, emitted, _, _ = stream(smol_detok, prompt, output, skip_special_tokens=skip)
+        want = expected_text(smol, prompt, output, skip=skip)
         assert seq.output_text == want
         assert all(want.startswith(text) for text in emitted)
 
 
-def test_skip_special_tokens(smol: PreTrainedTokenizerFast) -> None:
+def test_skip_special_tokens(smol_detok: IncrementalDetokenizer) -> None:
+    smol = smol_detok.tokenizer
     prompt = smol.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     output = smol.encode("Hello 😀<|im_end|>\n<|im_start|>more", add_special_tokens=False)
     assert any(t in smol.all_special_ids for t in output)
-    seq, _, _, _ = stream(smol, prompt, output)
+    seq, _, _, _ = stream(smol_detok, prompt, output)
     assert seq.output_text == "Hello 😀\nmore"
-    seq, _, _, _ = stream(smol, prompt, output, skip_special_tokens=False)
+    seq, _, _, _ = stream(smol_detok, prompt, output, skip_special_tokens=False)
     assert seq.output_text == "Hello 😀<|im_end|>\n<|im_start|>more"
 
 
@@ -187,7 +224,8 @@ def token_spans(tokenizer: PreTrainedTokenizerFast, prompt: list[int], output: l
     ]
 
 
-def test_stop_strings_spanning_token_boundaries(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_stop_strings_spanning_token_boundaries(detok: IncrementalDetokenizer) -> None:
+    tokenizer = detok.tokenizer
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
     prompt, output = ids[:3], ids[3:]
     full = expected_text(tokenizer, prompt, output)
@@ -207,7 +245,7 @@ def test_stop_strings_spanning_token_boundaries(tokenizer: PreTrainedTokenizerFa
         decoy = full[index + 1 : index + len(stop) + 3] + "\x00"  # never matches, overlaps the stop
         for include in (False, True):
             seq, emitted, matched, fed = stream(
-                tokenizer, prompt, output, stop=[decoy, stop], include_stop_str_in_output=include
+                detok, prompt, output, stop=[decoy, stop], include_stop_str_in_output=include
             )
             assert matched == stop
             assert seq.output_text == (full[: index + len(stop)] if include else full[:index])
@@ -217,21 +255,22 @@ def test_stop_strings_spanning_token_boundaries(tokenizer: PreTrainedTokenizerFa
             assert all(full[:index].startswith(text) for text in emitted[:-1])
 
 
-def test_earliest_stop_string_wins(smol: PreTrainedTokenizerFast) -> None:
+def test_earliest_stop_string_wins(smol_detok: IncrementalDetokenizer) -> None:
+    smol = smol_detok.tokenizer
     prompt = smol.encode("Count:", add_special_tokens=False)
     output = smol.encode(" one two three four", add_special_tokens=False)
     assert " three" in [smol.decode([t]) for t in output]  # both stops below complete on one token
-    seq, _, matched, _ = stream(smol, prompt, output, stop=["four", "ree", "thr"])
+    seq, _, matched, _ = stream(smol_detok, prompt, output, stop=["four", "ree", "thr"])
     assert (matched, seq.output_text) == ("thr", " one two ")
 
 
 def test_held_back_prefix_is_released_when_it_diverges_and_flushed_at_finish(
-    tokenizer: PreTrainedTokenizerFast,
+    detok: IncrementalDetokenizer,
 ) -> None:
+    tokenizer = detok.tokenizer
     prompt = tokenizer.encode("Say:", add_special_tokens=False)
     output = tokenizer.encode(" Hello world, hello there! Hel", add_special_tokens=False)
     full = expected_text(tokenizer, prompt, output)
-    detok = IncrementalDetokenizer(tokenizer)
     seq = Sequence("req", prompt, SamplingParams(stop=["Hello friend", "hello theX"]))
     seen = []
     for tok in output:
@@ -245,34 +284,35 @@ def test_held_back_prefix_is_released_when_it_diverges_and_flushed_at_finish(
     assert seq.output_text == full
 
 
-def test_finalize_flushes_an_incomplete_character(smol: PreTrainedTokenizerFast) -> None:
+def test_finalize_flushes_an_incomplete_character(smol_detok: IncrementalDetokenizer) -> None:
+    smol, detok = smol_detok.tokenizer, smol_detok
     prompt = smol.encode("Emoji:", add_special_tokens=False)
     output = smol.encode(" ok 😀", add_special_tokens=False)
     while not smol.decode(output).endswith("\ufffd"):
         output = output[:-1]  # cut inside the emoji's bytes
-    detok = IncrementalDetokenizer(smol)
     seq = Sequence("req", prompt, SamplingParams())
     for tok in output:
         seq.append_token(tok)
         detok.update(seq)
-    assert seq.output_text == " ok"
+    assert seq.output_text in (" ok", " ok ")  # the incomplete emoji (and its token) waits
     detok.finalize(seq)
     assert seq.output_text == smol.decode(output) and seq.output_text.endswith("\ufffd")
 
 
-def test_min_tokens_defers_stop_strings(smol: PreTrainedTokenizerFast) -> None:
+def test_min_tokens_defers_stop_strings(smol_detok: IncrementalDetokenizer) -> None:
+    smol = smol_detok.tokenizer
     prompt = smol.encode("List:", add_special_tokens=False)
     output = smol.encode(" a, b, c, d, e", add_special_tokens=False)
-    seq, _, matched, fed = stream(smol, prompt, output, stop=[","])
+    seq, _, matched, fed = stream(smol_detok, prompt, output, stop=[","])
     assert (matched, seq.output_text) == (",", " a")
     assert fed is not None
-    seq, _, matched, _ = stream(smol, prompt, output, stop=[","], min_tokens=fed + 1)
+    seq, _, matched, _ = stream(smol_detok, prompt, output, stop=[","], min_tokens=fed + 1)
     assert matched == "," and seq.output_text.startswith(" a, b")
 
 
-def test_forked_sequences_do_not_share_state(smol: PreTrainedTokenizerFast) -> None:
+def test_forked_sequences_do_not_share_state(smol_detok: IncrementalDetokenizer) -> None:
+    smol, detok = smol_detok.tokenizer, smol_detok
     prompt = smol.encode("Pick:", add_special_tokens=False)
-    detok = IncrementalDetokenizer(smol)
     lead = Sequence("req", prompt, SamplingParams(n=2))
     first = smol.encode(" 😀", add_special_tokens=False)
     for tok in first[:-1]:  # mid-emoji: the state holds undecoded tokens
