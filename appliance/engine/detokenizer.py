@@ -86,7 +86,10 @@ def _byte_level_table(backend: Any) -> tuple[list[bytes], frozenset[int]] | None
 def _partial_stop_len(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
     best = 0
+    last = text[-1:]
     for stop in stops:
+        if not last or last not in stop[:-1]:  # cheap common case: cannot start this stop string
+            continue
         for k in range(min(len(stop) - 1, len(text)), best, -1):
             if text.endswith(stop[:k]):
                 best = k
