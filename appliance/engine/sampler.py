@@ -75,20 +75,30 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
-        # logits: [N, V] (V may exceed vocab_size when the lm head is padded)
+        # logits: [N, V'] with V' >= vocab_size (the lm head may be padded)
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         if not rows:
             return []
         device = logits.device
-        raw = logits.float()
-        width = raw.shape[1]
-        if width > self.vocab_size:  # padded lm head columns are never tokens
-            raw = raw.clone()
-            raw[:, self.vocab_size :] = float("-inf")
+        # Padded lm-head columns (beyond vocab_size) are never tokens: a view drops them.
+        raw = logits.float()[:, : self.vocab_size]  # [N, V]
+
+        any_penalty = any_min_tokens = any_special = False
+        for row in rows:
+            p = row.seq.sampling_params
+            if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+                any_penalty = True
+            if p.min_tokens and row.seq.num_output_tokens < p.min_tokens:
+                any_min_tokens = True
+            if p.temperature >= _GREEDY_TEMPERATURE or p.logprobs is not None or row.num_samples > 1:
+                any_special = True
+        if not (any_penalty or any_min_tokens or any_special):
+            # The common serving case, plain greedy decoding: one argmax, one transfer.
+            return [SampleResult([token], None) for token in raw.argmax(dim=-1).tolist()]
         params = [row.seq.sampling_params for row in rows]
 
-        x = self._apply_penalties(raw, rows)
-        x = self._apply_min_tokens(x, rows)
+        x = self._apply_penalties(raw, rows) if any_penalty else raw
+        x = self._apply_min_tokens(x, rows) if any_min_tokens else x
 
         # Expand rows to one row per sample (n > 1 leads draw several tokens from one row).
         counts = [max(1, row.num_samples) for row in rows]

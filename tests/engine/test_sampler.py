@@ -305,3 +305,5 @@ def test_padded_vocab_columns_are_never_sampled(device: str) -> None:
     out = Sampler(10, [EOS])(logits, rows)
     assert out[0].token_ids[0] < 10 and all(t < 10 for t in out[1].token_ids)
     assert out[0].logprobs is not None and all(t < 10 for t, _ in out[0].logprobs[0].top)
+    plain_greedy = Sampler(10, [EOS])(logits, [SampleRow(make_seq(temperature=0.0)) for _ in range(2)])
+    assert all(r.token_ids[0] < 10 and r.logprobs is None for r in plain_greedy)
