@@ -155,12 +155,13 @@ class IncrementalDetokenizer:
             prefix_offset += 1
         return _DetokState(prefix_offset, prompt_len, "")
 
-    def _advance(self, seq: Sequence, state: _DetokState, flush: bool) -> tuple[_DetokState, str]:
-        """Decode the tokens past read_offset; returns the new state and text (empty while the
+    def _advance(
+        self, seq: Sequence, state: _DetokState, flush: bool, token_ids: list[int]
+    ) -> tuple[_DetokState, str]:
+        """Decode token_ids past read_offset; returns the new state and text (empty while the
         text ends inside a character, unless flushing)."""
         if self._byte_table is not None:
-            return self._advance_bytes(seq, state, flush)
-        token_ids = seq.token_ids
+            return self._advance_bytes(seq, state, flush, token_ids)
         if state.read_offset >= len(token_ids):
             return state, ""
         skip = seq.sampling_params.skip_special_tokens
@@ -171,10 +172,12 @@ class IncrementalDetokenizer:
         new_text = full_text[len(prefix_text) :]
         return _DetokState(state.read_offset, len(token_ids), state.text + new_text), new_text
 
-    def _advance_bytes(self, seq: Sequence, state: _DetokState, flush: bool) -> tuple[_DetokState, str]:
+    def _advance_bytes(
+        self, seq: Sequence, state: _DetokState, flush: bool, token_ids: list[int]
+    ) -> tuple[_DetokState, str]:
         table = self._byte_table
         assert table is not None
-        new_ids = seq.token_ids[state.read_offset :]
+        new_ids = token_ids[state.read_offset :]
         if not new_ids and not (flush and state.pending):
             return state, ""
         skip = self._special_ids if seq.sampling_params.skip_special_tokens else frozenset()
@@ -186,7 +189,9 @@ class IncrementalDetokenizer:
             data = state.pending + b"".join(table[i] for i in new_ids if 0 <= i < num_ids and i not in skip)
         # final=False stops before an incomplete trailing sequence: that part waits for more bytes.
         new_text, consumed = codecs.utf_8_decode(data, "replace", flush)
-        new_state = _DetokState(0, len(seq.token_ids), state.text + new_text, data[consumed:])
+        new_state = _DetokState(
+            0, max(len(token_ids), state.read_offset), state.text + new_text, data[consumed:]
+        )
         return new_state, new_text
 
     def update(self, seq: Sequence) -> str | None:
@@ -196,14 +201,20 @@ class IncrementalDetokenizer:
         On a match, seq.output_text is final: it ends exactly before the stop string (or after it
         with include_stop_str_in_output).
         """
-        state, new_text = self._advance(seq, self._state(seq), flush=False)
+        state, new_text = self._advance(seq, self._state(seq), False, seq.token_ids)
         return self._emit(seq, state, new_text, final=False)
 
-    def finalize(self, seq: Sequence) -> str | None:
+    def finalize(self, seq: Sequence, drop_last_token: bool = False) -> str | None:
         """At a finish without a stop-string match (EOS, stop token, length, abort): flush the
         held-back text into seq.output_text. Returns a stop string found in the flushed tail (then
-        cut as in `update`), else None."""
-        state, new_text = self._advance(seq, self._state(seq), flush=True)
+        cut as in `update`), else None.
+
+        drop_last_token: the last token is a stop token whose text must not appear (vLLM leaves a
+        stop token id's text out unless include_stop_str_in_output). Only effective when `update`
+        has not been called for that token yet: emitted text is never taken back.
+        """
+        token_ids = seq.token_ids[:-1] if drop_last_token else seq.token_ids
+        state, new_text = self._advance(seq, self._state(seq), True, token_ids)
         return self._emit(seq, state, new_text, final=True)
 
     def _emit(self, seq: Sequence, state: _DetokState, new_text: str, final: bool) -> str | None:

@@ -329,3 +329,18 @@ def test_forked_sequences_do_not_share_state(smol_detok: IncrementalDetokenizer)
     detok.finalize(fork)
     assert lead.output_text == " 😀"
     assert fork.output_text == smol.decode(fork.token_ids[len(prompt) :])
+
+
+def test_finalize_can_leave_out_a_stop_tokens_text(detok: IncrementalDetokenizer) -> None:
+    tokenizer = detok.tokenizer
+    prompt = tokenizer.encode("Say:", add_special_tokens=False)
+    body = tokenizer.encode(" Hello 😀 world", add_special_tokens=False)
+    stop_token = tokenizer.encode("!", add_special_tokens=False)[-1]
+    seq = Sequence("req", prompt, SamplingParams(stop_token_ids=[stop_token]))
+    for tok in body:
+        seq.append_token(tok)
+        detok.update(seq)
+    seq.append_token(stop_token)  # the engine sees a stop token id: its text is left out
+    detok.finalize(seq, drop_last_token=True)
+    assert seq.output_text == expected_text(tokenizer, prompt, body)
+    assert "!" not in seq.output_text
