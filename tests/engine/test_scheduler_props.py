@@ -36,9 +36,21 @@ def next_token(prefix: list[int], choice: int = 0) -> int:
     return (h + choice) % VOCAB
 
 
-def cold_generation(prompt: list[int], choice: int, max_tokens: int, max_model_len: int) -> list[int]:
+EOS = 0
+
+
+def finished(
+    num_output_tokens: int, length: int, last: int, params: SamplingParams, max_model_len: int
+) -> bool:
+    """EngineCore's stop rule, less stop strings: EOS (unless ignored), max_tokens, max_model_len."""
+    if last == EOS and not params.ignore_eos:
+        return True
+    return num_output_tokens >= (params.max_tokens or 0) or length >= max_model_len
+
+
+def cold_generation(prompt: list[int], choice: int, params: SamplingParams, max_model_len: int) -> list[int]:
     tokens = list(prompt) + [next_token(prompt, choice)]
-    while len(tokens) - len(prompt) < max_tokens and len(tokens) < max_model_len:
+    while not finished(len(tokens) - len(prompt), len(tokens), tokens[-1], params, max_model_len):
         tokens.append(next_token(tokens))
     return tokens
 
@@ -47,13 +59,23 @@ class SimEngine:
     """EngineCore.step's loop around the real scheduler, with a fake model (see module doc)."""
 
     def __init__(
-        self, num_blocks: int, block_size: int, budget: int, max_seqs: int, prefix_caching: bool
+        self,
+        num_blocks: int,
+        block_size: int,
+        budget: int,
+        max_seqs: int,
+        prefix_caching: bool,
+        chunked_prefill: bool = True,
     ) -> None:
         self.block_size = block_size
         self.max_model_len = num_blocks * block_size  # any single sequence fits the whole cache
         self.bm = BlockManager(num_blocks, block_size, prefix_caching)
         self.sched = Scheduler(
-            self.bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=self.max_model_len
+            self.bm,
+            max_num_seqs=max_seqs,
+            max_num_batched_tokens=budget,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=chunked_prefill,
         )
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.requests: dict[str, list[Sequence]] = {}
@@ -63,9 +85,12 @@ class SimEngine:
         self.num_prefix_hit_tokens = 0
 
     # -- requests ---------------------------------------------------------------------------
-    def add(self, request_id: str, prompt: list[int], max_tokens: int, n: int) -> None:
+    def add(
+        self, request_id: str, prompt: list[int], max_tokens: int, n: int, ignore_eos: bool = True
+    ) -> None:
         assert len(prompt) + 1 <= self.max_model_len  # EngineCore rejects longer prompts
-        seq = Sequence(request_id, prompt, SamplingParams(n=n, max_tokens=max_tokens, temperature=0.0))
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+        seq = Sequence(request_id, prompt, params)
         self.requests[request_id] = [seq]
         self.sched.add(seq)
 
@@ -117,7 +142,9 @@ class SimEngine:
             if seq.num_output_tokens == 1 and seq.num_cached_tokens:
                 self.num_prefix_hit_tokens += seq.num_cached_tokens
             for s in [seq, *self._fork(seq)]:
-                if s.num_output_tokens >= (s.sampling_params.max_tokens or 0) or len(s) >= self.max_model_len:
+                if finished(
+                    s.num_output_tokens, len(s), s.token_ids[-1], s.sampling_params, self.max_model_len
+                ):
                     self.sched.finish(s, FinishReason.LENGTH)
                     self.done.append(s)
         for request_id in [r for r, seqs in self.requests.items() if all(s.is_finished for s in seqs)]:
@@ -207,9 +234,7 @@ class SimEngine:
         assert all(b.ref_count == 0 for b in self.bm.blocks)
         for seq in self.done:
             params = seq.sampling_params
-            want = cold_generation(
-                seq.prompt_token_ids, seq.index, params.max_tokens or 0, self.max_model_len
-            )
+            want = cold_generation(seq.prompt_token_ids, seq.index, params, self.max_model_len)
             assert seq.token_ids == want, f"{seq} differs from a cold run"
 
 
@@ -226,11 +251,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         budget=st.integers(1, 20),
         max_seqs=st.integers(1, 4),
         prefix_caching=st.booleans(),
+        chunked_prefill=st.booleans(),
     )
     def setup(
-        self, num_blocks: int, block_size: int, budget: int, max_seqs: int, prefix_caching: bool
+        self,
+        num_blocks: int,
+        block_size: int,
+        budget: int,
+        max_seqs: int,
+        prefix_caching: bool,
+        chunked_prefill: bool,
     ) -> None:
-        self.engine = SimEngine(num_blocks, block_size, budget, max_seqs, prefix_caching)
+        self.engine = SimEngine(num_blocks, block_size, budget, max_seqs, prefix_caching, chunked_prefill)
 
     @rule(
         base=st.integers(0, len(BASES) - 1),
@@ -238,10 +270,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         extra=st.lists(st.integers(0, VOCAB - 1), max_size=4),
         max_tokens=st.integers(1, 8),
         n=st.sampled_from([1, 1, 1, 2, 3]),
+        ignore_eos=st.booleans(),
     )
-    def add(self, base: int, cut: int, extra: list[int], max_tokens: int, n: int) -> None:
+    def add(self, base: int, cut: int, extra: list[int], max_tokens: int, n: int, ignore_eos: bool) -> None:
         prompt = (BASES[base][:cut] + extra)[: self.engine.max_model_len - 1] or [1]
-        self.engine.add(f"r{self.next_id}", prompt, max_tokens, n)
+        self.engine.add(f"r{self.next_id}", prompt, max_tokens, n, ignore_eos)
         self.next_id += 1
 
     @rule()
