@@ -164,10 +164,12 @@ def test_penalties_distribution(device: str, penalties: dict[str, float]) -> Non
 @pytest.mark.parametrize("device", DEVICES)
 def test_penalties_apply_to_greedy_and_only_to_their_row(device: str) -> None:
     logits = torch.tensor([[3.0, 2.9, 0.0, 0.0], [3.0, 2.9, 0.0, 0.0]], device=device)
-    repeated = make_seq([0], [0], temperature=0.0, repetition_penalty=1.2)
+    repeated = make_seq([0], [0], temperature=0.0, repetition_penalty=1.2, min_tokens=2)
     plain = make_seq([0], [0], temperature=0.0)
+    before = logits.clone()
     out = Sampler(4, [EOS])(logits, [SampleRow(repeated), SampleRow(plain)])
     assert [r.token_ids for r in out] == [[1], [0]]  # 3.0 / 1.2 = 2.5 < 2.9
+    assert torch.equal(logits, before)  # the caller's logits are left alone
 
 
 @pytest.mark.parametrize("device", DEVICES)
