@@ -17,6 +17,7 @@ import asyncio
 import json
 import multiprocessing
 import random
+import sys
 import time
 from typing import Any
 
@@ -32,6 +33,10 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--modes", default="offline,bridge,http",
+                        help="offline (EngineCore.step), bridge (AsyncEngine.generate, no HTTP), http")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="sys.setswitchinterval for the online runs (GIL hand-over latency)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, CI)")
     parser.add_argument("--out", help="write the JSON result here too")
     args = parser.parse_args(argv)
@@ -90,6 +95,28 @@ def _load_generator(port: int, prompts: list[list[int]], output_tokens: int, str
     conn.close()
 
 
+async def _bridge(core: Any, prompts: list[list[int]], output_tokens: int) -> float:
+    """AsyncEngine alone: what the thread hand-over costs, without HTTP."""
+    from appliance.engine.async_engine import AsyncEngine
+    from appliance.engine.sequence import SamplingParams
+
+    engine = AsyncEngine(core)
+    await engine.start()
+    params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int, prompt: list[int]) -> int:
+        tokens = 0
+        async for out in engine.generate(f"bridge-{i}", prompt, params):
+            tokens = len(out.outputs[0].token_ids)
+        return tokens
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    seconds = time.perf_counter() - start
+    await engine.shutdown()
+    return sum(counts) / seconds
+
+
 async def _online(core: Any, prompts: list[list[int]], output_tokens: int, stream: bool) -> float:
     from appliance.config import AppConfig, ServerConfig
     from appliance.engine.async_engine import AsyncEngine
@@ -128,20 +155,36 @@ def main(argv: list[str] | None = None) -> int:
     core = EngineCore(config)
     core.warmup()
     vocab = len(core.tokenizer)
-    # A short run of each first, so one-time costs (compilation, allocator growth) count in neither.
+    modes = args.modes.split(",")
+    # A short run first, so one-time costs (compilation, allocator growth) count in no mode.
     _offline(core, _prompts(min(8, args.num_requests), args.prompt_tokens, vocab, 1), 4)
-    offline = _offline(core, _prompts(args.num_requests, args.prompt_tokens, vocab, 2), args.output_tokens)
-    online = asyncio.run(_online(core, _prompts(args.num_requests, args.prompt_tokens, vocab, 3),
-                                 args.output_tokens, args.stream))
-    result = {
+    result: dict[str, Any] = {
         "bench": "online-vs-offline",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": args.model, "num_requests": args.num_requests, "prompt_tokens": args.prompt_tokens,
         "output_tokens": args.output_tokens, "stream": args.stream,
-        "offline_output_tok_s": round(offline, 1), "online_output_tok_s": round(online, 1),
-        "online_over_offline": round(online / offline, 3),
+        "switch_interval_ms": args.switch_interval_ms,
     }
+    for seed, mode in enumerate(modes, start=2):
+        prompts = _prompts(args.num_requests, args.prompt_tokens, vocab, seed)
+        steps_before = core.stats().num_steps
+        if mode != "offline" and args.switch_interval_ms is not None:
+            sys.setswitchinterval(args.switch_interval_ms / 1000)
+        if mode == "offline":
+            tok_s = _offline(core, prompts, args.output_tokens)
+        elif mode == "bridge":
+            tok_s = asyncio.run(_bridge(core, prompts, args.output_tokens))
+        else:
+            tok_s = asyncio.run(_online(core, prompts, args.output_tokens, args.stream))
+        sys.setswitchinterval(0.005)
+        result[f"{mode}_output_tok_s"] = round(tok_s, 1)
+        result[f"{mode}_steps"] = core.stats().num_steps - steps_before
+    if "offline" in modes:
+        for mode in modes:
+            if mode != "offline":
+                result[f"{mode}_over_offline"] = round(result[f"{mode}_output_tok_s"]
+                                                       / result["offline_output_tok_s"], 3)
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

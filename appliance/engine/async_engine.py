@@ -51,10 +51,12 @@ class _AbortCommand:
 class _RequestStream:
     """The loop-side end of one request: its queue and whether the engine accepted it."""
 
-    __slots__ = ("queue", "accepted", "finished")
+    __slots__ = ("queue", "accepted", "finished", "final_only", "delivered")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, final_only: bool) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.final_only = final_only
+        self.delivered = False
         # Resolved when the engine thread has run add_request (None) or it raised (the error).
         self.accepted: asyncio.Future[BaseException | None] = loop.create_future()
         self.finished = False
@@ -146,9 +148,12 @@ class AsyncEngine:
     # ----- requests ---------------------------------------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, final_only: bool = False
     ) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs until the final one (finished=True).
+
+        `final_only` (non-streaming consumers): only the first output and the final one are
+        delivered, so the event loop does not wake this consumer at every step.
 
         Raises before the first item when the engine rejects the request (InvalidRequestError,
         PromptTooLongError, …), and EngineDeadError whenever the engine dies.
@@ -159,7 +164,7 @@ class AsyncEngine:
             raise EngineUnavailableError("the engine is not started")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
-        stream = _RequestStream(self._loop)
+        stream = _RequestStream(self._loop, final_only)
         self._streams[request_id] = stream
         self._submit(_AddCommand(request_id, list(prompt_token_ids), params, time.monotonic()))
         last: RequestOutput | None = None
@@ -286,6 +291,9 @@ class AsyncEngine:
         for request_id, item in deliveries:
             stream = self._streams.get(request_id)
             if stream is not None:
+                if stream.final_only and stream.delivered and not item.finished:
+                    continue
+                stream.delivered = True
                 stream.queue.put_nowait(item)
 
     def _fail_all(self, exc: BaseException) -> None:

@@ -42,11 +42,12 @@ _OFFLOAD_BODY_BYTES = 16 * 1024
 
 
 async def _merged(
-    engine: AsyncEngine, request_ids: list[str], prompts: list[list[int]], params: SamplingParams
+    engine: AsyncEngine, request_ids: list[str], prompts: list[list[int]], params: SamplingParams, stream: bool
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, cumulative output) from one engine request per prompt."""
+    final_only = not stream
     if len(request_ids) == 1:
-        async with aclosing(engine.generate(request_ids[0], prompts[0], params)) as outputs:
+        async with aclosing(engine.generate(request_ids[0], prompts[0], params, final_only=final_only)) as outputs:
             async for output in outputs:
                 yield 0, output
         return
@@ -54,7 +55,8 @@ async def _merged(
 
     async def pump(index: int) -> None:
         try:
-            async with aclosing(engine.generate(request_ids[index], prompts[index], params)) as outputs:
+            async with aclosing(engine.generate(request_ids[index], prompts[index], params,
+                                                final_only=final_only)) as outputs:
                 async for output in outputs:
                     queue.put_nowait((index, output, None))
         except Exception as exc:  # handed to the consumer, which raises it
@@ -168,7 +170,7 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
         app[METRICS_KEY].client_prompt_tokens.labels(request[CLIENT]).inc(parsed.num_prompt_tokens)
         run = _Run(request, parsed, admission)
         try:
-            async with aclosing(_merged(engine, engine_ids, parsed.prompts, parsed.params)) as outputs:
+            async with aclosing(_merged(engine, engine_ids, parsed.prompts, parsed.params, parsed.stream)) as outputs:
                 if parsed.stream:
                     return await _stream(request, run, outputs, completion_id, chat)
                 async for prompt_index, output in outputs:
