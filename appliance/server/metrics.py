@@ -102,22 +102,26 @@ class ServerMetrics:
             "llm_appliance_client_rejections", "Requests refused by quotas or the admission queue, by reason.",
             ["client", "reason"], registry=reg)
 
+        # The labelled children, looked up once: observe() runs for every streamed step.
+        self._ttft = self.time_to_first_token.labels(model_name)
+        self._itl = self.inter_token_latency.labels(model_name)
+        self._e2e = self.e2e_request_latency.labels(model_name)
+        self._queue = self.request_queue_time.labels(model_name)
+
     def observe_finished(
         self, *, finish_reasons: list[str], ttft_s: float | None, e2e_s: float, queue_s: float | None
     ) -> None:
-        name = self.model_name
         if ttft_s is not None:
-            self.time_to_first_token.labels(name).observe(ttft_s)
-        self.e2e_request_latency.labels(name).observe(e2e_s)
+            self._ttft.observe(ttft_s)
+        self._e2e.observe(e2e_s)
         if queue_s is not None:
-            self.request_queue_time.labels(name).observe(queue_s)
+            self._queue.observe(queue_s)
         for reason in finish_reasons:
-            self.request_success.labels(name, reason).inc()
+            self.request_success.labels(self.model_name, reason).inc()
 
     def observe_inter_token(self, seconds_per_token: float, num_tokens: int) -> None:
-        histogram = self.inter_token_latency.labels(self.model_name)
         for _ in range(num_tokens):
-            histogram.observe(seconds_per_token)
+            self._itl.observe(seconds_per_token)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
