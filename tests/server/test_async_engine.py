@@ -49,3 +49,25 @@ def test_closing_the_iterator_aborts(server_loop, engine):
     assert used_while_running > 0
     wait_until(lambda: engine.stats().num_kv_blocks_used == 0 and engine.stats().num_running == 0,
                what="blocks to return to the pool")
+
+
+def test_paced_and_final_only_deliveries_lose_nothing(server_loop, engine):
+    """Skipped intermediate outputs are cumulative, so the consumer still sees every token."""
+
+    async def run(final_only: bool) -> list:
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        return [out async for out in engine.generate(f"ae-pace-{final_only}", [5, 6, 7, 8], params,
+                                                     final_only=final_only)]
+
+    budget = engine.delivery_budget_s
+    engine.delivery_budget_s = 60.0  # one stream: at most one intermediate delivery a minute
+    try:
+        paced = server_loop.call(run(False))
+    finally:
+        engine.delivery_budget_s = budget
+    final_only = server_loop.call(run(True))
+    for outs in (paced, final_only):
+        assert len(outs) == 2  # the first output, then the final one
+        assert len(outs[0].outputs[0].token_ids) == 1 and outs[1].finished
+        assert len(outs[1].outputs[0].token_ids) == 6
+    assert paced[1].outputs[0].token_ids == final_only[1].outputs[0].token_ids  # greedy: the same tokens
