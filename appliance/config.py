@@ -73,6 +73,10 @@ class EngineConfig:
     enforce_eager: bool = False  # GPU: skip CUDA graph capture
     # Decode batch sizes captured as CUDA graphs (padded replay). Empty: a default ladder.
     cuda_graph_batch_sizes: tuple[int, ...] = ()
+    # Schedule and launch step N before step N-1's sampled ids reach the host, so the host work
+    # of a step (scheduling, inputs, stop checks, outputs) overlaps the device's forward pass.
+    # Same tokens either way; False: the plain schedule -> execute -> update loop.
+    async_scheduling: bool = True
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,20 @@
 
 EngineCore is not thread-safe: exactly one thread drives it (the AsyncEngine thread in the
 daemon, the caller's thread for `LLM`).
+
+Async scheduling (`EngineConfig.async_scheduling`, the default): step() schedules and launches
+step N, then waits for step N-1 and processes its results (stop checks, forks, outputs) while the
+device runs step N. To schedule N before N-1's tokens are known, launching a step advances its
+sequences at once: computed counts move on and every sampled row gets a placeholder token
+(PLACEHOLDER_TOKEN_ID), which the device feeds to N and the results replace. So:
+- step() returns the outputs of the step launched by the previous call;
+- a sequence that finishes at N-1 may already be in step N: that result is dropped, and its
+  blocks are freed once N is done (`_InFlight.free_after`);
+- block hashes (prefix cache) are registered only from real token ids (`_commit` asserts it);
+- a preempted sequence is re-admitted only after its placeholder is filled (the scheduler admits
+  nothing in a step that preempts, and the step in flight is processed before the next schedule);
+- n > 1 children are forked when the parent's first step is processed: one step later than sync;
+- rows with penalties need every token id on the host: the step in flight is waited for first.
 """
 
 from __future__ import annotations
@@ -17,9 +31,10 @@ import torch
 from appliance.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from appliance.engine.block_manager import BlockManager
 from appliance.engine.detokenizer import IncrementalDetokenizer
-from appliance.engine.model_runner import ModelRunner, resolve_device_dtype
-from appliance.engine.scheduler import Scheduler
+from appliance.engine.model_runner import ModelRunner, StepHandle, resolve_device_dtype
+from appliance.engine.scheduler import Scheduler, SchedulerOutput
 from appliance.engine.sequence import (
+    PLACEHOLDER_TOKEN_ID,
     CompletionOutput,
     EngineStats,
     FinishReason,
@@ -52,6 +67,23 @@ class _Request:
     @property
     def finished(self) -> bool:
         return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose results the host has not processed yet."""
+
+    out: SchedulerOutput
+    handle: StepHandle
+    seq_ids: set[int]  # every sequence in the step (async only)
+    needs_host_ids: bool  # a sampling row has penalties: the next launch needs real token ids
+    free_after: list[Sequence] = field(default_factory=list)  # finished meanwhile: free when done
+    resolved: bool = False  # waited for; placeholders replaced
+
+
+def _has_penalty(params: SamplingParams) -> bool:
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0)
 
 
 class EngineCore:
@@ -100,6 +132,8 @@ class EngineCore:
         )
         self.detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.requests: dict[str, _Request] = {}
+        self.async_scheduling = config.async_scheduling
+        self._in_flight: _InFlight | None = None  # async: the step the device may still be running
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._num_steps = 0
@@ -152,28 +186,100 @@ class EngineCore:
             return
         for seq in req.seqs:
             self._finish(seq, FinishReason.ABORT)
+        self._retire_if_dead()
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """True while a request runs or a launched step is not processed yet (keep stepping)."""
+        return bool(self.requests) or self._in_flight is not None
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """Schedule → execute → update. Returns outputs of the requests that changed."""
+        """One step; returns outputs of the requests that changed.
+
+        Sync: schedule → execute → update, and the outputs are this step's. Async: schedule and
+        launch this step, then process the previous one while the device runs this one: the
+        outputs are the previous step's (see the module docstring).
+        """
         out = self.scheduler.schedule()
         now = time.monotonic()
         for item in out.scheduled:
             if item.seq.first_scheduled_time is None:
                 item.seq.first_scheduled_time = now
-        results = self.runner.execute(out)
-        sampled = {seq_id: res.token_ids[0] for seq_id, res in results.items()}
-        self.scheduler.update(out, sampled)
-        now = time.monotonic()
-        for item in out.scheduled:
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None and prev.needs_host_ids:
+            self._resolve(prev)  # penalties read every token id on the host
+        launched = self._launch(out, prev)
+        if self.async_scheduling:
+            self._in_flight = launched
+            if prev is not None:
+                self._process(prev)
+            # NOTE: outputs copy the token lists, so the placeholders appended next stay out.
+            outputs = self._collect_outputs()
+            self._advance(launched)
+            self._retire_if_dead()
+        else:
+            self._advance(launched)
+            self._process(launched)
+            outputs = self._collect_outputs()
+        self._num_steps += 1
+        self._last_step_time = time.monotonic()
+        return outputs
+
+    def _launch(self, out: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
+        handle = self.runner.launch(out, prev.handle if prev is not None else None)
+        if not self.async_scheduling:
+            return _InFlight(out, handle, set(), False)
+        return _InFlight(out, handle, {item.seq.seq_id for item in out.scheduled},
+                         any(_has_penalty(row.seq.sampling_params) for row in handle.rows))
+
+    def _advance(self, step: _InFlight) -> None:
+        """Count the step's tokens as computed and give every sampling row a placeholder token."""
+        for item in step.out.scheduled:
             seq = item.seq
             if seq.status != SequenceStatus.RUNNING:
-                continue
-            self._prompt_tokens_total += max(0, min(seq.num_computed_tokens, seq.num_prompt_tokens)
-                                             - max(0, seq.num_computed_tokens - item.num_new_tokens))
+                continue  # finished while the step was launched: its result is dropped
+            old = seq.num_computed_tokens
+            seq.num_computed_tokens = new = old + item.num_new_tokens
+            if old < seq.num_prompt_tokens:
+                self._prompt_tokens_total += min(new, seq.num_prompt_tokens) - old
+            if item.sample:
+                seq.token_ids.append(PLACEHOLDER_TOKEN_ID)
+                seq.pending_forks = 0  # its first step draws the n samples; later ones draw one
+
+    def _resolve(self, step: _InFlight) -> None:
+        """Wait for the step, free what finished meanwhile, put the real ids in place."""
+        if step.resolved:
+            return
+        step.resolved = True
+        results = step.handle.results()
+        for seq in step.free_after:
+            self.block_manager.free(seq)
+        step.free_after.clear()
+        for row in step.handle.rows:
+            seq = row.seq
+            if seq.status != SequenceStatus.FINISHED:
+                assert seq.token_ids[-1] == PLACEHOLDER_TOKEN_ID, seq
+                seq.token_ids[-1] = results[seq.seq_id].token_ids[0]
+
+    def _retire_if_dead(self) -> None:
+        """A step in flight whose sequences all finished: wait for it now and free their blocks,
+        so an engine with no requests is idle (nothing in flight, every block free)."""
+        step = self._in_flight
+        if step is not None and all(item.seq.status == SequenceStatus.FINISHED for item in step.out.scheduled):
+            self._resolve(step)
+            self._in_flight = None
+
+    def _process(self, step: _InFlight) -> None:
+        """The host side of a finished step: hashes, sampled tokens, forks, stop checks."""
+        self._resolve(step)
+        results = step.handle.results()
+        now = time.monotonic()
+        for item in step.out.scheduled:
+            seq = item.seq
+            if seq.status == SequenceStatus.FINISHED:
+                continue  # aborted, or finished by the step before
+            if seq.status == SequenceStatus.RUNNING:
+                self._commit(seq)  # (a preempted sequence holds no blocks)
             if not item.sample:
                 continue
             res = results[seq.seq_id]
@@ -187,13 +293,16 @@ class EngineCore:
             for s in [seq, *children]:
                 self._generation_tokens_total += 1
                 self._check_stop(s)
-        self._num_steps += 1
-        self._last_step_time = time.monotonic()
-        return self._collect_outputs()
+
+    def _commit(self, seq: Sequence) -> None:
+        """Register the hashes of newly full blocks; they must never cover a placeholder."""
+        first = seq.num_hashed_blocks * self.block_manager.block_size
+        assert PLACEHOLDER_TOKEN_ID not in seq.token_ids[first : seq.num_computed_tokens], seq
+        self.block_manager.commit(seq)
 
     def _fork(self, parent: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None,
               now: float) -> list[Sequence]:
-        if not parent.pending_forks:
+        if not tokens:
             return []
         req = self.requests[parent.request_id]
         children = []
@@ -201,17 +310,19 @@ class EngineCore:
             child = Sequence(parent.request_id, parent.prompt_token_ids, parent.sampling_params,
                              index=k, arrival_time=parent.arrival_time)
             child.token_ids = parent.token_ids[:-1] + [token]
-            self.block_manager.fork(parent, child)
-            child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
             child.first_scheduled_time = parent.first_scheduled_time
             child.first_token_time = now
             if logprobs is not None:
                 child.logprobs.append(logprobs[k - 1])
-            self.scheduler.add_running(child)
+            if parent.status == SequenceStatus.RUNNING:
+                self.block_manager.fork(parent, child)
+                child.num_computed_tokens = parent.num_computed_tokens
+                self.scheduler.add_running(child)
+            else:  # async: the parent was preempted before its first tokens arrived: recompute
+                self.scheduler.add(child)
             req.seqs.append(child)
             children.append(child)
-        parent.pending_forks = 0
         return children
 
     def _check_stop(self, seq: Sequence) -> None:
@@ -240,10 +351,18 @@ class EngineCore:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status == SequenceStatus.FINISHED:
+            return
         req = self.requests.get(seq.request_id)
         if req is not None:
             req.changed = True
-        self.scheduler.finish(seq, reason)
+        step = self._in_flight
+        if step is not None and not step.resolved and seq.seq_id in step.seq_ids:
+            # The device may still write its K/V: the blocks go back once that step is done.
+            self.scheduler.finish(seq, reason, free_blocks=False)
+            step.free_after.append(seq)
+        else:
+            self.scheduler.finish(seq, reason)
         self.runner.sampler.forget(seq.seq_id)
 
     def _collect_outputs(self) -> list[RequestOutput]:

@@ -2,8 +2,10 @@
 
 CPU: eager forward with the torch reference attention. CUDA: KV cache sized from
 `gpu_memory_utilization` after a profiled peak, decode steps replayed from CUDA graphs captured
-for a ladder of batch sizes (padded), prefill and mixed steps eager. The only host<->device
-synchronisation inside a step is reading back the sampled token ids.
+for a ladder of batch sizes (padded), prefill and mixed steps eager. `launch` enqueues a step and
+returns at once; the only host<->device synchronisation is `StepHandle.results()` reading back
+the sampled token ids. A decode row whose input token was sampled by the previous, still running
+step (a `PLACEHOLDER_TOKEN_ID` on the host) takes it from that step's device tensor.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import numpy as np  # profiling inputs only
 import torch
 
 from appliance.config import EngineConfig
-from appliance.engine.sampler import Sampler, SampleResult, SampleRow
+from appliance.engine.sampler import PendingSamples, Sampler, SampleResult, SampleRow
 from appliance.engine.scheduler import SchedulerOutput
+from appliance.engine.sequence import PLACEHOLDER_TOKEN_ID
 from appliance.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,28 @@ class _Batch:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # int64 [S]: rows of the hidden states to sample from
     rows: list[SampleRow]
+
+
+@dataclass
+class StepHandle:
+    """One launched step. Its sampled ids stay on the device until `results()` is called."""
+
+    rows: list[SampleRow]
+    pending: PendingSamples | None
+    _results: dict[int, SampleResult] | None = None
+
+    def draw_index(self) -> dict[int, int]:
+        """seq_id -> index of the row's (first) sampled id in `pending.token_ids`."""
+        if self.pending is None:
+            return {}
+        return {row.seq.seq_id: d for row, d in zip(self.rows, self.pending.first_draw, strict=True)}
+
+    def results(self) -> dict[int, SampleResult]:
+        """Wait for the step's sampled tokens (once); seq_id -> result for the rows that sample."""
+        if self._results is None:
+            done = self.pending.results() if self.pending is not None else []
+            self._results = {row.seq.seq_id: res for row, res in zip(self.rows, done, strict=True)}
+        return self._results
 
 
 class ModelRunner:
@@ -146,14 +171,22 @@ class ModelRunner:
         return caches
 
     # ------------------------------------------------------------------ one step
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[int, SampleResult]:
         """Run the scheduled tokens; return seq_id -> sampled tokens for rows that sample."""
+        return self.launch(out).results()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+        """Enqueue the step (copies, forward, sampling) without waiting for the device.
+
+        `prev`: the step launched before this one, whose sampled ids may still be on the device;
+        rows whose input token is a placeholder read it from there.
+        """
         if out.blocks_to_copy:
             self._copy_blocks(out.blocks_to_copy)
         if out.is_empty:
-            return {}
-        batch = self._prepare(out)
+            return StepHandle([], None)
+        batch = self._prepare(out, prev)
         decode_only = batch.meta.is_decode_only
         num_seqs = len(out.scheduled)
         graph_size = self._graph_size_for(num_seqs) if decode_only else None
@@ -163,18 +196,19 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
         if not batch.rows:
-            return {}
-        results = self.sampler(logits, batch.rows)
-        return {row.seq.seq_id: res for row, res in zip(batch.rows, results, strict=True)}
+            return StepHandle([], None)
+        return StepHandle(batch.rows, self.sampler.sample_async(logits, batch.rows))
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        src = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        host = torch.tensor(pairs, dtype=torch.long).T.contiguous()
+        if self.device.type == "cuda":  # a pageable copy would wait for the step in flight
+            host = host.pin_memory().to(self.device, non_blocking=True)
+        src, dst = host[0], host[1]
         for k_cache, v_cache in self.kv_caches:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
-    def _prepare(self, out: SchedulerOutput) -> _Batch:
+    def _prepare(self, out: SchedulerOutput, prev: StepHandle | None = None) -> _Batch:
         """Flatten the step into int64 host lists, then one host->device copy.
 
         NOTE: this runs on the host every step while the GPU idles: plain Python ints and list
@@ -188,6 +222,10 @@ class ModelRunner:
         seq_lens: list[int] = []
         logits_rows: list[int] = []
         rows: list[SampleRow] = []
+        # Placeholder inputs: (position in ids, index in prev's sampled ids), filled on the device.
+        gather_dst: list[int] = []
+        gather_src: list[int] = []
+        prev_draws: dict[int, int] | None = None
         scheduled = out.scheduled
         width = max(len(item.seq.block_table) for item in scheduled)
         tables: list[int] = []
@@ -196,11 +234,21 @@ class ModelRunner:
             start = seq.num_computed_tokens
             table = seq.block_table
             if n == 1:
-                ids.append(seq.token_ids[start])
+                token = seq.token_ids[start]
+                if token == PLACEHOLDER_TOKEN_ID:
+                    if prev_draws is None:
+                        assert prev is not None, f"{seq} feeds a placeholder but no step is in flight"
+                        prev_draws = prev.draw_index()
+                    gather_dst.append(len(ids))
+                    gather_src.append(prev_draws[seq.seq_id])
+                ids.append(token)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
                 span = range(start, start + n)
+                # NOTE: only a decode may feed a placeholder: a sequence is never (re)prefilled
+                # before its last sampled token has reached the host (it is the last token).
+                assert seq.token_ids[start + n - 1] != PLACEHOLDER_TOKEN_ID, seq
                 ids.extend(seq.token_ids[start : start + n])
                 positions.extend(span)
                 slots.extend([table[p // bs] * bs + p % bs for p in span])
@@ -218,8 +266,9 @@ class ModelRunner:
             acc += n
             qsl[i + 1] = acc
         num_tokens = len(ids)
-        # One flat int64 buffer: [ids | positions | slots | logits_rows | qsl | seq_lens | tables]
-        flat = ids + positions + slots + logits_rows + qsl + seq_lens + tables
+        # One flat int64 buffer: [ids | positions | slots | logits_rows | qsl | seq_lens | tables
+        # | gather_dst | gather_src]
+        flat = ids + positions + slots + logits_rows + qsl + seq_lens + tables + gather_dst + gather_src
         host = torch.tensor(flat, dtype=torch.int64)
         if self.device.type == "cuda":
             dev = host.pin_memory().to(self.device, non_blocking=True)
@@ -240,6 +289,11 @@ class ModelRunner:
         qsl_t = take(num_seqs + 1).to(torch.int32)
         seq_lens_t = take(num_seqs).to(torch.int32)
         tables_t = take(num_seqs * width).view(num_seqs, width).to(torch.int32)
+        if gather_dst:
+            assert prev is not None and prev.pending is not None
+            dst_t = take(len(gather_dst))
+            src_t = take(len(gather_src))
+            input_ids.index_copy_(0, dst_t, prev.pending.token_ids.index_select(0, src_t))
         meta = AttentionMetadata(
             slot_mapping=slot_t,
             query_start_loc=qsl_t,

@@ -2,7 +2,9 @@
 
 Works on CPU and CUDA tensors alike. Every per-row operation is a batched tensor operation; the
 only device-to-host transfer is the final packed result (sampled ids, their logprobs and the
-top alternatives travel together in one tensor).
+top alternatives travel together in one tensor). `sample_async` only starts that transfer (into
+pinned memory, with an event) and hands back the sampled ids still on the device, so the engine
+can launch the next step from them before the host has seen them (async scheduling).
 
 Order (vLLM/OpenAI semantics): repetition penalty (prompt + output tokens), presence and
 frequency penalties (output tokens), min_tokens (EOS and stop token ids masked), then greedy
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +44,37 @@ class SampleRow:
 class SampleResult:
     token_ids: list[int]  # num_samples tokens
     logprobs: list[TokenLogprob] | None  # one per token, when params.logprobs is not None
+
+
+@dataclass
+class PendingSamples:
+    """One step's samples on their way to the host.
+
+    `token_ids` (int64 [draws], on the logits' device) can feed the next step before the host
+    has them; row i's first draw is `token_ids[first_draw[i]]`. `results()` waits for the copy.
+    """
+
+    token_ids: torch.Tensor
+    first_draw: list[int]
+    _host: torch.Tensor
+    _event: torch.cuda.Event | None
+    _unpack: Callable[[list], list[SampleResult]]
+
+    def results(self) -> list[SampleResult]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._unpack(self._host.tolist())
+
+
+def _start_download(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Device -> host without waiting: into pinned memory, then an event marks the copy done."""
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+    return t.cpu(), None
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -73,13 +107,18 @@ class Sampler:
         self._generators.pop(seq_id, None)
         self._token_arrays.pop(seq_id, None)
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
+        return self.sample_async(logits, rows).results()
+
+    @torch.inference_mode()
+    def sample_async(self, logits: torch.Tensor, rows: list[SampleRow]) -> PendingSamples:
+        """Enqueue the sampling of `rows`; nothing here waits for the device."""
         # logits: [N, V'] with V' >= vocab_size (the lm head may be padded)
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
-        if not rows:
-            return []
         device = logits.device
+        if not rows:
+            empty = torch.empty(0, dtype=torch.long, device=device)
+            return PendingSamples(empty, [], empty.cpu(), None, lambda values: [])
         # Padded lm-head columns (beyond vocab_size) are never tokens: a view drops them.
         raw = logits.float()[:, : self.vocab_size]  # [N, V]
 
@@ -94,7 +133,10 @@ class Sampler:
                 any_special = True
         if not (any_penalty or any_min_tokens or any_special):
             # The common serving case, plain greedy decoding: one argmax, one transfer.
-            return [SampleResult([token], None) for token in raw.argmax(dim=-1).tolist()]
+            tokens = raw.argmax(dim=-1)
+            host, event = _start_download(tokens)
+            return PendingSamples(tokens, list(range(len(rows))), host, event,
+                                  lambda values: [SampleResult([token], None) for token in values])
         params = [row.seq.sampling_params for row in rows]
 
         x = self._apply_penalties(raw, rows) if any_penalty else raw
@@ -289,7 +331,7 @@ class Sampler:
         rows: list[SampleRow],
         counts: list[int],
         row_of_draw: list[int],
-    ) -> list[SampleResult]:
+    ) -> PendingSamples:
         device = raw.device
         lp_rows = [i for i, row in enumerate(rows) if row.seq.sampling_params.logprobs is not None]
         parts = [sampled.to(torch.float64)]  # ids < 2**53 are exact in float64
@@ -311,8 +353,17 @@ class Sampler:
                 top_vals = top_vals - log_norm[:, None]
                 parts += [top_ids.flatten().to(torch.float64), top_vals.flatten().to(torch.float64)]
         # NOTE: the one device-to-host transfer of the step's sampling.
-        packed = torch.cat(parts).cpu().tolist()
+        host, event = _start_download(torch.cat(parts))
+        first_draw = list(itertools.accumulate(counts, initial=0))[:-1]
 
+        def unpack(packed: list) -> list[SampleResult]:
+            return self._unpack(packed, rows, counts, row_of_draw, lp_rows, num_alts)
+
+        return PendingSamples(sampled, first_draw, host, event, unpack)
+
+    @staticmethod
+    def _unpack(packed: list, rows: list[SampleRow], counts: list[int], row_of_draw: list[int],
+                lp_rows: list[int], num_alts: int) -> list[SampleResult]:
         num_draws = len(row_of_draw)
         token_ids = [int(t) for t in packed[:num_draws]]
         results: list[SampleResult] = []

@@ -67,15 +67,20 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """Mark finished and free its blocks. Safe to call once per sequence, in any state."""
+    def finish(self, seq: Sequence, reason: FinishReason, *, free_blocks: bool = True) -> None:
+        """Mark finished and free its blocks. Safe to call once per sequence, in any state.
+
+        free_blocks=False: the caller frees them later (async scheduling: a step still running
+        on the device writes into them).
+        """
         if seq.status == SequenceStatus.FINISHED:
             return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        if free_blocks:
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

@@ -101,6 +101,11 @@ class TokenLogprob:
 
 _seq_ids = itertools.count()
 
+# Async scheduling: a sampled token whose id is still on the device. It stands at the end of
+# `Sequence.token_ids` (so lengths are right for the next schedule) until the step's results
+# arrive; the model runner feeds it to the next step from the device, never from this value.
+PLACEHOLDER_TOKEN_ID = -1
+
 
 class Sequence:
     """One token stream: the prompt plus what has been generated so far.

@@ -59,7 +59,8 @@ def test_n_greater_than_one_shares_the_prompt_blocks(engine):
     ids = chat_ids(engine.tokenizer, "Give me a random animal name.")
     params = SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
     engine.add_request("fork", ids, params)
-    engine.step()  # prefill + first tokens, then forks
+    while len(engine.requests["fork"].seqs) < 4:
+        engine.step()  # prefill + first tokens, then forks (one step later with async scheduling)
     seqs = engine.requests["fork"].seqs
     assert len(seqs) == 4
     full_prompt_blocks = len(ids) // 16
