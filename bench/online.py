@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import random
@@ -37,6 +38,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="offline (EngineCore.step), bridge (AsyncEngine.generate, no HTTP), http")
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="sys.setswitchinterval for the online runs (GIL hand-over latency)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, CI)")
     parser.add_argument("--out", help="write the JSON result here too")
     args = parser.parse_args(argv)
@@ -95,6 +97,19 @@ def _load_generator(port: int, prompts: list[list[int]], output_tokens: int, str
     conn.close()
 
 
+async def _drive(engine: Any, prompts: list[list[int]], output_tokens: int) -> None:
+    from appliance.engine.sequence import SamplingParams
+
+    await engine.start()
+    params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int, prompt: list[int]) -> None:
+        async for _ in engine.generate(f"warm-{i}", prompt, params):
+            pass
+
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
 async def _bridge(core: Any, prompts: list[list[int]], output_tokens: int) -> float:
     """AsyncEngine alone: what the thread hand-over costs, without HTTP."""
     from appliance.engine.async_engine import AsyncEngine
@@ -117,12 +132,21 @@ async def _bridge(core: Any, prompts: list[list[int]], output_tokens: int) -> fl
     return sum(counts) / seconds
 
 
-async def _online(core: Any, prompts: list[list[int]], output_tokens: int, stream: bool) -> float:
+async def _online(core: Any, prompts: list[list[int]], output_tokens: int, stream: bool,
+                  config: Any = None) -> float:
+    """Through HTTP; with `config`, the engine runs in a child process (ProcessAsyncEngine)."""
     from appliance.config import AppConfig, ServerConfig
     from appliance.engine.async_engine import AsyncEngine
     from appliance.server.app import make_app, start_site
 
-    engine = AsyncEngine(core)
+    if config is not None:
+        from appliance.engine.process_engine import ProcessAsyncEngine
+
+        engine: AsyncEngine = await ProcessAsyncEngine.spawn(config)
+        # The same short warm-up run as the in-process core had.
+        await _drive(engine, _prompts(8, len(prompts[0]), len(engine.tokenizer), 1), 4)
+    else:
+        engine = AsyncEngine(core)
     await engine.start()
     app = make_app(AppConfig(server=ServerConfig(max_queued_requests=1 << 20)), engine)
     runner, port = await start_site(app, "127.0.0.1", 0)
@@ -148,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(
         model=ModelConfig(model=args.model, load_format=args.load_format, tokenizer=args.tokenizer,
                           dtype=args.dtype),
-        cache=CacheConfig(enable_prefix_caching=False),
+        cache=CacheConfig(enable_prefix_caching=False, **(
+            {"gpu_memory_utilization": args.gpu_memory_utilization} if args.gpu_memory_utilization else {})),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_model_len=args.prompt_tokens + args.output_tokens + 16),
     )
@@ -173,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.setswitchinterval(args.switch_interval_ms / 1000)
         if mode == "offline":
             tok_s = _offline(core, prompts, args.output_tokens)
+        elif mode == "http-process":
+            del core
+            gc.collect()
+            torch.cuda.empty_cache()
+            tok_s = asyncio.run(_online(None, prompts, args.output_tokens, args.stream, config))
+            result[f"{mode}_output_tok_s"] = round(tok_s, 1)
+            break  # the in-process core is gone
         elif mode == "bridge":
             tok_s = asyncio.run(_bridge(core, prompts, args.output_tokens))
         else:
