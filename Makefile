@@ -29,5 +29,8 @@ test: model
 lint: setup
 	$(BIN)/ruff check appliance kernels bench tests
 
+deb:
+	bash packaging/build-deb.sh
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info
