@@ -51,8 +51,12 @@ def _error_from_wire(wire: tuple[str, str, str | None, str | None]) -> BaseExcep
 def _child_main(config: EngineConfig, conn: Any) -> None:
     from appliance.engine.llm_engine import EngineCore
 
-    core = EngineCore(config)
-    core.warmup()
+    try:
+        core = EngineCore(config)
+        core.warmup()
+    except BaseException as exc:  # noqa: BLE001 - the parent re-raises it with this text
+        conn.send(("dead", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from exc
     tokenizer_path = config.model.tokenizer or getattr(core.resolved, "tokenizer_path", None)
     conn.send(("ready", core.model_name, core.max_model_len,
                None if tokenizer_path is None else str(tokenizer_path), core.stats()))
@@ -141,7 +145,7 @@ class ProcessAsyncEngine(AsyncEngine):
             raise errors.EngineUnavailableError(f"the engine process did not start within {timeout_s:.0f} s")
         try:
             message = conn.recv()
-        except EOFError:
+        except EOFError:  # killed before it could say why
             process.join()
             raise errors.ModelLoadError(f"the engine process exited with status {process.exitcode} while "
                                         "loading (see its log)") from None

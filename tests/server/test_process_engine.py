@@ -76,3 +76,14 @@ def test_a_killed_child_fails_requests(serve, server_loop, process_engine):
     assert not process_engine.is_progressing(60.0)
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
+
+
+def test_a_load_failure_is_reported_with_its_cause(server_loop, tmp_path):
+    from appliance.config import EngineConfig, ModelConfig
+    from appliance.engine.process_engine import ProcessAsyncEngine
+    from appliance.errors import ModelLoadError
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError) as info:
+        server_loop.call(ProcessAsyncEngine.spawn(EngineConfig(model=ModelConfig(model=str(missing), device="cpu"))))
+    assert "no-such-model" in str(info.value)
