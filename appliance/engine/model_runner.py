@@ -211,8 +211,9 @@ class ModelRunner:
     def _prepare(self, out: SchedulerOutput, prev: StepHandle | None = None) -> _Batch:
         """Flatten the step into int64 host lists, then one host->device copy.
 
-        NOTE: this runs on the host every step while the GPU idles: plain Python ints and list
-        ops (no per-sequence numpy or tensor calls) keep it to a few µs per sequence.
+        NOTE: this runs on the host every step (while the GPU idles, unless async scheduling has
+        the previous step running): plain Python ints and list ops (no per-sequence numpy or
+        tensor calls) keep it to a few µs per sequence.
         """
         bs = self.block_size
         ids: list[int] = []
