@@ -245,6 +245,9 @@ class EngineCore:
             if item.sample:
                 seq.token_ids.append(PLACEHOLDER_TOKEN_ID)
                 seq.pending_forks = 0  # its first step draws the n samples; later ones draw one
+                max_tokens = seq.sampling_params.max_tokens
+                if (max_tokens is not None and seq.num_output_tokens >= max_tokens) or len(seq) >= self.max_model_len:
+                    seq.finish_pending = True  # _check_stop will end it: schedule no wasted step
 
     def _resolve(self, step: _InFlight) -> None:
         """Wait for the step, free what finished meanwhile, put the real ids in place."""

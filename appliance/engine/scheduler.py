@@ -92,8 +92,13 @@ class Scheduler:
 
         # 1. Running sequences, oldest first. Preempt from the newest end when blocks run out.
         i = 0
+        num_finishing = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.finish_pending:
+                num_finishing += 1  # leaves when the engine processes its last token
+                i += 1
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             assert num_new > 0, f"{seq} is running with nothing to compute"
             target = seq.num_computed_tokens + num_new
@@ -111,7 +116,8 @@ class Scheduler:
 
         # 2. Waiting sequences, FCFS, while there is room. None are admitted past one that does
         # not fit, so a long prompt is not starved by short ones behind it.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+        while (self.waiting and budget > 0 and len(self.running) - num_finishing < self.max_num_seqs
+               and not out.preempted):
             seq = self.waiting[0]
             if not bm.can_allocate(seq):
                 break

@@ -147,6 +147,9 @@ class Sequence:
         self.detok_state: object | None = None
         # For n > 1: the request's first sequence prefills alone, then is forked.
         self.pending_forks = sampling_params.n - 1 if index == 0 else 0
+        # Async scheduling: the token still on the device reaches max_tokens or max_model_len, so
+        # the sequence finishes when it arrives: the scheduler gives it no further step.
+        self.finish_pending = False
 
     def __len__(self) -> int:
         return len(self.token_ids)
