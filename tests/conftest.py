@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 
-import torch
+# NOTE: before torch loads OpenMP (see appliance/cli.py: spinning workers under contention).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
