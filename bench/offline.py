@@ -45,6 +45,8 @@ def add_arguments_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, help="engine token budget per step")
     parser.add_argument("--gpu-memory-utilization", type=float, help="engine KV sizing (default: the engine's)")
     parser.add_argument("--enforce-eager", action="store_true", help="engine without CUDA graphs")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="engine waits for each step's tokens before scheduling the next")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
     parser.add_argument("--hf-modes", default=HF_MODES_DEFAULT, help="HF baselines to run (default: %(default)s)")
     parser.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of HF generate")
@@ -92,8 +94,10 @@ def build_engine(model: str, args: argparse.Namespace, device: torch.device) -> 
             max_num_batched_tokens=args.max_num_batched_tokens or sched.max_num_batched_tokens,
         ),
         enforce_eager=args.enforce_eager,
+        async_scheduling=not args.no_async_scheduling,
     )
-    return EngineCore(config)
+    # Offline, like `LLM.generate`: outputs for finished requests only (the HTTP server streams).
+    return EngineCore(config, stream_outputs=False)
 
 
 def _sampling(max_tokens: int) -> Any:
@@ -259,7 +263,7 @@ def run_bench(args: argparse.Namespace) -> int:
     workload = {k: getattr(args, k) for k in ("num_requests", "prompt_tokens", "output_tokens",
                                               "latency_prompt_tokens", "latency_output_tokens", "smoke",
                                               "enforce_eager", "max_num_seqs", "max_model_len", "hf_modes",
-                                              "hf_batch_size", "no_hf")}
+                                              "hf_batch_size", "no_hf", "no_async_scheduling")}
     results: list[dict[str, Any]] = []
 
     def checkpoint() -> Path:

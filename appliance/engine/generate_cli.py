@@ -28,7 +28,8 @@ def add_arguments_generate(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from appliance.engine.llm_engine import EngineCore, engine_config_from_kwargs
+    from appliance.engine.llm import engine_config_from_kwargs
+    from appliance.engine.llm_engine import EngineCore
     from appliance.engine.sequence import SamplingParams
     from appliance.models.tokenizer import apply_chat_template
 

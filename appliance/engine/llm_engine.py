@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from appliance.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from appliance.config import EngineConfig
 from appliance.engine.block_manager import BlockManager
 from appliance.engine.detokenizer import IncrementalDetokenizer
 from appliance.engine.model_runner import ModelRunner, StepHandle, resolve_device_dtype
@@ -331,17 +330,20 @@ class EngineCore:
     def _check_stop(self, seq: Sequence) -> None:
         params = seq.sampling_params
         token = seq.token_ids[-1]
-        stop_str = None
-        if self.detokenizer is not None and (self.stream_outputs or params.stop):
-            stop_str = self.detokenizer.update(seq)
         num_out = seq.num_output_tokens
         reason: FinishReason | None = None
+        stop_token = False
+        # Stop tokens first: their text must not reach the output (vLLM semantics), so the
+        # detokenizer never sees them through `update`.
         if num_out >= params.min_tokens:
             if token in params.stop_token_ids:
-                reason, seq.stop_reason = FinishReason.STOP, token
+                reason, seq.stop_reason, stop_token = FinishReason.STOP, token, True
             elif token in self.eos_token_ids and not params.ignore_eos:
-                reason = FinishReason.STOP
-            elif stop_str is not None:
+                reason, stop_token = FinishReason.STOP, True
+        stop_str = None
+        if reason is None and self.detokenizer is not None and (self.stream_outputs or params.stop):
+            stop_str = self.detokenizer.update(seq)
+            if stop_str is not None and num_out >= params.min_tokens:
                 reason, seq.stop_reason = FinishReason.STOP, stop_str
         if reason is None:
             if params.max_tokens is not None and num_out >= params.max_tokens:
@@ -350,7 +352,7 @@ class EngineCore:
                 reason = FinishReason.LENGTH
         if reason is not None:
             if stop_str is None and self.detokenizer is not None:
-                self.detokenizer.finalize(seq)
+                self.detokenizer.finalize(seq, drop_last_token=stop_token and not params.include_stop_str_in_output)
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
@@ -445,67 +447,3 @@ class EngineCore:
                          SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         while "__warmup__" in self.requests:
             self.step()
-
-
-def engine_config_from_kwargs(model: str = "default", **kwargs: Any) -> EngineConfig:
-    """vLLM-style flat keyword arguments (max_model_len=..., block_size=...) → EngineConfig."""
-    sections: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {}, SchedulerConfig: {}}
-    top: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        for cls, values in sections.items():
-            if key in cls.__dataclass_fields__:
-                values[key] = value
-                break
-        else:
-            if key in EngineConfig.__dataclass_fields__:
-                top[key] = value
-            else:
-                raise TypeError(f"unknown engine argument {key!r}")
-    return replace(EngineConfig(), model=ModelConfig(**sections[ModelConfig]),
-                   cache=CacheConfig(**sections[CacheConfig]),
-                   scheduler=SchedulerConfig(**sections[SchedulerConfig]), **top)
-
-
-class LLM:
-    """Offline generation for Python users: `LLM().generate(["Hello"], SamplingParams(...))`."""
-
-    def __init__(self, model: str = "default", **engine_kwargs: Any) -> None:
-        self.engine = EngineCore(engine_config_from_kwargs(model, **engine_kwargs), stream_outputs=False)
-        self.tokenizer = self.engine.tokenizer
-        self._counter = 0
-
-    def _encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        return list(prompt)
-
-    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = []
-        for prompt, p in zip(prompts, plist, strict=True):
-            request_id = f"offline-{self._counter}"
-            self._counter += 1
-            self.engine.add_request(request_id, self._encode(prompt), p)  # type: ignore[arg-type]
-            ids.append(request_id)
-        return self._run(ids)
-
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
-             params: SamplingParams | None = None) -> list[RequestOutput]:
-        from appliance.models.tokenizer import apply_chat_template
-
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [apply_chat_template(self.tokenizer, conv) for conv in conversations]  # type: ignore[arg-type]
-        return self.generate(prompts, params)
-
-    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
-        final: dict[str, RequestOutput] = {}
-        pending = set(request_ids)
-        while pending:
-            for output in self.engine.step():
-                if output.finished:
-                    final[output.request_id] = output
-                    pending.discard(output.request_id)
-        return [final[r] for r in request_ids]

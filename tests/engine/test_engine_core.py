@@ -131,3 +131,18 @@ def test_bad_input_raises_typed_errors(engine, tmp_path):
     corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 8)
     with pytest.raises(ModelLoadError):
         EngineCore(engine_config(corrupt))
+
+
+def test_stop_token_id_ends_the_output_and_its_text_is_left_out(engine):
+    ids = chat_ids(engine.tokenizer, "What is the capital of France?")
+    free = run_to_completion(engine, {"free-tok": (ids, SamplingParams(max_tokens=32, temperature=0.0))})
+    tokens = free["free-tok"].outputs[0].token_ids
+    stop_at = 3  # a plain word token in the middle of the answer
+    stop_id = tokens[stop_at]
+    assert stop_id not in tokens[:stop_at]
+    cut = run_to_completion(engine, {"cut-tok": (ids, SamplingParams(max_tokens=32, temperature=0.0,
+                                                                      stop_token_ids=[stop_id]))})
+    choice = cut["cut-tok"].outputs[0]
+    assert choice.token_ids == tokens[: stop_at + 1]
+    assert choice.finish_reason == "stop" and choice.stop_reason == stop_id
+    assert choice.text == engine.tokenizer.decode(tokens[:stop_at], skip_special_tokens=True)
