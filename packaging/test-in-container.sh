@@ -10,7 +10,7 @@
 # Env: WORK=dir (default /tmp/llm-appliance-nspawn)  DEB=path (else built with build-deb.sh)
 #      MODEL_DIR=converted default model (default ~/.cache/llm-appliance/models/SmolLM2-135M-Instruct;
 #      the container has no network, so the model is copied in)  KEEP=1 keeps the rootfs.
-# Built on /work/shared/recipes/nspawn-systemd-toy.sh; its pitfalls are noted where they bite.
+# Built on the steering repo's shared/recipes/nspawn-systemd-toy.sh; its pitfalls are noted where they bite.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-${TMPDIR:-/tmp}/llm-appliance-nspawn}
