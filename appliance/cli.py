@@ -22,7 +22,6 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("appliance.engine.generate_cli", "Generate text offline from a prompt or chat message."),
     "model": ("appliance.models.fetch", "Manage models: `model fetch` gets the embedded default."),
     "bench": ("appliance_bench.offline", "Benchmarks: `bench offline` runs workload W1."),
-    "dashboard": ("appliance.dashboard.app", "Terminal dashboard for a running daemon."),
 }
 
 
