@@ -117,15 +117,23 @@ def engine_startup(model: str, args: argparse.Namespace, device: torch.device) -
 
 
 def engine_decode_latency_ms(engine: Any, prompt: list[int], output_tokens: int) -> float:
-    """Batch-1 ms per output token after the first (the first one carries the prefill)."""
-    engine.add_request("latency", prompt, _sampling(output_tokens))
-    first_token_at = None
-    while engine.has_unfinished_requests():
-        outputs = engine.step()
-        if first_token_at is None and outputs and outputs[0].outputs[0].token_ids:
-            first_token_at = time.perf_counter()
-    done_at = time.perf_counter()
-    assert first_token_at is not None
+    """Batch-1 ms per output token after the first (the first one carries the prefill).
+
+    Streams outputs while it runs (the engine is built final-only for W1): the first token's
+    arrival must be seen, as a streaming client sees it.
+    """
+    streaming, engine.stream_outputs = engine.stream_outputs, True
+    try:
+        engine.add_request("latency", prompt, _sampling(output_tokens))
+        first_token_at = None
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+            if first_token_at is None and outputs and outputs[0].outputs[0].token_ids:
+                first_token_at = time.perf_counter()
+        done_at = time.perf_counter()
+    finally:
+        engine.stream_outputs = streaming
+    assert first_token_at is not None and outputs and outputs[-1].finished
     return (done_at - first_token_at) / max(1, output_tokens - 1) * 1e3
 
 
