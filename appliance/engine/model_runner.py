@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np  # profiling inputs only
+import numpy as np
 import torch
 
 from appliance.config import EngineConfig
@@ -46,11 +46,60 @@ def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtyp
 
 @dataclass
 class _Batch:
-    input_ids: torch.Tensor  # int64 [T]
-    positions: torch.Tensor  # int64 [T]
+    input_ids: torch.Tensor  # int32 [T]
+    positions: torch.Tensor  # int32 [T]
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # int64 [S]: rows of the hidden states to sample from
+    logits_indices: torch.Tensor  # int32 [S]: rows of the hidden states to sample from
     rows: list[SampleRow]
+
+
+@dataclass
+class _HostBatch:
+    """One step flattened on the host (plain lists), before the upload."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    q_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    tables: list[int] = field(default_factory=list)  # [B, width] row-major, zero-padded
+    width: int = 0
+    logits_rows: list[int] = field(default_factory=list)
+    rows: list[SampleRow] = field(default_factory=list)
+    gather_dst: list[int] = field(default_factory=list)  # positions in ids fed by the step in flight
+    gather_seqs: list[int] = field(default_factory=list)  # their seq ids
+
+
+class _Staging:
+    """Pinned host buffers for the per-step upload, used in turn: filling one never races the
+    host->device copy of the other, which may still be queued behind the step in flight."""
+
+    def __init__(self, device: torch.device, numel: int = 1 << 16) -> None:
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self.bufs = [self._alloc(numel), self._alloc(numel)]
+        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def _alloc(self, numel: int) -> torch.Tensor:
+        return torch.empty(numel, dtype=torch.int32, pin_memory=self.pinned)
+
+    def take(self, numel: int) -> tuple[torch.Tensor, np.ndarray]:
+        """This turn's buffer, [:numel] as a tensor and as a numpy view (the same memory)."""
+        event = self.events[self.turn]
+        if event is not None:
+            event.synchronize()  # the copy from it, two steps ago: long done in practice
+        if self.bufs[self.turn].numel() < numel:
+            self.bufs[self.turn] = self._alloc(max(numel, 2 * self.bufs[self.turn].numel()))
+        host = self.bufs[self.turn][:numel]
+        return host, host.numpy()
+
+    def done(self) -> None:
+        """The copy from this turn's buffer is queued: mark it, switch buffers."""
+        event = torch.cuda.Event()
+        event.record()
+        self.events[self.turn] = event
+        self.turn ^= 1
 
 
 @dataclass
@@ -89,14 +138,18 @@ class ModelRunner:
         self.num_kv_blocks = self._decide_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._staging = _Staging(device)
         if device.type == "cuda" and not config.enforce_eager:
             self._capture_cuda_graphs()
 
     # ------------------------------------------------------------------ KV cache sizing
     @property
     def kv_bytes_per_block(self) -> int:
+        from appliance.layers.attention import kv_cache_torch_dtype
+
         m = self.model
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        kv_dtype = kv_cache_torch_dtype(self.config.cache.kv_cache_dtype, self.dtype, self.device)
+        elem = torch.empty((), dtype=kv_dtype).element_size()  # fp8: 1 byte, half of bf16
         return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
 
     def _decide_num_blocks(self) -> int:
@@ -162,12 +215,17 @@ class ModelRunner:
         return weights + peak_activation
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(k, v) caches per layer in the configured KV dtype; the kernels read fp8 from the dtype itself
+        (scales: each layer's Attention.k_scale / v_scale)."""
+        from appliance.layers.attention import kv_cache_torch_dtype
+
         m = self.model
         shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        kv_dtype = kv_cache_torch_dtype(self.config.cache.kv_cache_dtype, self.dtype, self.device)
         caches = []
         for _ in range(m.num_layers):
-            caches.append((torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device)))
+            caches.append((torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=kv_dtype, device=self.device)))
         return caches
 
     # ------------------------------------------------------------------ one step
@@ -186,18 +244,21 @@ class ModelRunner:
             self._copy_blocks(out.blocks_to_copy)
         if out.is_empty:
             return StepHandle([], None)
-        batch = self._prepare(out, prev)
-        decode_only = batch.meta.is_decode_only
-        num_seqs = len(out.scheduled)
-        graph_size = self._graph_size_for(num_seqs) if decode_only else None
+        hb = self._prepare(out)
+        num_seqs = len(hb.q_lens)
+        # Graphs serve decode steps in which every row samples (a 1-token prefill chunk that
+        # does not reach the prompt's end samples nothing: eager).
+        decode = len(hb.ids) == num_seqs == len(hb.logits_rows)
+        graph_size = self._graph_size_for(num_seqs) if decode else None
         if graph_size is not None:
-            logits = self._replay(batch, graph_size)
+            logits = self._replay(hb, graph_size, prev)
         else:
+            batch = self._upload_eager(hb, prev)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
-        if not batch.rows:
+            logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        if not hb.rows:
             return StepHandle([], None)
-        return StepHandle(batch.rows, self.sampler.sample_async(logits, batch.rows))
+        return StepHandle(hb.rows, self.sampler.sample_async(logits, hb.rows))
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         host = torch.tensor(pairs, dtype=torch.long).T.contiguous()
@@ -208,28 +269,18 @@ class ModelRunner:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
-    def _prepare(self, out: SchedulerOutput, prev: StepHandle | None = None) -> _Batch:
-        """Flatten the step into int64 host lists, then one host->device copy.
+    def _prepare(self, out: SchedulerOutput) -> _HostBatch:
+        """Flatten the step into plain host lists.
 
         NOTE: this runs on the host every step (while the GPU idles, unless async scheduling has
         the previous step running): plain Python ints and list ops (no per-sequence numpy or
-        tensor calls) keep it to a few µs per sequence.
+        tensor calls) keep it to a few us per sequence.
         """
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        q_lens: list[int] = []
-        seq_lens: list[int] = []
-        logits_rows: list[int] = []
-        rows: list[SampleRow] = []
-        # Placeholder inputs: (position in ids, index in prev's sampled ids), filled on the device.
-        gather_dst: list[int] = []
-        gather_src: list[int] = []
-        prev_draws: dict[int, int] | None = None
+        hb = _HostBatch()
+        ids, positions, slots, tables = hb.ids, hb.positions, hb.slots, hb.tables
         scheduled = out.scheduled
-        width = max(len(item.seq.block_table) for item in scheduled)
-        tables: list[int] = []
+        hb.width = width = max(len(item.seq.block_table) for item in scheduled)
         for item in scheduled:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
@@ -237,11 +288,10 @@ class ModelRunner:
             if n == 1:
                 token = seq.token_ids[start]
                 if token == PLACEHOLDER_TOKEN_ID:
-                    if prev_draws is None:
-                        assert prev is not None, f"{seq} feeds a placeholder but no step is in flight"
-                        prev_draws = prev.draw_index()
-                    gather_dst.append(len(ids))
-                    gather_src.append(prev_draws[seq.seq_id])
+                    # Filled on the device from the step in flight (see _gather_placeholders).
+                    hb.gather_dst.append(len(ids))
+                    hb.gather_seqs.append(seq.seq_id)
+                    token = 0
                 ids.append(token)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
@@ -255,26 +305,47 @@ class ModelRunner:
                 slots.extend([table[p // bs] * bs + p % bs for p in span])
             tables.extend(table)
             tables.extend([0] * (width - len(table)))
-            q_lens.append(n)
-            seq_lens.append(start + n)
+            hb.q_lens.append(n)
+            hb.seq_lens.append(start + n)
             if item.sample:
-                logits_rows.append(len(ids) - 1)
-                rows.append(SampleRow(seq, 1 + seq.pending_forks))
-        num_seqs = len(scheduled)
-        qsl = [0] * (num_seqs + 1)
-        acc = 0
-        for i, n in enumerate(q_lens):
-            acc += n
-            qsl[i + 1] = acc
-        num_tokens = len(ids)
-        # One flat int64 buffer: [ids | positions | slots | logits_rows | qsl | seq_lens | tables
-        # | gather_dst | gather_src]
-        flat = ids + positions + slots + logits_rows + qsl + seq_lens + tables + gather_dst + gather_src
-        host = torch.tensor(flat, dtype=torch.int64)
-        if self.device.type == "cuda":
-            dev = host.pin_memory().to(self.device, non_blocking=True)
-        else:
-            dev = host
+                hb.logits_rows.append(len(ids) - 1)
+                hb.rows.append(SampleRow(seq, 1 + seq.pending_forks))
+        return hb
+
+    def _gather_src(self, hb: _HostBatch, prev: StepHandle | None) -> list[int]:
+        if not hb.gather_dst:
+            return []
+        assert prev is not None and prev.pending is not None, "a placeholder is fed but no step is in flight"
+        draws = prev.draw_index()
+        return [draws[seq_id] for seq_id in hb.gather_seqs]
+
+    def _upload(self, parts: list[list[int] | np.ndarray], dst: torch.Tensor | None = None) -> torch.Tensor:
+        """Concatenate int32 parts in a staging buffer and copy them to the device in one go.
+
+        dst: where the copy lands (a persistent device buffer), else a fresh device tensor.
+        """
+        total = sum(len(p) for p in parts)
+        host, arr = self._staging.take(total)
+        o = 0
+        for part in parts:
+            arr[o : o + len(part)] = part
+            o += len(part)
+        if self.device.type != "cuda":
+            return host.clone() if dst is None else dst[:total].copy_(host)
+        dev = torch.empty(total, dtype=torch.int32, device=self.device) if dst is None else dst[:total]
+        dev.copy_(host, non_blocking=True)
+        self._staging.done()
+        return dev
+
+    def _upload_eager(self, hb: _HostBatch, prev: StepHandle | None) -> _Batch:
+        """Every input of an eager step in one int32 buffer: [ids | positions | slots | logits rows
+        | query starts | seq lens | block tables | gather dst | gather src]."""
+        num_tokens, num_seqs = len(hb.ids), len(hb.q_lens)
+        qsl = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(hb.q_lens, out=qsl[1:])
+        src = self._gather_src(hb, prev)
+        dev = self._upload([hb.ids, hb.positions, hb.slots, hb.logits_rows, qsl, hb.seq_lens, hb.tables,
+                            hb.gather_dst, src])
         o = 0
 
         def take(n: int) -> torch.Tensor:
@@ -286,25 +357,29 @@ class ModelRunner:
         input_ids = take(num_tokens)
         pos_t = take(num_tokens)
         slot_t = take(num_tokens)
-        logits_t = take(len(logits_rows))
-        qsl_t = take(num_seqs + 1).to(torch.int32)
-        seq_lens_t = take(num_seqs).to(torch.int32)
-        tables_t = take(num_seqs * width).view(num_seqs, width).to(torch.int32)
-        if gather_dst:
-            assert prev is not None and prev.pending is not None
-            dst_t = take(len(gather_dst))
-            src_t = take(len(gather_src))
-            input_ids.index_copy_(0, dst_t, prev.pending.token_ids.index_select(0, src_t))
+        logits_t = take(len(hb.logits_rows))
+        qsl_t = take(num_seqs + 1)
+        seq_lens_t = take(num_seqs)
+        tables_t = take(num_seqs * hb.width).view(num_seqs, hb.width)
+        if src:
+            self._gather_placeholders(input_ids, take(len(src)), take(len(src)), prev)
         meta = AttentionMetadata(
             slot_mapping=slot_t,
             query_start_loc=qsl_t,
             seq_lens=seq_lens_t,
             block_tables=tables_t,
-            max_query_len=max(q_lens),
-            max_seq_len=max(seq_lens),
+            max_query_len=max(hb.q_lens),
+            max_seq_len=max(hb.seq_lens),
             is_decode_only=num_tokens == num_seqs,
         )
-        return _Batch(input_ids=input_ids, positions=pos_t, meta=meta, logits_indices=logits_t, rows=rows)
+        return _Batch(input_ids=input_ids, positions=pos_t, meta=meta, logits_indices=logits_t, rows=hb.rows)
+
+    @staticmethod
+    def _gather_placeholders(input_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
+                             prev: StepHandle | None) -> None:
+        """input_ids[dst] = the in-flight step's sampled ids[src], on the device."""
+        assert prev is not None and prev.pending is not None
+        input_ids.index_put_((dst,), prev.pending.token_ids.index_select(0, src).to(input_ids.dtype))
 
     # ------------------------------------------------------------------ CUDA graphs (decode)
     def _graph_sizes(self) -> list[int]:
@@ -329,11 +404,18 @@ class ModelRunner:
             return
         max_bs = max(sizes)
         dev = self.device
-        self._g_input_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self._g_positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self._g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
-        self._g_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
-        self._g_qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        # The graphs' inputs live in one int32 buffer that one host->device copy per step fills:
+        # [ids | positions | slots | seq_lens | query starts] (max_bs each, query starts max_bs + 1),
+        # then room for the step's packed block tables and placeholder gather indices.
+        self._g_host = np.zeros(5 * max_bs + 1, dtype=np.int32)
+        self._g_host[4 * max_bs :] = np.arange(max_bs + 1)
+        self._g_buf = torch.zeros(5 * max_bs + 1 + max_bs * (self.max_blocks_per_seq + 2), dtype=torch.int32,
+                                  device=dev)
+        self._g_buf[: 5 * max_bs + 1].copy_(torch.from_numpy(self._g_host))
+        self._g_input_ids, self._g_positions, self._g_slots, self._g_seq_lens = self._g_buf[: 4 * max_bs].view(4, max_bs)
+        self._g_slots.fill_(-1)
+        self._g_seq_lens.fill_(1)
+        self._g_qsl = self._g_buf[4 * max_bs : 5 * max_bs + 1]
         self._g_block_tables = torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
         self._g_logits: dict[int, torch.Tensor] = {}
         pool = None
@@ -366,17 +448,25 @@ class ModelRunner:
             is_decode_only=True,
         )
 
-    def _replay(self, batch: _Batch, size: int) -> torch.Tensor:
-        n = batch.input_ids.shape[0]
-        meta = batch.meta
-        self._g_input_ids[:n].copy_(batch.input_ids)
-        self._g_positions[:n].copy_(batch.positions)
-        self._g_slots[:n].copy_(meta.slot_mapping)
-        self._g_slots[n:size].fill_(-1)
-        self._g_seq_lens[:n].copy_(meta.seq_lens)
-        self._g_seq_lens[n:size].fill_(1)
-        width = meta.block_tables.shape[1]
-        self._g_block_tables[:n, :width].copy_(meta.block_tables)
-        self._g_block_tables[n:size].zero_()
+    def _replay(self, hb: _HostBatch, size: int, prev: StepHandle | None) -> torch.Tensor:
+        """Fill the graph's inputs (one copy, padding rows included) and replay it."""
+        n = len(hb.ids)
+        max_bs = self._g_input_ids.shape[0]
+        host = self._g_host
+        # Padding rows [n, size): token 0 at position 0, slot -1 (stores nothing), length 1.
+        for k, (values, pad) in enumerate(((hb.ids, 0), (hb.positions, 0), (hb.slots, -1), (hb.seq_lens, 1))):
+            base = k * max_bs
+            host[base : base + n] = values
+            host[base + n : base + size] = pad
+        src = self._gather_src(hb, prev)
+        dev = self._upload([host, hb.tables, hb.gather_dst, src], dst=self._g_buf)
+        o = len(host)
+        width = hb.width
+        # Rows past n keep stale but valid block ids: padding rows read one key of them, harmlessly.
+        self._g_block_tables[:n, :width].copy_(dev[o : o + n * width].view(n, width))
+        o += n * width
+        if src:
+            self._gather_placeholders(self._g_input_ids, dev[o : o + len(src)],
+                                      dev[o + len(src) : o + 2 * len(src)], prev)
         self.graphs[size].replay()
-        return self._g_logits[size][batch.logits_indices]
+        return self._g_logits[size][: len(hb.logits_rows)]

@@ -50,7 +50,7 @@ class SampleResult:
 class PendingSamples:
     """One step's samples on their way to the host.
 
-    `token_ids` (int64 [draws], on the logits' device) can feed the next step before the host
+    `token_ids` (int32 or int64 [draws], on the logits' device) can feed the next step before the host
     has them; row i's first draw is `token_ids[first_draw[i]]`. `results()` waits for the copy.
     """
 
@@ -75,6 +75,15 @@ def _start_download(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | N
         event.record()
         return host, event
     return t.cpu(), None
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax; on CUDA the Triton kernel, straight from the model-dtype logits (int32)."""
+    if logits.is_cuda:
+        from appliance_kernels import sampling
+
+        return sampling.argmax(logits)
+    return logits.argmax(dim=-1)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -120,7 +129,7 @@ class Sampler:
             empty = torch.empty(0, dtype=torch.long, device=device)
             return PendingSamples(empty, [], empty.cpu(), None, lambda values: [])
         # Padded lm-head columns (beyond vocab_size) are never tokens: a view drops them.
-        raw = logits.float()[:, : self.vocab_size]  # [N, V]
+        logits = logits[:, : self.vocab_size]  # [N, V], the model's dtype
 
         any_penalty = any_min_tokens = any_special = False
         for row in rows:
@@ -133,11 +142,12 @@ class Sampler:
                 any_special = True
         if not (any_penalty or any_min_tokens or any_special):
             # The common serving case, plain greedy decoding: one argmax, one transfer.
-            tokens = raw.argmax(dim=-1)
+            tokens = _greedy(logits)
             host, event = _start_download(tokens)
             return PendingSamples(tokens, list(range(len(rows))), host, event,
                                   lambda values: [SampleResult([token], None) for token in values])
         params = [row.seq.sampling_params for row in rows]
+        raw = logits.float()
 
         x = self._apply_penalties(raw, rows) if any_penalty else raw
         x = self._apply_min_tokens(x, rows) if any_min_tokens else x

@@ -20,7 +20,12 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """hidden [N, H] -> float32 logits [N, vocab]. Tied: reuses the embedding matrix (no copy)."""
+    """hidden [N, H] -> logits [N, vocab] in the model dtype. Tied: reuses the embedding matrix.
+
+    NOTE: no fp32 upcast here: greedy decoding reads the model-dtype logits directly (an upcast
+    of [512, 128k] logits is 0.2 ms per decode step on an H100); the sampler upcasts when it
+    needs probabilities.
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None) -> None:
         super().__init__()
@@ -32,6 +37,4 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The matmul runs in the model dtype (bf16 on GPU: the fp32 upcast of an 8B vocab GEMM
-        # costs more than it buys); the sampler gets fp32.
-        return F.linear(hidden, self.weight).float()
+        return F.linear(hidden, self.weight)
