@@ -88,6 +88,23 @@ def kernel_table(prof: Any, num_steps: int, top: int) -> tuple[list[dict[str, An
     return rows, busy_us / num_steps
 
 
+def profile_window(engine: Any, num_steps: int, top: int) -> dict[str, Any]:
+    """Step `num_steps` times under torch.profiler; kernel time per step and the GPU's busy share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    batch = len(engine.scheduler.running)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(num_steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / num_steps
+    rows, busy_us = kernel_table(prof, num_steps, top)
+    return {"steps": num_steps, "wall_ms_per_step": wall * 1e3, "gpu_busy_ms_per_step": busy_us / 1e3,
+            "gpu_busy_fraction": busy_us / 1e3 / (wall * 1e3), "batch": batch, "kernels": rows}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from appliance_bench.offline import _default_tokenizer, build_engine
 
@@ -110,32 +127,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.num_requests):
         engine.add_request(f"p{i}", [rng.randrange(vocab) for _ in range(args.prompt_tokens)], params)
     num_decode = 0
+    num_steps = 0
+    prefill_summary: dict[str, Any] = {}
     while engine.has_unfinished_requests():
-        profiling = (not prof_summary and num_decode == args.profile_after and device.type == "cuda")
-        prof = None
-        if profiling:
-            from torch.profiler import ProfilerActivity, profile
-
-            torch.cuda.synchronize()
-            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-            prof.__enter__()
-            t_prof = time.perf_counter()
-            for _ in range(args.profile_steps):
-                engine.step()
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t_prof) / args.profile_steps
-            prof.__exit__(None, None, None)
+        if (device.type == "cuda" and not prefill_summary and args.profile_prefill_steps
+                and num_steps == 2):
+            prefill_summary = profile_window(engine, args.profile_prefill_steps, args.top)
             clock.take()
-            rows, busy_us = kernel_table(prof, args.profile_steps, args.top)
-            prof_summary = {"steps": args.profile_steps, "wall_ms_per_step": wall * 1e3,
-                            "gpu_busy_ms_per_step": busy_us / 1e3, "gpu_busy_fraction": busy_us / 1e3 / (wall * 1e3),
-                            "batch": len(engine.scheduler.running), "kernels": rows}
+            num_steps += args.profile_prefill_steps
+            continue
+        if device.type == "cuda" and not prof_summary and num_decode == args.profile_after:
+            prof_summary = profile_window(engine, args.profile_steps, args.top)
+            clock.take()
             num_decode += args.profile_steps
             continue
         running_before = len(engine.scheduler.running)
         t0 = time.perf_counter()
         engine.step()
         wall = time.perf_counter() - t0
+        num_steps += 1
         phases = clock.take()
         launched = engine._in_flight.out if engine._in_flight is not None else None
         tokens = launched.num_batched_tokens if launched is not None else 0
@@ -158,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "output_tokens": args.output_tokens, "max_num_seqs": engine.scheduler.max_num_seqs,
             "async_scheduling": engine.async_scheduling, "elapsed_s": elapsed,
             "output_tok_s": args.num_requests * args.output_tokens / elapsed,
-            "by_kind": summary, "profile": prof_summary, "steps": steps if args.keep_steps else []}
+            "by_kind": summary, "profile": prof_summary, "profile_prefill": prefill_summary, "steps": steps if args.keep_steps else []}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-async-scheduling", action="store_true")
     parser.add_argument("--profile-after", type=int, default=40, help="decode steps before the profiled window")
     parser.add_argument("--profile-steps", type=int, default=8)
+    parser.add_argument("--profile-prefill-steps", type=int, default=0,
+                        help="also profile this many steps from the third one (prefill under way)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--keep-steps", action="store_true", help="every step's row in the JSON")
     parser.add_argument("--results-dir", type=Path)
@@ -195,12 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:14s} steps {s['steps']:4d} total {s['total_s']:7.2f} s  median wall {s['median_wall_ms']:7.2f} ms "
               + " ".join(f"{p} {s[f'median_{p}_ms']:6.2f}" for p in PHASES)
               + f"  tokens {s['median_tokens']:.0f} seqs {s['median_seqs']:.0f}")
-    prof = result["profile"]
-    if prof:
-        print(f"profiled {prof['steps']} decode steps at batch {prof['batch']}: wall {prof['wall_ms_per_step']:.2f} ms, "
-              f"GPU busy {prof['gpu_busy_ms_per_step']:.2f} ms ({100 * prof['gpu_busy_fraction']:.0f}%)")
-        for row in prof["kernels"]:
-            print(f"  {row['us_per_step']:9.1f} us {row['calls_per_step']:6.1f}x {100 * row['share']:5.1f}%  {row['kernel']}")
+    for name in ("profile_prefill", "profile"):
+        prof = result[name]
+        if prof:
+            print(f"{name}: {prof['steps']} steps at batch {prof['batch']}: wall {prof['wall_ms_per_step']:.2f} ms, "
+                  f"GPU busy {prof['gpu_busy_ms_per_step']:.2f} ms ({100 * prof['gpu_busy_fraction']:.0f}%)")
+            for row in prof["kernels"]:
+                print(f"  {row['us_per_step']:9.1f} us {row['calls_per_step']:6.1f}x {100 * row['share']:5.1f}%  "
+                      f"{row['kernel']}")
     print(f"output tok/s {result['output_tok_s']:.0f} ({result['elapsed_s']:.2f} s)")
     kind = "profile" + (f"-{args.tag}" if args.tag else "") + ("-smoke" if args.smoke else "")
     print("wrote", write_result(result, kind, args.results_dir))
