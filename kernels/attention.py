@@ -11,6 +11,11 @@ whole context, so the launcher then splits the context into partitions (flash-de
 program reduces one partition to a partial (unnormalised output, max, sum) and a second kernel
 merges the partials.
 
+FP8 caches (float8_e4m3fn, kernels/fp8.py): store_kv saturates x / scale into them; attention loads
+fp8 K/V tiles, converts them to q's dtype (exact: every e4m3 value is a bf16/fp16 value) before
+tl.dot, and applies the per-tensor scales outside the dots (k_scale folded into the softmax scale,
+v_scale on the output), which equals dequantising every element with one scale.
+
 NOTE: the launchers never synchronise and never read device tensors on the host: the model runner
 captures them into CUDA graphs for decode. The grid depends only on tensor shapes and the host ints
 `max_query_len` / `max_seq_len`; per-sequence lengths are read on the device.
@@ -24,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from appliance_kernels.checks import check_out, check_same_device
+from appliance_kernels.fp8 import FP8_DTYPE, check_kv_scales, is_fp8, to_cache
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Split-KV: never give a partition fewer keys than this, and never more partitions than this.
@@ -38,10 +44,13 @@ def _store_kv_kernel(
     k_cache_ptr,  # [N, BS, Hkv, D] contiguous
     v_cache_ptr,  # [N, BS, Hkv, D] contiguous
     slot_mapping_ptr,  # int32/int64 [T]; -1 = padding token, not stored
+    k_scale,  # fp8 caches: stored = x / scale
+    v_scale,
     stride_k_t,
     stride_v_t,
     ROW_ELEMS: tl.constexpr,  # Hkv * D
     BLOCK: tl.constexpr,
+    IS_FP8: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -51,8 +60,8 @@ def _store_kv_kernel(
     dst = tl.maximum(slot, 0) * ROW_ELEMS + offs
     k = tl.load(k_ptr + token * stride_k_t + offs, mask=mask)
     v = tl.load(v_ptr + token * stride_v_t + offs, mask=mask)
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + dst, to_cache(k, k_scale, k_cache_ptr.dtype.element_ty, IS_FP8), mask=mask)
+    tl.store(v_cache_ptr + dst, to_cache(v, v_scale, v_cache_ptr.dtype.element_ty, IS_FP8), mask=mask)
 
 
 def store_kv(
@@ -61,6 +70,9 @@ def store_kv(
     k_cache: torch.Tensor,  # [N, BS, Hkv, D]
     v_cache: torch.Tensor,  # [N, BS, Hkv, D]
     slot_mapping: torch.Tensor,  # int64 [T]; -1 marks a padding token that is not stored
+    *,
+    k_scale: float = 1.0,  # fp8 caches only: stored = clamp(x / scale, ±448)
+    v_scale: float = 1.0,
 ) -> None:
     """Write this step's K/V rows into their cache slots (in place)."""
     if k.dim() != 3 or v.shape != k.shape:
@@ -81,14 +93,25 @@ def store_kv(
                              f"got {t.stride()}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous()):
         raise ValueError("store_kv: k_cache, v_cache and slot_mapping must be contiguous")
+    check_cache_dtypes("store_kv", k, k_cache, v_cache)
+    check_kv_scales("store_kv", k_cache, k_scale, v_scale)
     check_same_device("store_kv", k, v, k_cache, v_cache, slot_mapping)
     if num_tokens == 0:
         return
     row_elems = num_kv_heads * head_dim
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-        ROW_ELEMS=row_elems, BLOCK=triton.next_power_of_2(row_elems), num_warps=4,
+        k, v, k_cache, v_cache, slot_mapping, float(k_scale), float(v_scale), k.stride(0), v.stride(0),
+        ROW_ELEMS=row_elems, BLOCK=triton.next_power_of_2(row_elems), IS_FP8=is_fp8(k_cache), num_warps=4,
     )
+
+
+def check_cache_dtypes(op: str, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Both caches share one dtype: x's own (bf16/fp16/fp32), or fp8 e4m3."""
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: inputs must be float16, bfloat16 or float32, got {x.dtype}")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (x.dtype, FP8_DTYPE):
+        raise TypeError(f"{op}: caches must both be {x.dtype} or both {FP8_DTYPE}, got {k_cache.dtype} / "
+                        f"{v_cache.dtype}")
 
 
 @triton.jit
@@ -103,7 +126,8 @@ def _paged_attention_kernel(
     block_tables_ptr,  # int32 [B, max_blocks]
     seq_lens_ptr,  # int32 [B]; context length including this step's tokens
     query_start_loc_ptr,  # int32 [B + 1]
-    scale_log2,  # softmax scale * log2(e): the kernel works in base 2
+    scale_log2,  # softmax scale * k_scale * log2(e): the kernel works in base 2
+    v_scale,  # fp8 caches: applied to the output (1.0 otherwise)
     stride_q_t,
     stride_q_h,
     stride_o_t,
@@ -120,6 +144,7 @@ def _paged_attention_kernel(
     PAGE_SIZE: tl.constexpr,  # tokens per KV block
     NUM_SPLITS: tl.constexpr,
     IEEE_FP32: tl.constexpr,  # fp32 inputs: exact fp32 dots instead of tf32
+    IS_FP8: tl.constexpr,  # fp8 caches: tiles converted to q's dtype before the dots
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1) // NUM_SPLITS
@@ -172,6 +197,8 @@ def _paged_attention_kernel(
         key_offs = (block_ids * PAGE_SIZE + keys % PAGE_SIZE) * row_elems + kv_head * HEAD_DIM  # [BLOCK_N]
         kv_mask = key_valid[:, None] & dim_valid[None, :]
         k = tl.load(k_cache_ptr + key_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        if IS_FP8:
+            k = k.to(q.dtype)
         if IEEE_FP32:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -187,11 +214,15 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + key_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        if IS_FP8:
+            v = v.to(q.dtype)
         if IEEE_FP32:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if IS_FP8:
+        acc = acc * v_scale
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -273,6 +304,8 @@ def paged_attention(
     max_seq_len: int,
     is_decode_only: bool = False,
     out: torch.Tensor | None = None,  # [T, Hq, D] like q; written in place when given
+    k_scale: float = 1.0,  # fp8 caches: K = fp8 * k_scale
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new tokens over its whole paged context.
 
@@ -287,6 +320,7 @@ def paged_attention(
     return paged_attention_with_splits(
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
         max_query_len=1 if decode else max_query_len, num_splits=num_splits, out=out,
+        k_scale=k_scale, v_scale=v_scale,
     )
 
 
@@ -302,12 +336,15 @@ def paged_attention_with_splits(
     max_query_len: int,
     num_splits: int,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """`paged_attention` with the partition count chosen by the caller (tests and benchmarks).
 
     num_splits > 1 requires a decode batch (every sequence has at most one new token).
     """
     _check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    check_kv_scales("paged_attention", k_cache, k_scale, v_scale)
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"paged_attention: num_splits must be a power of two >= 1, got {num_splits}")
     if num_splits > 1 and max_query_len != 1:
@@ -339,15 +376,15 @@ def paged_attention_with_splits(
     else:
         part_acc = part_max = part_sum = out  # unused by the kernel when NUM_SPLITS == 1
 
-    scale_log2 = float(scale) * 1.4426950408889634  # log2(e)
+    scale_log2 = float(scale) * float(k_scale) * 1.4426950408889634  # log2(e)
     _paged_attention_kernel[(num_seqs, q_tiles * num_splits, num_kv_heads)](
         out, part_acc, part_max, part_sum,
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale_log2,
+        scale_log2, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        PAGE_SIZE=page_size, NUM_SPLITS=num_splits, IEEE_FP32=q.dtype == torch.float32,
+        PAGE_SIZE=page_size, NUM_SPLITS=num_splits, IEEE_FP32=q.dtype == torch.float32, IS_FP8=is_fp8(k_cache),
         num_warps=num_warps, num_stages=2,
     )
     if num_splits > 1:
@@ -373,10 +410,7 @@ def _check_attention_inputs(
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"{op}: caches must both be [N, BS, Hkv, D], got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: q must be float16, bfloat16 or float32, got {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"{op}: caches must have q's dtype {q.dtype}, got {k_cache.dtype} / {v_cache.dtype}")
+    check_cache_dtypes(op, q, k_cache, v_cache)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:

@@ -11,12 +11,32 @@ A batch is "varlen": the new (query) tokens of all sequences are concatenated al
     block_tables:    int32 [B, max_blocks_per_seq]  (unused entries are ignored)
 Query token i of sequence b sits at position seq_lens[b] - q_len[b] + i and attends causally to
 positions 0..that position.
+
+A cache may be float8_e4m3fn (kv_cache_dtype = "fp8"): it holds clamp(x / scale, ±448) and reads
+back as fp8 * scale, with per-tensor floats k_scale / v_scale (see kernels/fp8.py).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+_FP8_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = 448.0
+
+
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """x as the cache stores it: cast, or for fp8 divided by `scale` and saturated to ±448 (never NaN)."""
+    if cache_dtype == _FP8_DTYPE:
+        return (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(_FP8_DTYPE)
+    return x.to(cache_dtype)
+
+
+def from_cache(cache_rows: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Cache rows as fp32 values: fp8 rows times their scale, others as they are."""
+    if cache_rows.dtype == _FP8_DTYPE:
+        return cache_rows.float() * scale
+    return cache_rows.float()
 
 
 def store_kv_ref(
@@ -25,12 +45,16 @@ def store_kv_ref(
     k_cache: torch.Tensor,  # [N, BS, Hkv, D]
     v_cache: torch.Tensor,  # [N, BS, Hkv, D]
     slot_mapping: torch.Tensor,  # int64 [T]; -1 marks a padding token that is not stored
+    k_scale: float = 1.0,  # fp8 caches only
+    v_scale: float = 1.0,
 ) -> None:
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = k[valid].to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v[valid].to(v_cache.dtype)
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = to_cache_dtype(k[valid], k_cache.dtype,
+                                                                                          k_scale)
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = to_cache_dtype(v[valid], v_cache.dtype,
+                                                                                          v_scale)
 
 
 def paged_attention_ref(
@@ -41,6 +65,8 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,  # int32 [B]
     query_start_loc: torch.Tensor,  # int32 [B + 1]
     scale: float,
+    k_scale: float = 1.0,  # fp8 caches: dequantisation scales
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new tokens over its whole paged context (fp32 math)."""
     num_q_heads = q.shape[1]
@@ -59,8 +85,8 @@ def paged_attention_ref(
         keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [S, Hkv, D]
         values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
         qb = q[q_start:q_end].float().transpose(0, 1)  # [Hq, L, D]
-        kb = keys.float().transpose(0, 1)  # [Hkv, S, D]; GQA is expanded inside SDPA
-        vb = values.float().transpose(0, 1)
+        kb = from_cache(keys, k_scale).transpose(0, 1)  # [Hkv, S, D]; GQA is expanded inside SDPA
+        vb = from_cache(values, v_scale).transpose(0, 1)
         if q_len == 1:
             mask = None  # a decode row sees its whole context
         else:
@@ -106,6 +132,25 @@ def rotary_ref(
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def rotary_store_kv_ref(
+    positions: torch.Tensor,  # int64 [T]
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    v_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    slot_mapping: torch.Tensor,  # int64 [T]; -1 marks a padding token that is not stored
+    cos_sin_cache: torch.Tensor,  # fp32 [max_pos, D]
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:  # rotated q [T, Hq, D]
+    """Rotary on q and k, then rotated k and (unrotated) v into their cache slots: the fused kernel's
+    contract, and the CPU path of the layers (the same ops in the same order as before the fusion)."""
+    q, k = rotary_ref(positions, q, k, cos_sin_cache)
+    store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # x: [T, 2 * I] -> [T, I]

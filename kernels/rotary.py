@@ -40,6 +40,24 @@ def _rotate_heads(
 
 
 @triton.jit
+def _cos_sin_row(
+    positions_ptr,  # int32/int64 [T]
+    cos_sin_ptr,  # fp32 [max_pos, D] = cat(cos[:, :D/2], sin[:, :D/2]), contiguous
+    token,
+    HEAD_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    """The token's (cos, sin) rows, fp32 [HALF_PAD] each (zero in the padded lanes)."""
+    half: tl.constexpr = HEAD_DIM // 2
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    cols = tl.arange(0, HALF_PAD)
+    mask = cols < half
+    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + cols, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + half + cols, mask=mask, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_out_ptr,  # [T, Hq, D] contiguous
     k_out_ptr,  # [T, Hkv, D] contiguous
@@ -60,11 +78,7 @@ def _rotary_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     half: tl.constexpr = HEAD_DIM // 2
-    pos = tl.load(positions_ptr + token).to(tl.int64)
-    cols = tl.arange(0, HALF_PAD)
-    cs_mask = cols < half
-    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + cols, mask=cs_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + half + cols, mask=cs_mask, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin_row(positions_ptr, cos_sin_ptr, token, HEAD_DIM, HALF_PAD)
     _rotate_heads(q_out_ptr + token * NUM_Q_HEADS * HEAD_DIM, q_ptr + token * stride_q_t, stride_q_h, HEAD_DIM,
                   cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, half, HALF_PAD)
     _rotate_heads(k_out_ptr + token * NUM_KV_HEADS * HEAD_DIM, k_ptr + token * stride_k_t, stride_k_h, HEAD_DIM,

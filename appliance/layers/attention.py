@@ -3,7 +3,13 @@
 The model runner builds one `AttentionMetadata` per step and passes it explicitly down the
 model (no module globals). Every layer first writes this step's K/V into its cache slots, then
 attends over the whole context of each sequence (prefix-cache hits and earlier chunks included).
+The decoder layers write K/V together with rotary (`RotaryEmbedding.rotate_and_store`, one fused
+kernel on CUDA) and then call `Attention.attend`; `Attention.forward` stores and attends.
 On CUDA tensors the Triton kernels run; on CPU the pure-torch references from kernels/ do.
+
+KV-cache dtype: the model's dtype, or fp8 e4m3 (`engine.kv_cache_dtype = "fp8"`): caches hold
+clamp(x / scale, ±448) and read back as fp8 * scale. The per-tensor scales are floats on each
+`Attention` module (1.0 until calibration exists) and are passed to every kernel explicitly.
 """
 
 from __future__ import annotations
@@ -11,9 +17,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from appliance_kernels import reference
 from torch import nn
 
-from appliance_kernels import reference
+from appliance.errors import ConfigError
+
+KV_CACHE_DTYPES = ("auto", "fp8")
+FP8_KV_CACHE_DTYPE = torch.float8_e4m3fn
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the cache tensors: "auto" -> the model's, "fp8" -> float8_e4m3fn.
+
+    fp8 runs on CPU through the torch references, and on CUDA on GPUs with fp8 conversions
+    (compute capability 8.9+: Ada, Hopper and later); elsewhere it is refused here, at start.
+    """
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype != "fp8":
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ConfigError(f"engine.kv_cache_dtype = \"fp8\" needs a GPU of compute capability 8.9 or later, "
+                          f"{torch.cuda.get_device_name(device)} is {torch.cuda.get_device_capability(device)}")
+    return FP8_KV_CACHE_DTYPE
 
 
 @dataclass
@@ -31,14 +57,21 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """softmax(q k^T * scale) v with GQA over the paged cache; q/k/v already projected and rotated."""
+    """softmax(q k^T * scale) v with GQA over the paged cache; q/k/v already projected and rotated.
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    k_scale / v_scale: the fp8 cache's per-tensor scales (stored = x / scale); unused (1.0) for a
+    cache in the model's dtype.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.k_scale = k_scale
+        self.v_scale = v_scale
 
     def forward(
         self,
@@ -48,17 +81,34 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [N, BS, Hkv, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, Hq, D]
+        """Store this step's k/v into their slots, then attend."""
         k_cache, v_cache = kv_cache
         if q.is_cuda:
             from appliance_kernels import attention as triton_attention
 
-            triton_attention.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            triton_attention.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale=self.k_scale,
+                                      v_scale=self.v_scale)
+        else:
+            reference.store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        return self.attend(q, kv_cache, meta)
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [N, BS, Hkv, D], this step's k/v already stored
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """Attend only: the caller has written this step's k/v (e.g. `RotaryEmbedding.rotate_and_store`)."""
+        k_cache, v_cache = kv_cache
+        if q.is_cuda:
+            from appliance_kernels import attention as triton_attention
+
             return triton_attention.paged_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                 self.scale, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
-                is_decode_only=meta.is_decode_only,
+                is_decode_only=meta.is_decode_only, k_scale=self.k_scale, v_scale=self.v_scale,
             )
-        reference.store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
         return reference.paged_attention_ref(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
+            self.k_scale, self.v_scale,
         )

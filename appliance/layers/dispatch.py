@@ -46,6 +46,25 @@ def rotary_embedding(
     return reference.rotary_ref(positions, q, k, cos_sin_cache)
 
 
+def rotary_store_kv(
+    positions: torch.Tensor,  # int64 [T]
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    v_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    slot_mapping: torch.Tensor,  # int64 [T]; -1 = padding token, not stored
+    cos_sin_cache: torch.Tensor,  # fp32 [max_pos, D]
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:  # rotated q [T, Hq, D]
+    if q.is_cuda and (module := _triton_module("rotary_kv")) is not None:
+        return module.rotary_store_kv(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache,
+                                      k_scale=k_scale, v_scale=v_scale)
+    return reference.rotary_store_kv_ref(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache,
+                                         k_scale, v_scale)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] -> [T, I]
     if x.is_cuda and (module := _triton_module("activation")) is not None:
         return module.silu_and_mul(x)

@@ -78,7 +78,10 @@ def build_cos_sin_cache(head_dim: int, max_positions: int, params: dict[str, Any
 
 
 class RotaryEmbedding(nn.Module):
-    """forward(positions [T], q [T, Hq, D], k [T, Hkv, D]) -> rotated (q, k)."""
+    """forward(positions [T], q [T, Hq, D], k [T, Hkv, D]) -> rotated (q, k).
+
+    `rotate_and_store` also writes rotated k and v into the paged KV cache (one fused kernel on
+    CUDA) and returns only rotated q: what an attention layer needs before it attends."""
 
     def __init__(self, head_dim: int, max_positions: int, params: dict[str, Any]) -> None:
         super().__init__()
@@ -95,3 +98,18 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return dispatch.rotary_embedding(positions, q, k, self.cos_sin_cache)
+
+    def rotate_and_store(
+        self,
+        positions: torch.Tensor,  # int64 [T]
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [N, BS, Hkv, D]
+        slot_mapping: torch.Tensor,  # int64 [T]; -1 = padding token, not stored
+        k_scale: float = 1.0,  # fp8 caches only
+        v_scale: float = 1.0,
+    ) -> torch.Tensor:  # rotated q [T, Hq, D]
+        k_cache, v_cache = kv_cache
+        return dispatch.rotary_store_kv(positions, q, k, v, k_cache, v_cache, slot_mapping, self.cos_sin_cache,
+                                        k_scale, v_scale)

@@ -7,7 +7,7 @@ packed in `qkv_proj` and gate/up in `gate_up_proj`; `load_weights` packs HF weig
 
 Model contract (the model runner relies on it):
     forward(input_ids [T], positions [T], kv_caches, meta) -> final-normed hidden states [T, H]
-    compute_logits(hidden [N, H]) -> float32 logits [N, vocab]
+    compute_logits(hidden [N, H]) -> logits [N, vocab] in the model dtype (the sampler upcasts)
 kv_caches[i] = (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim].
 
 NOTE: sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not implemented:
@@ -79,11 +79,13 @@ class DecoderAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per-head norms before rotary
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, kv_cache, meta)
+        # Rotated k and v go straight into the cache (one fused kernel on CUDA); attend reads them back.
+        q = self.rotary_emb.rotate_and_store(positions, q, k, v, kv_cache, meta.slot_mapping,
+                                             self.attn.k_scale, self.attn.v_scale)
+        out = self.attn.attend(q, kv_cache, meta)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -163,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden], after the final norm
         return self.model(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> fp32 [N, vocab]
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, vocab], model dtype
         return self.lm_head(hidden)
 
     # ------------------------------------------------------------------ weights

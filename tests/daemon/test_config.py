@@ -45,6 +45,8 @@ def test_no_file_and_flags_override_the_file(tmp_path: Path) -> None:
     config = load_config(str(path), {"server.port": 9100, "server.host": None, "control.mode": "0600"})
     assert (config.server.port, config.server.host, config.engine.scheduler.max_num_seqs) == (9100, "0.0.0.0", 8)
     assert config.control.mode == 0o600
+    fp8 = load_config(str(path), {"engine.kv_cache_dtype": "fp8"})
+    assert fp8.engine.cache.kv_cache_dtype == "fp8" and AppConfig().engine.cache.kv_cache_dtype == "auto"
     assert config.source_path == str(path)
 
 
@@ -69,6 +71,7 @@ BROKEN = [
     ("[engine]\nmax_num_seqs = \"8\"\n", "engine.max_num_seqs: expected an integer, got '8'"),
     ("[engine]\ngpu_memory_utilization = 1.5\n", "engine.gpu_memory_utilization: expected a fraction in (0, 1], got 1.5"),
     ("[engine]\nblock_size = 24\n", "engine.block_size: expected a power of two from 1 to 256, got 24"),
+    ("[engine]\nkv_cache_dtype = \"fp16\"\n", "engine.kv_cache_dtype: expected one of \"auto\", \"fp8\", got 'fp16'"),
     ("[engine]\nmax_num_seqs = 64\nmax_num_batched_tokens = 32\n",
      "engine.max_num_batched_tokens: expected an integer >= engine.max_num_seqs (64), got 32"),
     ("[engine]\nenable_prefix_caching = \"yes\"\n", "engine.enable_prefix_caching: expected true or false, got 'yes'"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from appliance_kernels import attention, reference
+from appliance_kernels.fp8 import FP8_DTYPE
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -39,8 +40,10 @@ class PagedBatch:
 
 
 def make_batch(q_lens: list[int], ctx_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
-               block_size: int, dtype: torch.dtype, generator: torch.Generator) -> PagedBatch:
-    """Random q and caches; each sequence's blocks are scattered at random (shuffled block ids)."""
+               block_size: int, dtype: torch.dtype, generator: torch.Generator,
+               cache_dtype: torch.dtype | None = None) -> PagedBatch:
+    """Random q and caches (of `cache_dtype`, default q's); each sequence's blocks are scattered at
+    random (shuffled block ids)."""
     seq_lens = [c + q for c, q in zip(ctx_lens, q_lens, strict=True)]
     blocks_per_seq = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_seq) + 2  # spare blocks nobody references
@@ -51,8 +54,8 @@ def make_batch(q_lens: list[int], ctx_lens: list[int], num_q_heads: int, num_kv_
         block_tables[b, :n] = order[used:used + n]
         used += n
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=generator).to(dtype)
-    v_cache = torch.randn(shape, generator=generator).to(dtype)
+    k_cache = torch.randn(shape, generator=generator).to(cache_dtype or dtype)
+    v_cache = torch.randn(shape, generator=generator).to(cache_dtype or dtype)
     q = torch.randn((sum(q_lens), num_q_heads, head_dim), generator=generator).to(dtype)
     starts = [0]
     for n in q_lens:
@@ -64,10 +67,11 @@ def make_batch(q_lens: list[int], ctx_lens: list[int], num_q_heads: int, num_kv_
     )
 
 
-def reference_attention(batch: PagedBatch, scale: float) -> torch.Tensor:
+def reference_attention(batch: PagedBatch, scale: float, k_scale: float = 1.0, v_scale: float = 1.0
+                        ) -> torch.Tensor:
     cpu = [t.cpu() for t in (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
                              batch.query_start_loc)]
-    return reference.paged_attention_ref(*cpu, scale).float()
+    return reference.paged_attention_ref(*cpu, scale, k_scale, v_scale).float()
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -106,6 +110,71 @@ def test_split_kv_decode_matches_reference(dtype: torch.dtype, num_splits: int, 
         max_query_len=1, num_splits=num_splits, out=out,
     )
     assert relative_error(out, reference_attention(batch, 0.2)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *DTYPES[1:],
+                                   pytest.param(torch.float16, marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))])
+@pytest.mark.parametrize("lens", [MIXED, DECODE, PREFILL], ids=["mixed", "decode", "prefill"])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_fp8_cache_matches_dequantized_reference(dtype: torch.dtype, lens: tuple[list[int], list[int]],
+                                                 num_splits: int) -> None:
+    """fp8 K/V tiles are converted to q's dtype in the kernel (exact), scales applied outside the dots:
+    the result is the reference over the dequantised caches (fp8 * scale)."""
+    if num_splits > 1 and max(lens[0]) > 1:
+        pytest.skip("split-KV is for decode batches")
+    generator = torch.Generator().manual_seed(len(lens[0]) * 10 + num_splits)
+    batch = make_batch(*lens, 8, 2, 32, 16, dtype, generator, cache_dtype=FP8_DTYPE)
+    scale, k_scale, v_scale = 32**-0.5, 0.5, 2.0
+    out = torch.full_like(batch.q, float("nan"))
+    attention.paged_attention_with_splits(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale,
+        max_query_len=batch.max_query_len, num_splits=num_splits, out=out, k_scale=k_scale, v_scale=v_scale,
+    )
+    ref = reference_attention(batch, scale, k_scale, v_scale)
+    assert relative_error(out, ref) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_into_fp8_cache_saturates(dtype: torch.dtype) -> None:
+    # NOTE: inputs are fp8 values times the scale (plus out-of-range ones): the Triton interpreter
+    # rounds fp32 -> fp8 wrongly, so on CPU only exactly representable values are stored.
+    generator = torch.Generator().manual_seed(9)
+    num_blocks, block_size, num_kv_heads, head_dim, num_tokens = 4, 4, 2, 16, 7
+    k_scale, v_scale = 4.0, 0.25
+    kv = []
+    for scale in (k_scale, v_scale):
+        x = (torch.randn((num_tokens, num_kv_heads, head_dim), generator=generator) * 100).to(FP8_DTYPE).float()
+        x[:, 0, :2] = torch.tensor([1e4, -1e4])  # saturate at ±448
+        kv.append((x * scale).to(dtype).to(DEVICE))
+    slots = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens]
+    slots[1] = -1
+    slots = slots.to(DEVICE)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    caches = [torch.full(shape, float("nan"), device=DEVICE).to(FP8_DTYPE) for _ in range(4)]
+    attention.store_kv(*kv, caches[0], caches[1], slots, k_scale=k_scale, v_scale=v_scale)
+    reference.store_kv_ref(*kv, caches[2], caches[3], slots, k_scale, v_scale)
+    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        stored = got.float()[~got.float().isnan().all(-1).all(-1)]
+        assert stored.shape[0] == num_tokens - 1 and stored.abs().max() == 448.0
+
+
+def test_fp8_launchers_reject_bad_scales_and_dtypes() -> None:
+    generator = torch.Generator().manual_seed(0)
+    b = make_batch([1], [3], 4, 2, 16, 4, torch.float32, generator, cache_dtype=FP8_DTYPE)
+    args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.query_start_loc, 0.5)
+    with pytest.raises(ValueError, match="k_scale"):
+        attention.paged_attention(*args, max_query_len=1, max_seq_len=4, k_scale=-1.0)
+    with pytest.raises(TypeError, match="caches must both be"):
+        attention.paged_attention(b.q, b.k_cache, b.v_cache.float(), *args[3:], max_query_len=1, max_seq_len=4)
+    plain = make_batch([1], [3], 4, 2, 16, 4, torch.float32, generator)
+    with pytest.raises(ValueError, match="fp8 cache only"):
+        attention.paged_attention(plain.q, plain.k_cache, plain.v_cache, *args[3:], max_query_len=1, max_seq_len=4,
+                                  v_scale=2.0)
+    k = torch.zeros((1, 2, 16), device=DEVICE)
+    with pytest.raises(ValueError, match="fp8 cache only"):
+        attention.store_kv(k, k, plain.k_cache, plain.v_cache, torch.zeros(1, dtype=torch.int64, device=DEVICE),
+                           k_scale=2.0)
 
 
 def test_decode_launcher_picks_split_kv_for_few_long_sequences() -> None:
