@@ -5,6 +5,11 @@ grid mixing decode and prefill lengths, block sizes and GQA ratios (Llama-3.1-8B
 SmolLM2-135M head layouts), outputs poisoned with NaN before every run, no NaN allowed; a CUDA
 graph replay of decode attention with changed lengths; the pytest suite of tests/kernels when pytest
 is importable. Then the microbenchmarks of bench/kernels.py and the measured copy / matmul ceilings.
+FP8 (e4m3) KV caches: attention against the reference over the same fp8 caches dequantised
+(<= 2e-2), with the error against the bf16/fp16 caches they were rounded from reported (not
+checked); store_kv and the fused rotary + KV write into fp8 caches; the fused kernel against
+rotary_ref + store_kv_ref; a CUDA graph of the fused write + fp8 decode attention replayed with
+other lengths and slots.
 Writes bench/results/<date>-<device>-<commit>-kernels.json (and a copy under $OUT when set).
 
     python -m appliance_bench.gpu_check [--smoke] [--skip-bench]
@@ -24,6 +29,8 @@ import time
 import torch
 
 TOLERANCE = 1e-2
+FP8_TOLERANCE = 2e-2  # fp8 caches against the reference over the same caches dequantised
+FP8 = torch.float8_e4m3fn
 
 # (name, Hq, Hkv, D)
 HEAD_LAYOUTS = [("llama-3.1-8b", 32, 8, 128), ("qwen2.5-7b", 28, 4, 128), ("smollm2-135m", 9, 3, 64),
@@ -73,6 +80,38 @@ def check_attention(device: torch.device, dtypes: list[torch.dtype], smoke: bool
                         rows.append({"kernel": "paged_attention", "dtype": str(dtype), "layout": layout,
                                      "block_size": block_size, "mix": mix, "variant": variant, "rel_err": err,
                                      "ok": err <= TOLERANCE})
+                    rows += check_fp8_attention(b, d, dtype, layout, block_size, mix)
+    return rows
+
+
+def check_fp8_attention(b: dict[str, object], d: int, dtype: torch.dtype, layout: str, block_size: int,
+                        mix: str) -> list[dict[str, object]]:
+    """The batch's caches rounded to fp8 (scales 1.0, the engine's, and 0.5 / 2.0): checked against the
+    reference over the fp8 caches dequantised; the error against the original caches is reported."""
+    from appliance_kernels import attention, reference
+
+    rows = []
+    bf16_ref = reference.paged_attention_ref(b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["seq_lens"],
+                                             b["query_start_loc"], d**-0.5)
+    for k_scale, v_scale in ((1.0, 1.0), (0.5, 2.0)):
+        k8 = reference.to_cache_dtype(b["k_cache"], FP8, k_scale)
+        v8 = reference.to_cache_dtype(b["v_cache"], FP8, v_scale)
+        args = (b["q"], k8, v8, b["block_tables"], b["seq_lens"], b["query_start_loc"], d**-0.5)
+        ref = reference.paged_attention_ref(*args, k_scale, v_scale)
+        variants = [("launcher", None)] + ([("splits=4", 4)] if b["max_query_len"] == 1 else [])
+        for variant, splits in variants:
+            out = torch.full_like(b["q"], float("nan"))
+            if splits is None:
+                attention.paged_attention(*args, max_query_len=b["max_query_len"], max_seq_len=b["max_seq_len"],
+                                          out=out, k_scale=k_scale, v_scale=v_scale)
+            else:
+                attention.paged_attention_with_splits(*args, max_query_len=1, num_splits=splits, out=out,
+                                                      k_scale=k_scale, v_scale=v_scale)
+            err = relative_error(out, ref)
+            rows.append({"kernel": "paged_attention fp8 KV", "dtype": str(dtype), "layout": layout,
+                         "block_size": block_size, "mix": mix, "variant": f"{variant} scales={k_scale}/{v_scale}",
+                         "rel_err": err, "rel_err_vs_unquantized_ref": relative_error(out, bf16_ref),
+                         "ok": err <= FP8_TOLERANCE})
     return rows
 
 
@@ -97,8 +136,59 @@ def check_graph_replay(device: torch.device) -> dict[str, object]:
     return {"kernel": "paged_attention", "variant": "cuda-graph replay", "rel_err": err, "ok": err <= TOLERANCE}
 
 
+def check_fused_fp8_graph_replay(device: torch.device) -> dict[str, object]:
+    """One decode layer as the model runs it (fused rotary + fp8 KV write, then fp8 attention),
+    captured once and replayed with other lengths and slots: no host reads in either launcher."""
+    from appliance_bench.kernels import make_paged_batch
+    from appliance_kernels import attention, reference, rotary_kv
+
+    hq, hkv, d = 32, 8, 128
+    b = make_paged_batch([1, 1, 1], [40, 2000, 300], hq, hkv, d, 16, torch.bfloat16, device)
+    k_cache, v_cache = b["k_cache"].to(FP8), b["v_cache"].to(FP8)
+    seq_lens = b["seq_lens"].clone()
+    tables = b["block_tables"]
+    q, k, v = (torch.randn((3, h, d), dtype=torch.bfloat16, device=device) for h in (hq, hkv, hkv))
+    positions = (seq_lens - 1).long()
+    slots = torch.empty(3, dtype=torch.int64, device=device)
+
+    def fill_slots() -> None:  # each sequence's last position, in its own block (computed on the device)
+        pos = positions
+        slots.copy_(tables.long().gather(1, (pos // 16).unsqueeze(1)).squeeze(1) * 16 + pos % 16)
+
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    freqs = torch.outer(torch.arange(4096, dtype=torch.float32, device=device), inv_freq)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    q_rot = torch.empty_like(q)
+    out = torch.empty_like(q)
+
+    def layer() -> None:
+        rotary_kv.rotary_store_kv(positions, q, k, v, k_cache, v_cache, slots, cos_sin, q_out=q_rot)
+        attention.paged_attention(q_rot, k_cache, v_cache, tables, seq_lens, b["query_start_loc"], d**-0.5,
+                                  max_query_len=1, max_seq_len=4096, is_decode_only=True, out=out)
+
+    fill_slots()
+    layer()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer()
+    seq_lens.copy_(torch.tensor([17, 1500, 301], dtype=torch.int32))
+    positions.copy_((seq_lens - 1).long())
+    fill_slots()
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    want_k, want_v = before_k.clone(), before_v.clone()
+    want_q = reference.rotary_store_kv_ref(positions, q, k, v, want_k, want_v, slots, cos_sin)
+    want = reference.paged_attention_ref(want_q, want_k, want_v, tables, seq_lens, b["query_start_loc"], d**-0.5)
+    err = relative_error(out, want)
+    cache_err = max(relative_error(k_cache.float(), want_k.float()), relative_error(v_cache.float(), want_v.float()))
+    return {"kernel": "rotary_store_kv + paged_attention fp8 KV", "variant": "cuda-graph replay", "rel_err": err,
+            "cache_rel_err": cache_err, "ok": err <= FP8_TOLERANCE and cache_err <= FP8_TOLERANCE}
+
+
 def check_layers(device: torch.device, dtypes: list[torch.dtype], smoke: bool) -> list[dict[str, object]]:
-    from appliance_kernels import activation, attention, norm, reference, rotary
+    from appliance_kernels import activation, attention, norm, reference, rotary, rotary_kv
 
     t, h, inter, hq, hkv, d = (6, 64, 96, 4, 2, 32) if smoke else (777, 4096, 14336, 32, 8, 128)
     rows = []
@@ -144,6 +234,42 @@ def check_layers(device: torch.device, dtypes: list[torch.dtype], smoke: bool) -
         same = all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(caches[:2], caches[2:],
                                                                                     strict=True))
         rows.append({"kernel": "store_kv", "dtype": str(dtype), "rel_err": 0.0 if same else float("nan"), "ok": same})
+
+        # NOTE: the Triton interpreter rounds fp32 -> fp8 wrongly (tests/kernels cover the fp8
+        # stores with exactly representable values): the fp8 store rows need the GPU.
+        fp8_stores = device.type == "cuda"
+        # fp8 caches: values up to ~±1000, so some saturate at ±448 (never NaN).
+        if fp8_stores:
+            big_k, big_v = k * 300, v * 300
+            fp8 = [torch.full((blocks, 16, hkv, d), float("nan"), device=device).to(FP8) for _ in range(4)]
+            attention.store_kv(big_k, big_v, fp8[0], fp8[1], slots, k_scale=0.5, v_scale=2.0)
+            reference.store_kv_ref(big_k, big_v, fp8[2], fp8[3], slots, 0.5, 2.0)
+            same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(fp8[:2], fp8[2:],
+                                                                                           strict=True))
+            written = ~fp8[2].float().isnan()
+            err = max(relative_error(a.float()[written], b.float()[written]) for a, b in ((fp8[0], fp8[2]), (fp8[1], fp8[3])))
+            rows.append({"kernel": "store_kv fp8 KV", "dtype": str(dtype), "rel_err": err, "bit_exact": same,
+                         "ok": err <= FP8_TOLERANCE})
+
+        # Fused rotary + KV write against rotary_ref + store_kv_ref, into caches of q's dtype and fp8.
+        cases = [(dtype, 1.0, (1.0, 1.0))]
+        if fp8_stores:
+            cases += [(FP8, 300.0, (1.0, 1.0)), (FP8, 300.0, (0.5, 2.0))]
+        for cache_dtype, x_scale, scales in cases:
+            xq, xk, xv = q * x_scale, k * x_scale, v * x_scale
+            caches = [torch.full((blocks, 16, hkv, d), float("nan"), device=device).to(cache_dtype) for _ in range(4)]
+            q_fused = torch.full_like(q, float("nan")).contiguous()
+            rotary_kv.rotary_store_kv(positions, xq, xk, xv, caches[0], caches[1], slots, cos_sin, q_out=q_fused,
+                                      k_scale=scales[0], v_scale=scales[1])
+            q_ref = reference.rotary_store_kv_ref(positions, xq, xk, xv, caches[2], caches[3], slots, cos_sin, *scales)
+            name = "rotary_store_kv" + (f" fp8 KV scales={scales[0]}/{scales[1]}" if cache_dtype == FP8 else "")
+            add(name + " q", q_fused, q_ref)
+            for which, got, want in (("k", caches[0], caches[2]), ("v", caches[1], caches[3])):
+                written = ~want.float().isnan()
+                err = relative_error(got.float()[written], want.float()[written])
+                untouched = bool(got.float()[~written].isnan().all())  # padding slots never written
+                ok = err <= (FP8_TOLERANCE if cache_dtype == FP8 else TOLERANCE) and untouched
+                rows.append({"kernel": f"{name} {which} cache", "dtype": str(dtype), "rel_err": err, "ok": ok})
     return rows
 
 
@@ -176,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = check_attention(device, dtypes, args.smoke) + check_layers(device, dtypes, args.smoke)
     if cuda:
         checks.append(check_graph_replay(device))
+        checks.append(check_fused_fp8_graph_replay(device))
     failed = [c for c in checks if not c["ok"]]
     worst = max((c["rel_err"] for c in checks), key=lambda e: float("inf") if e != e else e)
     print(f"correctness: {len(checks) - len(failed)}/{len(checks)} ok, worst rel err {worst:.2e}")

@@ -55,9 +55,10 @@ def _median_ms(fn: Callable[[], object], device: torch.device, smoke: bool) -> f
 
 def _kernels() -> dict[str, ModuleType]:
     # Imported late: on CPU, TRITON_INTERPRET must be set before the @triton.jit definitions run.
-    from appliance_kernels import activation, attention, norm, reference, rotary
+    from appliance_kernels import activation, attention, norm, reference, rotary, rotary_kv
 
-    return {"activation": activation, "attention": attention, "norm": norm, "reference": reference, "rotary": rotary}
+    return {"activation": activation, "attention": attention, "norm": norm, "reference": reference, "rotary": rotary,
+            "rotary_kv": rotary_kv}
 
 
 def make_paged_batch(q_lens: list[int], ctx_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -104,13 +105,22 @@ def bench_attention(device: torch.device, dtype: torch.dtype, smoke: bool) -> li
         "decode B=1 ctx=4096 (no split)": ([1], [4095]),
         "prefill 4x1024 fresh": ([1024] * 4, [0] * 4),
         "mixed 64 decode + 512 chunk @1024": ([1] * 64 + [512], [1023] * 64 + [1024]),
+        # fp8 (e4m3) KV cache: half the K/V bytes of the first row.
+        "decode B=256 ctx=1024 fp8 KV": ([1] * 256, [1023] * 256),
+        "decode B=512 ctx=640 fp8 KV": ([1] * 512, [639] * 512),
+        "decode B=512 ctx=640": ([1] * 512, [639] * 512),
     }
     if smoke:
-        cases = {"decode B=4 ctx=64": ([1] * 4, [63] * 4), "mixed 2 decode + 8 chunk": ([1, 1, 8], [20, 9, 16])}
+        cases = {"decode B=4 ctx=64": ([1] * 4, [63] * 4), "mixed 2 decode + 8 chunk": ([1, 1, 8], [20, 9, 16]),
+                 "decode B=4 ctx=64 fp8 KV": ([1] * 4, [63] * 4)}
     out: list[KernelTiming] = []
-    elem = torch.finfo(dtype).bits // 8
     for name, (q_lens, ctx_lens) in cases.items():
         batch = make_paged_batch(q_lens, ctx_lens, hq, hkv, d, bs, dtype, device)
+        elem = kv_elem = torch.finfo(dtype).bits // 8
+        if "fp8" in name:
+            batch["k_cache"] = batch["k_cache"].to(torch.float8_e4m3fn)
+            batch["v_cache"] = batch["v_cache"].to(torch.float8_e4m3fn)
+            kv_elem = 1
         scale = d**-0.5
         args = (batch["q"], batch["k_cache"], batch["v_cache"], batch["block_tables"], batch["seq_lens"],
                 batch["query_start_loc"], scale)
@@ -124,7 +134,7 @@ def bench_attention(device: torch.device, dtype: torch.dtype, smoke: bool) -> li
         torch_ms = _median_ms(functools.partial(k["reference"].paged_attention_ref, *args), device, smoke)
         kv_tokens = sum(c + q for c, q in zip(ctx_lens, q_lens, strict=True))
         q_tokens = sum(q_lens)
-        min_bytes = 2 * kv_tokens * hkv * d * elem + 2 * q_tokens * hq * d * elem
+        min_bytes = 2 * kv_tokens * hkv * d * kv_elem + 2 * q_tokens * hq * d * elem
         # Causal FLOPs: query i of a row with c cached tokens sees c + i + 1 keys.
         flops = sum(4.0 * hq * d * (q * c + q * (q + 1) / 2) for q, c in zip(q_lens, ctx_lens, strict=True))
         out.append(_timing("paged_attention", name, triton_ms, torch_ms, min_bytes, flops))
@@ -170,6 +180,31 @@ def bench_layers(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[
                        _median_ms(lambda: k["attention"].store_kv(kk, v, k_cache, v_cache, slots), device, smoke),
                        _median_ms(lambda: ref.store_kv_ref(kk, v, k_cache, v_cache, slots), device, smoke),
                        4 * t * hkv * d * elem))
+
+    # Fused rotary + KV write: reads q, k, v, writes rotated q and the k/v cache rows (one launch).
+    # The T=1 rows are batch-1 decode, where the launches themselves are the cost.
+    vv = torch.randn_like(kk)
+    fp8_k_cache, fp8_v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+    for tokens in (t, 1):
+        sl, pos = slots[:tokens], positions[:tokens]
+        qs, ks, vs = q[:tokens], kk[:tokens], vv[:tokens]
+        moved = 2 * tokens * (hq + 2 * hkv) * d * elem + tokens * d * 4
+        for cache_name, kc, vc in (("", k_cache, v_cache), (" fp8 KV", fp8_k_cache, fp8_v_cache)):
+            out.append(_timing("rotary_store_kv", f"T={tokens} Hq={hq} Hkv={hkv} D={d}{cache_name}",
+                               _median_ms(lambda qs=qs, ks=ks, vs=vs, kc=kc, vc=vc, sl=sl, pos=pos:
+                                          k["rotary_kv"].rotary_store_kv(pos, qs, ks, vs, kc, vc, sl, cos_sin),
+                                          device, smoke),
+                               _median_ms(lambda qs=qs, ks=ks, vs=vs, kc=kc, vc=vc, sl=sl, pos=pos:
+                                          ref.rotary_store_kv_ref(pos, qs, ks, vs, kc, vc, sl, cos_sin),
+                                          device, smoke), moved))
+
+        def separate(qs: torch.Tensor = qs, ks: torch.Tensor = ks, vs: torch.Tensor = vs, sl: torch.Tensor = sl,
+                     pos: torch.Tensor = pos) -> None:
+            q_rot, k_rot = k["rotary"].rotary_embedding(pos, qs, ks, cos_sin)
+            k["attention"].store_kv(k_rot, vs, k_cache, v_cache, sl)
+
+        out.append(_timing("rotary + store_kv", f"T={tokens} (two launches, for the fused rows)",
+                           _median_ms(separate, device, smoke), None, moved))
     return out
 
 

@@ -44,6 +44,8 @@ def add_arguments_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, help="engine max_num_seqs (default: the engine's)")
     parser.add_argument("--max-num-batched-tokens", type=int, help="engine token budget per step")
     parser.add_argument("--gpu-memory-utilization", type=float, help="engine KV sizing (default: the engine's)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                        help="engine KV-cache dtype (fp8: float8 e4m3, half the KV bytes of bf16)")
     parser.add_argument("--enforce-eager", action="store_true", help="engine without CUDA graphs")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="engine waits for each step's tokens before scheduling the next")
@@ -87,6 +89,7 @@ def build_engine(model: str, args: argparse.Namespace, device: torch.device) -> 
             block_size=cache.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization or cache.gpu_memory_utilization,
             cpu_kv_cache_bytes=cache.cpu_kv_cache_bytes if device.type == "cuda" else 64 << 20,
+            kv_cache_dtype=getattr(args, "kv_cache_dtype", cache.kv_cache_dtype),
         ),
         scheduler=SchedulerConfig(
             max_model_len=args.max_model_len,
