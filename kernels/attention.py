@@ -60,8 +60,8 @@ def _store_kv_kernel(
     dst = tl.maximum(slot, 0) * ROW_ELEMS + offs
     k = tl.load(k_ptr + token * stride_k_t + offs, mask=mask)
     v = tl.load(v_ptr + token * stride_v_t + offs, mask=mask)
-    tl.store(k_cache_ptr + dst, to_cache(k, k_scale, k_cache_ptr.dtype.element_ty, IS_FP8), mask=mask)
-    tl.store(v_cache_ptr + dst, to_cache(v, v_scale, v_cache_ptr.dtype.element_ty, IS_FP8), mask=mask)
+    tl.store(k_cache_ptr + dst, to_cache(k, k_scale, IS_FP8).to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, to_cache(v, v_scale, IS_FP8).to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv(

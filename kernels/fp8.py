@@ -30,9 +30,10 @@ def check_kv_scales(op: str, k_cache: torch.Tensor, k_scale: float, v_scale: flo
 
 
 @triton.jit
-def to_cache(x, scale, cache_ty: tl.constexpr, IS_FP8: tl.constexpr):
-    """One value on its way into the cache: as is, or divided by the scale and saturated for fp8."""
+def to_cache(x, scale, IS_FP8: tl.constexpr):
+    """Values on their way into the cache (the caller casts to the cache's dtype): as they are, or
+    for fp8 divided by the scale and saturated to ±448 in fp32."""
     if IS_FP8:
         x = x.to(tl.float32) / scale
         x = tl.minimum(tl.maximum(x, -448.0), 448.0)
-    return x.to(cache_ty)
+    return x

@@ -72,14 +72,14 @@ def _rotary_store_kv_kernel(
     r2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(k_ty)
     k_dst = k_cache_ptr + row + heads[:, None] * HEAD_DIM + cols[None, :]
     cache_ty = k_cache_ptr.dtype.element_ty
-    tl.store(k_dst, to_cache(r1, k_scale, cache_ty, IS_FP8), mask=half_mask)
-    tl.store(k_dst + half, to_cache(r2, k_scale, cache_ty, IS_FP8), mask=half_mask)
+    tl.store(k_dst, to_cache(r1, k_scale, IS_FP8).to(cache_ty), mask=half_mask)
+    tl.store(k_dst + half, to_cache(r2, k_scale, IS_FP8).to(cache_ty), mask=half_mask)
 
     dims = tl.arange(0, DIM_PAD)
     v_mask = store & (dims[None, :] < HEAD_DIM)
     v = tl.load(v_ptr + token * stride_v_t + heads[:, None] * stride_v_h + dims[None, :], mask=v_mask, other=0.0)
     tl.store(v_cache_ptr + row + heads[:, None] * HEAD_DIM + dims[None, :],
-             to_cache(v, v_scale, v_cache_ptr.dtype.element_ty, IS_FP8), mask=v_mask)
+             to_cache(v, v_scale, IS_FP8).to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
 def rotary_store_kv(
