@@ -199,7 +199,7 @@ def bench_model(model: str, args: argparse.Namespace, device: torch.device, ceil
         checkpoint()
     w1 = engine_throughput(engine, prompts, args.output_tokens)
     floor = roofline.workload_floor_s(shape, args.num_requests, args.prompt_tokens, args.output_tokens,
-                                      max_batch=args.max_num_seqs or 256,
+                                      max_batch=result["max_num_seqs"] or 512,
                                       copy_bytes_per_s=ceilings["copy_bytes_per_s"],
                                       matmul_flops_per_s=ceilings["matmul_flops_per_s"])
     w1["output_tok_s"] = w1["output_tokens"] / w1["time_s"]

@@ -114,7 +114,9 @@ def check_cache_dtypes(op: str, x: torch.Tensor, k_cache: torch.Tensor, v_cache:
                         f"{v_cache.dtype}")
 
 
-@triton.jit
+# NOTE: the block-table row stride is the step's widest table, which changes from step to step;
+# Triton would otherwise compile a variant for each new "== 1 / divisible by 16" case mid-serving.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     out_ptr,  # [T, Hq, D]; written when NUM_SPLITS == 1
     part_acc_ptr,  # fp32 [T, Hq, NUM_SPLITS, BLOCK_D]; unnormalised partial outputs (NUM_SPLITS > 1)

@@ -25,6 +25,7 @@ from appliance.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
+_ALIGN = 16  # int32 elements: 64 bytes (see ModelRunner._upload)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -319,23 +320,28 @@ class ModelRunner:
         draws = prev.draw_index()
         return [draws[seq_id] for seq_id in hb.gather_seqs]
 
-    def _upload(self, parts: list[list[int] | np.ndarray], dst: torch.Tensor | None = None) -> torch.Tensor:
+    def _upload(self, parts: list[list[int] | np.ndarray], dst: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
         """Concatenate int32 parts in a staging buffer and copy them to the device in one go.
 
+        Returns the device buffer and each part's offset in it. Every part starts on a 64-byte
+        boundary: Triton specializes kernels on pointer alignment, so parts that moved with the
+        step's sizes would compile a new kernel variant (0.4-0.8 s each) in the middle of serving.
         dst: where the copy lands (a persistent device buffer), else a fresh device tensor.
         """
-        total = sum(len(p) for p in parts)
-        host, arr = self._staging.take(total)
-        o = 0
+        offsets = []
+        total = 0
         for part in parts:
+            offsets.append(total)
+            total += -(-len(part) // _ALIGN) * _ALIGN
+        host, arr = self._staging.take(total)
+        for part, o in zip(parts, offsets, strict=True):
             arr[o : o + len(part)] = part
-            o += len(part)
         if self.device.type != "cuda":
-            return host.clone() if dst is None else dst[:total].copy_(host)
+            return (host.clone() if dst is None else dst[:total].copy_(host)), offsets
         dev = torch.empty(total, dtype=torch.int32, device=self.device) if dst is None else dst[:total]
         dev.copy_(host, non_blocking=True)
         self._staging.done()
-        return dev
+        return dev, offsets
 
     def _upload_eager(self, hb: _HostBatch, prev: StepHandle | None) -> _Batch:
         """Every input of an eager step in one int32 buffer: [ids | positions | slots | logits rows
@@ -344,25 +350,13 @@ class ModelRunner:
         qsl = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(hb.q_lens, out=qsl[1:])
         src = self._gather_src(hb, prev)
-        dev = self._upload([hb.ids, hb.positions, hb.slots, hb.logits_rows, qsl, hb.seq_lens, hb.tables,
-                            hb.gather_dst, src])
-        o = 0
-
-        def take(n: int) -> torch.Tensor:
-            nonlocal o
-            part = dev[o : o + n]
-            o += n
-            return part
-
-        input_ids = take(num_tokens)
-        pos_t = take(num_tokens)
-        slot_t = take(num_tokens)
-        logits_t = take(len(hb.logits_rows))
-        qsl_t = take(num_seqs + 1)
-        seq_lens_t = take(num_seqs)
-        tables_t = take(num_seqs * hb.width).view(num_seqs, hb.width)
+        parts = [hb.ids, hb.positions, hb.slots, hb.logits_rows, qsl, hb.seq_lens, hb.tables, hb.gather_dst, src]
+        dev, offsets = self._upload(parts)
+        input_ids, pos_t, slot_t, logits_t, qsl_t, seq_lens_t, tables_t, dst_t, src_t = (
+            dev[o : o + len(part)] for part, o in zip(parts, offsets, strict=True))
+        tables_t = tables_t.view(num_seqs, hb.width)
         if src:
-            self._gather_placeholders(input_ids, take(len(src)), take(len(src)), prev)
+            self._gather_placeholders(input_ids, dst_t, src_t, prev)
         meta = AttentionMetadata(
             slot_mapping=slot_t,
             query_start_loc=qsl_t,
@@ -409,8 +403,8 @@ class ModelRunner:
         # then room for the step's packed block tables and placeholder gather indices.
         self._g_host = np.zeros(5 * max_bs + 1, dtype=np.int32)
         self._g_host[4 * max_bs :] = np.arange(max_bs + 1)
-        self._g_buf = torch.zeros(5 * max_bs + 1 + max_bs * (self.max_blocks_per_seq + 2), dtype=torch.int32,
-                                  device=dev)
+        self._g_buf = torch.zeros(5 * max_bs + 1 + max_bs * (self.max_blocks_per_seq + 2) + 4 * _ALIGN,
+                                  dtype=torch.int32, device=dev)
         self._g_buf[: 5 * max_bs + 1].copy_(torch.from_numpy(self._g_host))
         self._g_input_ids, self._g_positions, self._g_slots, self._g_seq_lens = self._g_buf[: 4 * max_bs].view(4, max_bs)
         self._g_slots.fill_(-1)
@@ -459,14 +453,12 @@ class ModelRunner:
             host[base : base + n] = values
             host[base + n : base + size] = pad
         src = self._gather_src(hb, prev)
-        dev = self._upload([host, hb.tables, hb.gather_dst, src], dst=self._g_buf)
-        o = len(host)
+        dev, (_, o_tables, o_dst, o_src) = self._upload([host, hb.tables, hb.gather_dst, src], dst=self._g_buf)
         width = hb.width
         # Rows past n keep stale but valid block ids: padding rows read one key of them, harmlessly.
-        self._g_block_tables[:n, :width].copy_(dev[o : o + n * width].view(n, width))
-        o += n * width
+        self._g_block_tables[:n, :width].copy_(dev[o_tables : o_tables + n * width].view(n, width))
         if src:
-            self._gather_placeholders(self._g_input_ids, dev[o : o + len(src)],
-                                      dev[o + len(src) : o + 2 * len(src)], prev)
+            self._gather_placeholders(self._g_input_ids, dev[o_dst : o_dst + len(src)],
+                                      dev[o_src : o_src + len(src)], prev)
         self.graphs[size].replay()
         return self._g_logits[size][: len(hb.logits_rows)]
