@@ -8,8 +8,9 @@ once per group rather than once per query head. Softmax is online (running max a
 
 Decode with few sequences and long contexts leaves most of the GPU idle when one program walks the
 whole context, so the launcher then splits the context into partitions (flash-decoding): each
-program reduces one partition to a partial (unnormalised output, max, sum) and a second kernel
-merges the partials.
+program reduces one partition to a partial (unnormalised output, max, sum), then counts itself
+done on an atomic counter per (sequence, kv head); the last one to finish merges the partials.
+No second launch: at batch 1 that launch cost as much as the attention itself.
 
 FP8 caches (float8_e4m3fn, kernels/fp8.py): store_kv saturates x / scale into them; attention loads
 fp8 K/V tiles, converts them to q's dtype (exact: every e4m3 value is a bf16/fp16 value) before
@@ -122,6 +123,7 @@ def _paged_attention_kernel(
     part_acc_ptr,  # fp32 [T, Hq, NUM_SPLITS, BLOCK_D]; unnormalised partial outputs (NUM_SPLITS > 1)
     part_max_ptr,  # fp32 [T, Hq, NUM_SPLITS]; running max of each partition, log2 units
     part_sum_ptr,  # fp32 [T, Hq, NUM_SPLITS]; softmax denominator of each partition
+    counter_ptr,  # int32 [>= B * Hkv], zero between launches: partitions done per (sequence, kv head)
     q_ptr,  # [T, Hq, D], dims packed
     k_cache_ptr,  # [N, BS, Hkv, D] contiguous
     v_cache_ptr,  # [N, BS, Hkv, D] contiguous
@@ -234,46 +236,42 @@ def _paged_attention_kernel(
             mask=row_valid[:, None] & dim_valid[None, :],
         )
     else:
-        part_row = (q_rows * (NUM_KV_HEADS * GROUP) + q_head) * NUM_SPLITS + split  # [BLOCK_M]
+        first_part = (q_rows * (NUM_KV_HEADS * GROUP) + q_head) * NUM_SPLITS  # [BLOCK_M]
+        part_row = first_part + split
         tl.store(part_acc_ptr + part_row[:, None] * BLOCK_D + dims[None, :], acc, mask=row_valid[:, None])
         tl.store(part_max_ptr + part_row, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part_row, l_i, mask=row_valid)
-
-
-@triton.jit
-def _merge_splits_kernel(
-    out_ptr,  # [T, Hq, D]
-    part_acc_ptr,  # fp32 [T, Hq, NUM_SPLITS, BLOCK_D]
-    part_max_ptr,  # fp32 [T, Hq, NUM_SPLITS]
-    part_sum_ptr,  # fp32 [T, Hq, NUM_SPLITS]
-    query_start_loc_ptr,  # int32 [B + 1]; decode rows, one token each
-    stride_o_t,
-    stride_o_h,
-    NUM_Q_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    token = tl.load(query_start_loc_ptr + seq)
-    has_token = tl.load(query_start_loc_ptr + seq + 1) > token  # padding rows have no token
-    splits = tl.arange(0, NUM_SPLITS)
-    dims = tl.arange(0, BLOCK_D)
-    part_row = (token.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS + splits  # [S]
-    m = tl.load(part_max_ptr + part_row, mask=has_token, other=float("-inf"))
-    s = tl.load(part_sum_ptr + part_row, mask=has_token, other=0.0)
-    acc = tl.load(part_acc_ptr + part_row[:, None] * BLOCK_D + dims[None, :], mask=has_token, other=0.0)
-    m_all = tl.max(m, 0)
-    # Empty partitions (m = -inf) weigh 0; an all-empty row (no keys) gives 0, never NaN.
-    weight = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all)))
-    denom = tl.sum(weight * s, 0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(
-        out_ptr + token.to(tl.int64) * stride_o_t + head * stride_o_h + dims,
-        out.to(out_ptr.dtype.element_ty),
-        mask=(dims < HEAD_DIM) & has_token,
-    )
+        # The last partition of this (sequence, kv head) to finish merges them all: no second
+        # launch. Its stores are made visible first (barrier, then a release-acquire atomic), it
+        # reads the others' partials from L2, and it zeroes the counter for the next launch.
+        tl.debug_barrier()
+        counter = counter_ptr + seq * NUM_KV_HEADS + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            tl.atomic_xchg(counter, 0)
+            m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            for sp in tl.static_range(NUM_SPLITS):
+                m_sp = tl.load(part_max_ptr + first_part + sp, mask=row_valid, other=float("-inf"),
+                               cache_modifier=".cg")
+                m_all = tl.maximum(m_all, m_sp)
+            # Empty partitions (m = -inf) weigh 0; a row with no keys at all gives 0, never NaN.
+            m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+            denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+            merged = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for sp in tl.static_range(NUM_SPLITS):
+                m_sp = tl.load(part_max_ptr + first_part + sp, mask=row_valid, other=float("-inf"),
+                               cache_modifier=".cg")
+                weight = tl.where(m_sp == float("-inf"), 0.0, tl.exp2(m_sp - m_ref))
+                denom += weight * tl.load(part_sum_ptr + first_part + sp, mask=row_valid, other=0.0,
+                                          cache_modifier=".cg")
+                part = tl.load(part_acc_ptr + (first_part + sp)[:, None] * BLOCK_D + dims[None, :],
+                               mask=row_valid[:, None], other=0.0, cache_modifier=".cg")
+                merged += weight[:, None] * part
+            out = merged / tl.where(denom == 0.0, 1.0, denom)[:, None]
+            tl.store(
+                out_ptr + q_rows[:, None] * stride_o_t + q_head[:, None] * stride_o_h + dims[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=row_valid[:, None] & dim_valid[None, :],
+            )
 
 
 @functools.lru_cache(maxsize=8)
@@ -375,12 +373,13 @@ def paged_attention_with_splits(
         part_acc = torch.empty((num_tokens, num_q_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
         part_max = torch.empty((num_tokens, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
+        counters = _split_counters(q.device, num_seqs * num_kv_heads)
     else:
-        part_acc = part_max = part_sum = out  # unused by the kernel when NUM_SPLITS == 1
+        part_acc = part_max = part_sum = counters = out  # unused by the kernel when NUM_SPLITS == 1
 
     scale_log2 = float(scale) * float(k_scale) * 1.4426950408889634  # log2(e)
     _paged_attention_kernel[(num_seqs, q_tiles * num_splits, num_kv_heads)](
-        out, part_acc, part_max, part_sum,
+        out, part_acc, part_max, part_sum, counters,
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         scale_log2, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -389,13 +388,23 @@ def paged_attention_with_splits(
         PAGE_SIZE=page_size, NUM_SPLITS=num_splits, IEEE_FP32=q.dtype == torch.float32, IS_FP8=is_fp8(k_cache),
         num_warps=num_warps, num_stages=2,
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(num_seqs, num_q_heads)](
-            out, part_acc, part_max, part_sum, query_start_loc, out.stride(0), out.stride(1),
-            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            num_warps=4,
-        )
     return out
+
+
+# Split-KV completion counters, zero between launches (the last partition resets its own), one
+# buffer per device. A grown buffer replaces the old one, which stays alive: CUDA graphs captured
+# earlier still point at it.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
+
+
+def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < needed:
+        if buf is not None:
+            _RETIRED_COUNTERS.append(buf)
+        buf = _COUNTERS[device] = torch.zeros(max(needed, 1 << 14), dtype=torch.int32, device=device)
+    return buf
 
 
 def _check_attention_inputs(
