@@ -25,6 +25,7 @@ captures them into CUDA graphs for decode. The grid depends only on tensor shape
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -36,6 +37,11 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Split-KV: never give a partition fewer keys than this, and never more partitions than this.
 _MIN_KEYS_PER_SPLIT = 128
 _MAX_SPLITS = 16
+# Prefill/mixed tile shape (rows = query tokens x GQA heads per program).
+PREFILL_TILE = {"rows": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+# TEMPORARY A/B (GPU measurement pending): merge split-KV partials in the last partition (one
+# launch) or in a second kernel.
+FUSED_MERGE = os.environ.get("APPLIANCE_SPLIT_MERGE", "fused") == "fused"
 
 
 @triton.jit
@@ -147,6 +153,7 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,  # keys per iteration
     PAGE_SIZE: tl.constexpr,  # tokens per KV block
     NUM_SPLITS: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,  # split-KV: the last partition merges (else _merge_splits_kernel)
     IEEE_FP32: tl.constexpr,  # fp32 inputs: exact fp32 dots instead of tf32
     IS_FP8: tl.constexpr,  # fp8 caches: tiles converted to q's dtype before the dots
 ):
@@ -244,34 +251,71 @@ def _paged_attention_kernel(
         # The last partition of this (sequence, kv head) to finish merges them all: no second
         # launch. Its stores are made visible first (barrier, then a release-acquire atomic), it
         # reads the others' partials from L2, and it zeroes the counter for the next launch.
-        tl.debug_barrier()
-        counter = counter_ptr + seq * NUM_KV_HEADS + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            tl.atomic_xchg(counter, 0)
-            m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            for sp in tl.static_range(NUM_SPLITS):
-                m_sp = tl.load(part_max_ptr + first_part + sp, mask=row_valid, other=float("-inf"),
-                               cache_modifier=".cg")
-                m_all = tl.maximum(m_all, m_sp)
-            # Empty partitions (m = -inf) weigh 0; a row with no keys at all gives 0, never NaN.
-            m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
-            denom = tl.zeros([BLOCK_M], dtype=tl.float32)
-            merged = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            for sp in tl.static_range(NUM_SPLITS):
-                m_sp = tl.load(part_max_ptr + first_part + sp, mask=row_valid, other=float("-inf"),
-                               cache_modifier=".cg")
-                weight = tl.where(m_sp == float("-inf"), 0.0, tl.exp2(m_sp - m_ref))
-                denom += weight * tl.load(part_sum_ptr + first_part + sp, mask=row_valid, other=0.0,
-                                          cache_modifier=".cg")
-                part = tl.load(part_acc_ptr + (first_part + sp)[:, None] * BLOCK_D + dims[None, :],
-                               mask=row_valid[:, None], other=0.0, cache_modifier=".cg")
-                merged += weight[:, None] * part
-            out = merged / tl.where(denom == 0.0, 1.0, denom)[:, None]
-            tl.store(
-                out_ptr + q_rows[:, None] * stride_o_t + q_head[:, None] * stride_o_h + dims[None, :],
-                out.to(out_ptr.dtype.element_ty),
-                mask=row_valid[:, None] & dim_valid[None, :],
-            )
+        if FUSED_MERGE:
+            tl.debug_barrier()
+            counter = counter_ptr + seq * NUM_KV_HEADS + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                tl.atomic_xchg(counter, 0)
+                # Only the partitions that held keys: per_split rounds up, so the rest are empty.
+                num_active = tl.cdiv(kv_end, tl.maximum(per_split, 1))
+                m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+                merged = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+                for sp in range(0, num_active):  # one pass, rescaled online like the main loop
+                    m_sp = tl.load(part_max_ptr + first_part + sp, mask=row_valid, other=float("-inf"),
+                                   cache_modifier=".cg")
+                    l_sp = tl.load(part_sum_ptr + first_part + sp, mask=row_valid, other=0.0, cache_modifier=".cg")
+                    acc_sp = tl.load(part_acc_ptr + (first_part + sp)[:, None] * BLOCK_D + dims[None, :],
+                                     mask=row_valid[:, None], other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m_run, m_sp)
+                    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    w_old = tl.exp2(m_run - m_shift)
+                    w_sp = tl.exp2(m_sp - m_shift)
+                    denom = denom * w_old + l_sp * w_sp
+                    merged = merged * w_old[:, None] + acc_sp * w_sp[:, None]
+                    m_run = m_new
+                out = merged / tl.where(denom == 0.0, 1.0, denom)[:, None]
+                tl.store(
+                    out_ptr + q_rows[:, None] * stride_o_t + q_head[:, None] * stride_o_h + dims[None, :],
+                    out.to(out_ptr.dtype.element_ty),
+                    mask=row_valid[:, None] & dim_valid[None, :],
+                )
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr,  # [T, Hq, D]
+    part_acc_ptr,  # fp32 [T, Hq, NUM_SPLITS, BLOCK_D]
+    part_max_ptr,  # fp32 [T, Hq, NUM_SPLITS]
+    part_sum_ptr,  # fp32 [T, Hq, NUM_SPLITS]
+    query_start_loc_ptr,  # int32 [B + 1]; decode rows, one token each
+    stride_o_t,
+    stride_o_h,
+    NUM_Q_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    token = tl.load(query_start_loc_ptr + seq)
+    has_token = tl.load(query_start_loc_ptr + seq + 1) > token  # padding rows have no token
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, BLOCK_D)
+    part_row = (token.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS + splits  # [S]
+    m = tl.load(part_max_ptr + part_row, mask=has_token, other=float("-inf"))
+    s = tl.load(part_sum_ptr + part_row, mask=has_token, other=0.0)
+    acc = tl.load(part_acc_ptr + part_row[:, None] * BLOCK_D + dims[None, :], mask=has_token, other=0.0)
+    m_all = tl.max(m, 0)
+    # Empty partitions (m = -inf) weigh 0; an all-empty row (no keys) gives 0, never NaN.
+    weight = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all)))
+    denom = tl.sum(weight * s, 0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(
+        out_ptr + token.to(tl.int64) * stride_o_t + head * stride_o_h + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=(dims < HEAD_DIM) & has_token,
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -361,11 +405,16 @@ def paged_attention_with_splits(
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     group_pad = triton.next_power_of_2(group)
+    num_stages = 2
     if max_query_len == 1:
         block_q, block_n, num_warps = 1, 64, 4
     else:
-        # Prefill tiles hold about 64 (token, head) rows; a GQA group never spans two programs.
-        block_q, block_n, num_warps = max(1, 64 // group_pad), 64 if head_dim <= 128 else 32, 4
+        # Prefill tiles hold about PREFILL_TILE["rows"] (token, head) rows; a GQA group never
+        # spans two programs.
+        tile = PREFILL_TILE
+        block_q = max(1, tile["rows"] // group_pad)
+        block_n = tile["block_n"] if head_dim <= 128 else tile["block_n"] // 2
+        num_warps, num_stages = tile["num_warps"], tile["num_stages"]
     block_m = max(16, block_q * group_pad)
     q_tiles = triton.cdiv(max_query_len, block_q)
 
@@ -385,9 +434,15 @@ def paged_attention_with_splits(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        PAGE_SIZE=page_size, NUM_SPLITS=num_splits, IEEE_FP32=q.dtype == torch.float32, IS_FP8=is_fp8(k_cache),
-        num_warps=num_warps, num_stages=2,
+        PAGE_SIZE=page_size, NUM_SPLITS=num_splits, FUSED_MERGE=FUSED_MERGE, IEEE_FP32=q.dtype == torch.float32, IS_FP8=is_fp8(k_cache),
+        num_warps=num_warps, num_stages=num_stages,
     )
+    if num_splits > 1 and not FUSED_MERGE:
+        _merge_splits_kernel[(num_seqs, num_q_heads)](
+            out, part_acc, part_max, part_sum, query_start_loc, out.stride(0), out.stride(1),
+            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            num_warps=4,
+        )
     return out
 
 

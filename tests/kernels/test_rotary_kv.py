@@ -79,7 +79,7 @@ def test_fused_into_fp8_cache(dtype: torch.dtype) -> None:
     tokens, hq, hkv, d, block_size, num_blocks = 7, 4, 2, 32, 4, 4
     k_scale, v_scale = 2.0, 0.5
     if CUDA:
-        q, k, v = qkv_views(tokens, hq, hkv, d, dtype, g, spread=300.0)
+        q, k, v = qkv_views(tokens, hq, hkv, d, dtype, g, spread=2000.0)
         positions = torch.randint(0, 64, (tokens,), generator=g).to(DEVICE)
     else:
         q, k, v = qkv_views(tokens, hq, hkv, d, dtype, g)
