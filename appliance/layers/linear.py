@@ -27,14 +27,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _GEMV_M1 and x.shape[0] == 1 and x.is_cuda:
-            y = torch.mm(self.weight, x.t()).view(1, -1)
-            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
-
-
-# TEMPORARY A/B (GPU run pending): one-token steps as W @ x^T (a GEMV for cuBLAS).
-_GEMV_M1 = __import__("os").environ.get("APPLIANCE_GEMV") == "1"
 
 
 class PackedLinear(Linear):
