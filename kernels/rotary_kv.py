@@ -1,9 +1,9 @@
 """Rotary embedding fused with the KV-cache write (torch reference: kernels/reference.py
 `rotary_store_kv_ref`).
 
-One program per token reads the token's cos/sin row once, rotates every query head into `q_out`,
-and writes the rotated key heads and the (unrotated) value heads straight into the paged cache at
-the token's slot (slot -1: a padding token, nothing stored). Rotated k never goes back to memory
+Two programs per token, each reading the token's cos/sin row: one rotates every query head into
+`q_out`, the other writes the rotated key heads and the (unrotated) value heads straight into the
+paged cache at the token's slot (slot -1: a padding token, nothing stored). Rotated k never goes back to memory
 as its own tensor: one launch and one k round trip less per layer than rotary + store_kv.
 
 Rotated k is rounded to k's dtype before it goes into the cache (and, for an fp8 cache, is then
@@ -54,32 +54,33 @@ def _rotary_store_kv_kernel(
     token = tl.program_id(0).to(tl.int64)
     half: tl.constexpr = HEAD_DIM // 2
     cos, sin = _cos_sin_row(positions_ptr, cos_sin_ptr, token, HEAD_DIM, HALF_PAD)
-    _rotate_heads(q_out_ptr + token * NUM_Q_HEADS * HEAD_DIM, q_ptr + token * stride_q_t, stride_q_h, HEAD_DIM,
-                  cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, half, HALF_PAD)
+    if tl.program_id(1) == 0:  # the query heads; the keys and values in a second program
+        _rotate_heads(q_out_ptr + token * NUM_Q_HEADS * HEAD_DIM, q_ptr + token * stride_q_t, stride_q_h,
+                      HEAD_DIM, cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, half, HALF_PAD)
+    else:
+        # A padding token (slot -1) stores nothing: fold it into the masks instead of branching.
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        row = tl.maximum(slot, 0) * (NUM_KV_HEADS * HEAD_DIM)
+        heads = tl.arange(0, KV_HEADS_PAD)
+        cols = tl.arange(0, HALF_PAD)
+        store = (heads[:, None] < NUM_KV_HEADS) & (slot >= 0)
+        half_mask = store & (cols[None, :] < half)
+        k_src = k_ptr + token * stride_k_t + heads[:, None] * stride_k_h + cols[None, :]
+        x1 = tl.load(k_src, mask=half_mask, other=0.0).to(tl.float32)
+        x2 = tl.load(k_src + half, mask=half_mask, other=0.0).to(tl.float32)
+        k_ty = k_ptr.dtype.element_ty
+        r1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(k_ty)
+        r2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(k_ty)
+        k_dst = k_cache_ptr + row + heads[:, None] * HEAD_DIM + cols[None, :]
+        cache_ty = k_cache_ptr.dtype.element_ty
+        tl.store(k_dst, to_cache(r1, k_scale, IS_FP8).to(cache_ty), mask=half_mask)
+        tl.store(k_dst + half, to_cache(r2, k_scale, IS_FP8).to(cache_ty), mask=half_mask)
 
-    # A padding token (slot -1) stores nothing: fold it into the masks instead of branching.
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    row = tl.maximum(slot, 0) * (NUM_KV_HEADS * HEAD_DIM)
-    heads = tl.arange(0, KV_HEADS_PAD)
-    cols = tl.arange(0, HALF_PAD)
-    store = (heads[:, None] < NUM_KV_HEADS) & (slot >= 0)
-    half_mask = store & (cols[None, :] < half)
-    k_src = k_ptr + token * stride_k_t + heads[:, None] * stride_k_h + cols[None, :]
-    x1 = tl.load(k_src, mask=half_mask, other=0.0).to(tl.float32)
-    x2 = tl.load(k_src + half, mask=half_mask, other=0.0).to(tl.float32)
-    k_ty = k_ptr.dtype.element_ty
-    r1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(k_ty)
-    r2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(k_ty)
-    k_dst = k_cache_ptr + row + heads[:, None] * HEAD_DIM + cols[None, :]
-    cache_ty = k_cache_ptr.dtype.element_ty
-    tl.store(k_dst, to_cache(r1, k_scale, IS_FP8).to(cache_ty), mask=half_mask)
-    tl.store(k_dst + half, to_cache(r2, k_scale, IS_FP8).to(cache_ty), mask=half_mask)
-
-    dims = tl.arange(0, DIM_PAD)
-    v_mask = store & (dims[None, :] < HEAD_DIM)
-    v = tl.load(v_ptr + token * stride_v_t + heads[:, None] * stride_v_h + dims[None, :], mask=v_mask, other=0.0)
-    tl.store(v_cache_ptr + row + heads[:, None] * HEAD_DIM + dims[None, :],
-             to_cache(v, v_scale, IS_FP8).to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+        dims = tl.arange(0, DIM_PAD)
+        v_mask = store & (dims[None, :] < HEAD_DIM)
+        v = tl.load(v_ptr + token * stride_v_t + heads[:, None] * stride_v_h + dims[None, :], mask=v_mask, other=0.0)
+        tl.store(v_cache_ptr + row + heads[:, None] * HEAD_DIM + dims[None, :],
+                 to_cache(v, v_scale, IS_FP8).to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
 def rotary_store_kv(
@@ -128,7 +129,9 @@ def rotary_store_kv(
     q_out = check_out(op, "q_out", q_out, q)
     if num_tokens == 0:
         return q_out
-    _rotary_store_kv_kernel[(num_tokens,)](
+    # Two programs per token: at one token per step (batch-1 decode) the query heads and the K/V
+    # writes run side by side instead of one after the other.
+    _rotary_store_kv_kernel[(num_tokens, 2)](
         q_out, k_cache, v_cache, q, k, v, positions, slot_mapping, cos_sin_cache, float(k_scale), float(v_scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads,
