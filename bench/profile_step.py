@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prefill_summary: dict[str, Any] = {}
     while engine.has_unfinished_requests():
         if (device.type == "cuda" and not prefill_summary and args.profile_prefill_steps
-                and num_steps == 2):
+                and num_steps == args.profile_prefill_at):
             prefill_summary = profile_window(engine, args.profile_prefill_steps, args.top)
             clock.take()
             num_steps += args.profile_prefill_steps
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-after", type=int, default=40, help="decode steps before the profiled window")
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--profile-prefill-steps", type=int, default=0,
-                        help="also profile this many steps from the third one (prefill under way)")
+                        help="also profile this many steps from step --profile-prefill-at (prefill under way)")
+    parser.add_argument("--profile-prefill-at", type=int, default=2)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--keep-steps", action="store_true", help="every step's row in the JSON")
     parser.add_argument("--results-dir", type=Path)
