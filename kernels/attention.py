@@ -122,7 +122,7 @@ def check_cache_dtypes(op: str, x: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 # NOTE: the block-table row stride is the step's widest table, which changes from step to step;
 # Triton would otherwise compile a variant for each new "== 1 / divisible by 16" case mid-serving.
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "seq_offset"])
 def _paged_attention_kernel(
     out_ptr,  # [T, Hq, D]; written when NUM_SPLITS == 1
     part_acc_ptr,  # fp32 [T, Hq, NUM_SPLITS, BLOCK_D]; unnormalised partial outputs (NUM_SPLITS > 1)
@@ -141,6 +141,7 @@ def _paged_attention_kernel(
     stride_o_t,
     stride_o_h,
     stride_bt,
+    seq_offset,  # program_id(0) + seq_offset = the sequence (a launch may cover a range of them)
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
@@ -154,7 +155,7 @@ def _paged_attention_kernel(
     IEEE_FP32: tl.constexpr,  # fp32 inputs: exact fp32 dots instead of tf32
     IS_FP8: tl.constexpr,  # fp8 caches: tiles converted to q's dtype before the dots
 ):
-    seq = tl.program_id(0)
+    seq = tl.program_id(0) + seq_offset
     q_tile = tl.program_id(1) // NUM_SPLITS
     split = tl.program_id(1) % NUM_SPLITS
     kv_head = tl.program_id(2)
@@ -246,7 +247,7 @@ def _paged_attention_kernel(
         tl.store(part_sum_ptr + part_row, l_i, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_offset"])
 def _merge_splits_kernel(
     out_ptr,  # [T, Hq, D]
     part_acc_ptr,  # fp32 [T, Hq, NUM_SPLITS, BLOCK_D]
@@ -255,12 +256,13 @@ def _merge_splits_kernel(
     query_start_loc_ptr,  # int32 [B + 1]; decode rows, one token each
     stride_o_t,
     stride_o_h,
+    seq_offset,  # program_id(0) + seq_offset = the sequence
     NUM_Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    seq = tl.program_id(0) + seq_offset
     head = tl.program_id(1)
     token = tl.load(query_start_loc_ptr + seq)
     has_token = tl.load(query_start_loc_ptr + seq + 1) > token  # padding rows have no token
@@ -314,21 +316,38 @@ def paged_attention(
     out: torch.Tensor | None = None,  # [T, Hq, D] like q; written in place when given
     k_scale: float = 1.0,  # fp8 caches: K = fp8 * k_scale
     v_scale: float = 1.0,
+    num_decodes: int = 0,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new tokens over its whole paged context.
 
     `max_query_len` / `max_seq_len` are host-side upper bounds of the batch's query and context
     lengths (for CUDA graphs: the bounds the graph was captured with). Decode batches
     (`is_decode_only` or `max_query_len == 1`) may take the split-KV path.
+
+    num_decodes: the first `num_decodes` sequences have exactly one new token (the model runner
+    puts decode rows first). In a mixed batch they then get decode tiles in a launch of their own:
+    in prefill tiles a one-token row leaves most of its tile idle (a late W1 chunked-prefill step
+    spent 41 ms in attention, 30 of them on its ~380 decode rows).
     """
+    num_seqs = seq_lens.shape[0]
     decode = is_decode_only or max_query_len == 1
-    num_splits = 1
-    if decode:
-        num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_seq_len, q.device)
+    if decode or not 0 < num_decodes < num_seqs:
+        num_splits = 1
+        if decode:
+            num_splits = choose_num_splits(num_seqs, k_cache.shape[2], max_seq_len, q.device)
+        return paged_attention_with_splits(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+            max_query_len=1 if decode else max_query_len, num_splits=num_splits, out=out,
+            k_scale=k_scale, v_scale=v_scale,
+        )
+    out = paged_attention_with_splits(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=1,
+        num_splits=choose_num_splits(num_decodes, k_cache.shape[2], max_seq_len, q.device), out=out,
+        k_scale=k_scale, v_scale=v_scale, seqs=(0, num_decodes),
+    )
     return paged_attention_with_splits(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-        max_query_len=1 if decode else max_query_len, num_splits=num_splits, out=out,
-        k_scale=k_scale, v_scale=v_scale,
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=max_query_len,
+        num_splits=1, out=out, k_scale=k_scale, v_scale=v_scale, seqs=(num_decodes, num_seqs),
     )
 
 
@@ -346,10 +365,13 @@ def paged_attention_with_splits(
     out: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    seqs: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the partition count chosen by the caller (tests and benchmarks).
 
     num_splits > 1 requires a decode batch (every sequence has at most one new token).
+    seqs: (start, end) computes only those sequences' rows of `out` (default: all); the bounds
+    then apply to them alone.
     """
     _check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     check_kv_scales("paged_attention", k_cache, k_scale, v_scale)
@@ -358,7 +380,10 @@ def paged_attention_with_splits(
     if num_splits > 1 and max_query_len != 1:
         raise ValueError("paged_attention: split-KV is for decode batches only (max_query_len == 1)")
     num_tokens, num_q_heads, head_dim = q.shape
-    num_seqs = seq_lens.shape[0]
+    seq_start, seq_end = seqs if seqs is not None else (0, seq_lens.shape[0])
+    if not 0 <= seq_start <= seq_end <= seq_lens.shape[0]:
+        raise ValueError(f"paged_attention: seqs {seqs} out of range for {seq_lens.shape[0]} sequences")
+    num_seqs = seq_end - seq_start
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     out = check_out("paged_attention", "out", out, q)
@@ -394,7 +419,7 @@ def paged_attention_with_splits(
         out, part_acc, part_max, part_sum,
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         scale_log2, float(v_scale),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), seq_start,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGE_SIZE=page_size, NUM_SPLITS=num_splits, IEEE_FP32=q.dtype == torch.float32, IS_FP8=is_fp8(k_cache),
@@ -402,7 +427,7 @@ def paged_attention_with_splits(
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_q_heads)](
-            out, part_acc, part_max, part_sum, query_start_loc, out.stride(0), out.stride(1),
+            out, part_acc, part_max, part_sum, query_start_loc, out.stride(0), out.stride(1), seq_start,
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             num_warps=4,
         )

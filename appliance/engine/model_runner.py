@@ -65,6 +65,7 @@ class _HostBatch:
     seq_lens: list[int] = field(default_factory=list)
     tables: list[int] = field(default_factory=list)  # [B, width] row-major, zero-padded
     width: int = 0
+    num_decodes: int = 0  # leading one-token rows
     logits_rows: list[int] = field(default_factory=list)
     rows: list[SampleRow] = field(default_factory=list)
     gather_dst: list[int] = field(default_factory=list)  # positions in ids fed by the step in flight
@@ -280,7 +281,12 @@ class ModelRunner:
         bs = self.block_size
         hb = _HostBatch()
         ids, positions, slots, tables = hb.ids, hb.positions, hb.slots, hb.tables
-        scheduled = out.scheduled
+        # One-token rows first (the attention kernel gives them decode tiles: AttentionMetadata
+        # .num_decodes); the sampled rows keep their sequences, so the order is free.
+        scheduled = [item for item in out.scheduled if item.num_new_tokens == 1]
+        hb.num_decodes = len(scheduled)
+        if hb.num_decodes < len(out.scheduled):
+            scheduled += [item for item in out.scheduled if item.num_new_tokens != 1]
         hb.width = width = max(len(item.seq.block_table) for item in scheduled)
         for item in scheduled:
             seq, n = item.seq, item.num_new_tokens
@@ -365,6 +371,7 @@ class ModelRunner:
             max_query_len=max(hb.q_lens),
             max_seq_len=max(hb.seq_lens),
             is_decode_only=num_tokens == num_seqs,
+            num_decodes=hb.num_decodes,
         )
         return _Batch(input_ids=input_ids, positions=pos_t, meta=meta, logits_indices=logits_t, rows=hb.rows)
 

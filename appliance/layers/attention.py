@@ -54,6 +54,9 @@ class AttentionMetadata:
     max_seq_len: int
     # True when every sequence contributes exactly one token (lets GPU kernels pick a decode path).
     is_decode_only: bool = False
+    # The first num_decodes sequences have exactly one new token (decode rows first): in a mixed
+    # batch the GPU kernel gives them decode tiles in a launch of their own.
+    num_decodes: int = 0
 
 
 class Attention(nn.Module):
@@ -107,6 +110,7 @@ class Attention(nn.Module):
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                 self.scale, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
                 is_decode_only=meta.is_decode_only, k_scale=self.k_scale, v_scale=self.v_scale,
+                num_decodes=meta.num_decodes,
             )
         return reference.paged_attention_ref(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,

@@ -112,6 +112,30 @@ def test_split_kv_decode_matches_reference(dtype: torch.dtype, num_splits: int, 
     assert relative_error(out, reference_attention(batch, 0.2)) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_decodes", [0, 2, 4])
+def test_mixed_batch_with_decode_rows_first_in_their_own_launch(dtype: torch.dtype, num_decodes: int) -> None:
+    # Decode rows first (the model runner's order), one long enough for split-KV; the launcher
+    # runs the first num_decodes rows with decode tiles and the rest with prefill tiles. A
+    # num_decodes short of the real prefix (2) only leaves decode rows to the prefill tiles.
+    generator = torch.Generator().manual_seed(num_decodes)
+    batch = make_batch([1, 1, 1, 1, 7, 20, 3], [9, 300, 33, 0, 0, 5, 40], 4, 2, 32, 16, dtype, generator)
+    out = torch.full_like(batch.q, float("nan"))
+    attention.paged_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.25,
+        max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len, out=out, num_decodes=num_decodes,
+    )
+    assert relative_error(out, reference_attention(batch, 0.25)) <= TOLERANCE[dtype]
+
+
+def test_seq_range_outside_the_batch_is_refused() -> None:
+    batch = make_batch([1, 1], [4, 4], 2, 2, 16, 4, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="out of range"):
+        attention.paged_attention_with_splits(
+            batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+            0.5, max_query_len=1, num_splits=1, seqs=(1, 3))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, *DTYPES[1:],
                                    pytest.param(torch.float16, marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))])
 @pytest.mark.parametrize("lens", [MIXED, DECODE, PREFILL], ids=["mixed", "decode", "prefill"])
