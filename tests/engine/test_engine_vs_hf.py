@@ -27,7 +27,9 @@ def test_greedy_matches_hf_generate_token_for_token(engine, hf_model):
     for request_id, (ids, _) in prompts.items():
         ours = outputs[request_id].outputs[0].token_ids
         theirs = hf_greedy(hf_model, ids, 64, engine.eos_token_ids)
-        assert ours == theirs, f"{request_id}: diverged at {next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))}"
+        first_diff = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                          min(len(ours), len(theirs)))
+        assert ours == theirs, f"{request_id}: diverged at {first_diff}"
         text = outputs[request_id].outputs[0].text
         assert text == engine.tokenizer.decode(ours, skip_special_tokens=True)
 
