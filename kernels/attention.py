@@ -36,6 +36,9 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Split-KV: never give a partition fewer keys than this, and never more partitions than this.
 _MIN_KEYS_PER_SPLIT = 128
 _MAX_SPLITS = 16
+# Decode tile shapes (keys per iteration, warps, pipeline stages), by cache dtype.
+DECODE_TILE = {"block_n": 64, "num_warps": 4, "num_stages": 2}
+DECODE_TILE_FP8 = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 # Prefill/mixed tile shape (rows = query tokens x GQA heads per program). A sweep on an H100
 # (16 x 512-token causal prefills, Llama-3.1-8B heads) found 130-145 TFLOP/s for every shape
 # tried; 128 rows x 32 keys was 11% faster than this one but doubles the idle rows of the decode
@@ -394,9 +397,9 @@ def paged_attention_with_splits(
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     group_pad = triton.next_power_of_2(group)
-    num_stages = 2
     if max_query_len == 1:
-        block_q, block_n, num_warps = 1, 64, 4
+        tile = DECODE_TILE_FP8 if is_fp8(k_cache) else DECODE_TILE
+        block_q, block_n, num_warps, num_stages = 1, tile["block_n"], tile["num_warps"], tile["num_stages"]
     else:
         # Prefill tiles hold about PREFILL_TILE["rows"] (token, head) rows; a GQA group never
         # spans two programs.
