@@ -42,11 +42,14 @@ def eos_token_ids(tokenizer: Any, hf_config: Any = None, generation_config: Any 
     return list(dict.fromkeys(ids))
 
 
-def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], *,
+                        no_template_hint: str = "send a plain prompt instead") -> list[int]:
     """Token ids of `messages` rendered by the model's chat template, ending with the assistant's
-    turn opened (add_generation_prompt=True)."""
+    turn opened (add_generation_prompt=True). Raises InvalidRequestError (param "messages") when
+    the model has no template (the message ends with `no_template_hint`) or the template rejects
+    the conversation."""
     if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError("this model has no chat template; send a plain prompt instead", param="messages")
+        raise InvalidRequestError(f"this model has no chat template; {no_template_hint}", param="messages")
     try:
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                 return_dict=True)

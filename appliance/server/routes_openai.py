@@ -8,6 +8,7 @@ Closing the merged stream (client gone, handler cancelled) aborts every engine r
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -127,6 +128,10 @@ class _Run:
             )
 
 
+# The end of the error a chat request gets when the model has no chat template.
+NO_CHAT_TEMPLATE_HINT = "use /v1/completions"
+
+
 async def _read_json(request: web.Request) -> Any:
     raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
     try:
@@ -139,9 +144,12 @@ async def _parse(request: web.Request, chat: bool) -> schema.ParsedRequest:
     body = await _read_json(request)
     engine = request.app[ENGINE_KEY]
     parse = schema.parse_chat if chat else schema.parse_completion
-    kwargs = dict(tokenizer=engine.tokenizer, served_model_name=engine.model_name,
-                  max_model_len=engine.max_model_len,
-                  default_max_tokens=request.app[CONFIG_KEY].server.default_max_tokens)
+    kwargs: dict[str, Any] = dict(served_model_name=engine.model_name, max_model_len=engine.max_model_len,
+                                  default_max_tokens=request.app[CONFIG_KEY].server.default_max_tokens)
+    if chat:
+        kwargs["render_chat"] = functools.partial(engine.render_chat, no_template_hint=NO_CHAT_TEMPLATE_HINT)
+    else:
+        kwargs["tokenizer"] = engine.tokenizer
     if request.content_length is not None and request.content_length > _OFFLOAD_BODY_BYTES:
         parsed = await asyncio.to_thread(parse, body, **kwargs)
     else:

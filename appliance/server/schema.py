@@ -6,6 +6,7 @@ only the tokenizer, the served model name and the length limits, so it is tested
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,24 +190,11 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The conversation rendered by the model's chat template, the assistant's turn opened."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-    try:
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                            return_dict=False)
-    except Exception as exc:  # the template's own checks (roles out of order, …) raise jinja errors
-        raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from None
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # a BatchEncoding on some versions
-        ids = ids["input_ids"]
-    return [int(t) for t in ids]
-
-
 def parse_chat(
-    body: dict[str, Any], *, tokenizer: Any, served_model_name: str, max_model_len: int,
-    default_max_tokens: int | None,
+    body: dict[str, Any], *, render_chat: Callable[[list[dict[str, Any]]], list[int]], served_model_name: str,
+    max_model_len: int, default_max_tokens: int | None,
 ) -> ParsedRequest:
+    """render_chat: the engine's chat rendering (`AsyncEngine.render_chat`), messages -> prompt ids."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     model = check_model(body, served_model_name)
@@ -228,7 +216,7 @@ def parse_chat(
             raise _bad("top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]", top_logprobs)
     top = top_logprobs or 0
     params = _sampling_params(body, max_tokens=max_tokens, n=n, logprobs=top if want_logprobs else None)
-    prompt = apply_chat_template(tokenizer, messages)
+    prompt = render_chat(messages)
     _check_length(prompt, params, max_model_len, "messages")
     return ParsedRequest(
         model=model, prompts=[prompt], prompt_texts=[None], params=params, stream=stream,

@@ -195,7 +195,7 @@ def tokenizer(default_model_dir: Path) -> Any:
 
 
 def chat_prompt_len(tokenizer: Any, content: str) -> int:
-    from appliance.server.schema import apply_chat_template
+    from appliance.models.tokenizer import apply_chat_template
 
     return len(apply_chat_template(tokenizer, [{"role": "user", "content": content}]))
 

@@ -41,6 +41,21 @@ def test_400_validation_names_the_parameter(serve):
         assert error["param"] == param and error["type"] == "invalid_request_error", (kwargs, error)
 
 
+def test_400_chat_template_errors_point_to_the_right_route(serve, engine, monkeypatch):
+    client = serve().client()
+    # A malformed message is named by its parameter.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": {"bad": 1}}])
+    assert _error(info.value)["param"].startswith("messages")
+    # A model without a chat template: chat is refused, completions still serve it.
+    monkeypatch.setattr(engine.tokenizer, "chat_template", None)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=USER)
+    error = _error(info.value)
+    assert error["param"] == "messages" and error["message"].endswith("use /v1/completions"), error
+    assert client.completions.create(model=MODEL, prompt="Hello", max_tokens=1).choices[0].text is not None
+
+
 def test_400_prompt_too_long_and_bad_json(serve):
     served = serve()
     client = served.client()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
+from appliance.models.tokenizer import apply_chat_template
 from appliance.server.schema import parse_chat, parse_completion
 
 from .conftest import MAX_MODEL_LEN, MODEL
@@ -12,8 +13,8 @@ from .conftest import MAX_MODEL_LEN, MODEL
 
 def _chat(tokenizer, **body):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **body}
-    return parse_chat(body, tokenizer=tokenizer, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN,
-                      default_max_tokens=None)
+    return parse_chat(body, render_chat=lambda messages: apply_chat_template(tokenizer, messages),
+                      served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, default_max_tokens=None)
 
 
 def _completion(tokenizer, **body):
