@@ -198,6 +198,15 @@ class BlockManager:
             return False
         return self.blocks[seq.block_table[first_write_block]].ref_count > 1
 
+    def covers(self, seq: Sequence, num_tokens: int) -> bool:
+        """True when `grow(seq, num_tokens)` would do nothing: the table already reaches
+        num_tokens and the block the step writes into is not shared (the common decode step)."""
+        table = seq.block_table
+        if num_tokens > len(table) * self.block_size:
+            return False
+        first_write_block = seq.num_computed_tokens // self.block_size
+        return first_write_block >= len(table) or self.blocks[table[first_write_block]].ref_count == 1
+
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self.num_allocatable >= self.slots_needed(seq, num_tokens)
 

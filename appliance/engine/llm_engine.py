@@ -276,12 +276,14 @@ class EngineCore:
         self._resolve(step)
         results = step.handle.results()
         now = time.monotonic()
+        block_size = self.block_manager.block_size
         for item in step.out.scheduled:
             seq = item.seq
             if seq.status == SequenceStatus.FINISHED:
                 continue  # aborted, or finished by the step before
-            if seq.status == SequenceStatus.RUNNING:
-                self._commit(seq)  # (a preempted sequence holds no blocks)
+            # (a preempted sequence holds no blocks; most steps fill no new block)
+            if seq.status == SequenceStatus.RUNNING and seq.num_computed_tokens // block_size > seq.num_hashed_blocks:
+                self._commit(seq)
             if not item.sample:
                 continue
             res = results[seq.seq_id]
@@ -291,6 +293,12 @@ class EngineCore:
                 seq.first_token_time = now
             if res.logprobs is not None:
                 seq.logprobs.append(res.logprobs[0])
+            if len(res.token_ids) == 1:
+                self._generation_tokens_total += 1
+                self._check_stop(seq)
+                continue
+            # n > 1, the first step: every choice's first token. Fork before the parent's stop
+            # check, while it still holds the blocks the children share.
             children = self._fork(seq, res.token_ids[1:], res.logprobs[1:] if res.logprobs else None, now)
             for s in [seq, *children]:
                 self._generation_tokens_total += 1

@@ -99,18 +99,20 @@ class Scheduler:
                 num_finishing += 1  # leaves when the engine processes its last token
                 i += 1
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_known = len(seq.token_ids)
+            num_new = min(num_known - seq.num_computed_tokens, budget)
             assert num_new > 0, f"{seq} is running with nothing to compute"
             target = seq.num_computed_tokens + num_new
-            while not bm.can_grow(seq, target):
-                victim = self.running[-1]
-                self._preempt(victim, out)
-                if victim is seq:
-                    break
-            if seq.status != SequenceStatus.RUNNING:
-                break  # it preempted itself: everything after it is gone too
-            bm.grow(seq, target)
-            out.scheduled.append(ScheduledSequence(seq, num_new, target == len(seq)))
+            if not bm.covers(seq, target):  # NOTE: most decode steps need no new block
+                while not bm.can_grow(seq, target):
+                    victim = self.running[-1]
+                    self._preempt(victim, out)
+                    if victim is seq:
+                        break
+                if seq.status != SequenceStatus.RUNNING:
+                    break  # it preempted itself: everything after it is gone too
+                bm.grow(seq, target)
+            out.scheduled.append(ScheduledSequence(seq, num_new, target == num_known))
             budget -= num_new
             i += 1
 
