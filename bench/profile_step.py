@@ -49,26 +49,31 @@ class _PhaseClock:
 
 
 def instrument(engine: Any) -> _PhaseClock:
-    """Time the engine's phases. `wait` is the host blocked on the device's sampled ids."""
-    from appliance.engine import model_runner
-
+    """Time this engine's phases (its own methods only: nothing global is patched). `wait` is the
+    host blocked on a step's sampled ids."""
     clock = _PhaseClock()
     engine.scheduler.schedule = clock.wrap("schedule", engine.scheduler.schedule)
-    engine.runner.launch = clock.wrap("launch", engine.runner.launch)
     engine._process = clock.wrap("process", engine._process)
     engine._collect_outputs = clock.wrap("outputs", engine._collect_outputs)
-    original = model_runner.StepHandle.results
+    timed_launch = clock.wrap("launch", engine.runner.launch)
 
-    def results(handle: Any) -> Any:
-        if handle._results is not None:
-            return handle._results
-        t0 = time.perf_counter()
-        try:
-            return original(handle)
-        finally:
-            clock.current["wait"] += time.perf_counter() - t0
+    def launch(*args: Any, **kwargs: Any) -> Any:
+        handle = timed_launch(*args, **kwargs)
+        untimed = handle.results
 
-    model_runner.StepHandle.results = results  # type: ignore[method-assign]
+        def results() -> Any:
+            if handle._results is not None:
+                return handle._results
+            t0 = time.perf_counter()
+            try:
+                return untimed()
+            finally:
+                clock.current["wait"] += time.perf_counter() - t0
+
+        handle.results = results
+        return handle
+
+    engine.runner.launch = launch
     return clock
 
 

@@ -346,15 +346,16 @@ def paged_attention(
             max_query_len=1 if decode else max_query_len, num_splits=num_splits, out=out,
             k_scale=k_scale, v_scale=v_scale,
         )
-    out = paged_attention_with_splits(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=1,
-        num_splits=choose_num_splits(num_decodes, k_cache.shape[2], max_seq_len, q.device), out=out,
-        k_scale=k_scale, v_scale=v_scale, seqs=(0, num_decodes),
-    )
-    return paged_attention_with_splits(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=max_query_len,
-        num_splits=1, out=out, k_scale=k_scale, v_scale=v_scale, seqs=(num_decodes, num_seqs),
-    )
+    _check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    check_kv_scales("paged_attention", k_cache, k_scale, v_scale)
+    out = check_out("paged_attention", "out", out, q)
+    if q.shape[0] == 0:
+        return out
+    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, k_scale, v_scale)
+    _launch(*args, max_query_len=1, num_splits=choose_num_splits(num_decodes, k_cache.shape[2], max_seq_len, q.device),
+            seq_start=0, seq_end=num_decodes)
+    _launch(*args, max_query_len=max_query_len, num_splits=1, seq_start=num_decodes, seq_end=num_seqs)
+    return out
 
 
 def paged_attention_with_splits(
@@ -385,19 +386,29 @@ def paged_attention_with_splits(
         raise ValueError(f"paged_attention: num_splits must be a power of two >= 1, got {num_splits}")
     if num_splits > 1 and max_query_len != 1:
         raise ValueError("paged_attention: split-KV is for decode batches only (max_query_len == 1)")
-    num_tokens, num_q_heads, head_dim = q.shape
     seq_start, seq_end = seqs if seqs is not None else (0, seq_lens.shape[0])
     if not 0 <= seq_start <= seq_end <= seq_lens.shape[0]:
         raise ValueError(f"paged_attention: seqs {seqs} out of range for {seq_lens.shape[0]} sequences")
-    num_seqs = seq_end - seq_start
-    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
     out = check_out("paged_attention", "out", out, q)
-    if num_tokens == 0 or num_seqs == 0:
+    if q.shape[0] == 0 or seq_end == seq_start:
         return out
     if max_query_len < 1:
         raise ValueError(f"paged_attention: max_query_len must be >= 1 for a non-empty batch, got {max_query_len}")
+    _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, k_scale, v_scale,
+            max_query_len=max_query_len, num_splits=num_splits, seq_start=seq_start, seq_end=seq_end)
+    return out
 
+
+def _launch(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
+    k_scale: float, v_scale: float, *, max_query_len: int, num_splits: int, seq_start: int, seq_end: int,
+) -> None:
+    """The kernel launch(es) for sequences [seq_start, seq_end), inputs already checked."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_seqs = seq_end - seq_start
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     group_pad = triton.next_power_of_2(group)
     if max_query_len == 1:
@@ -437,7 +448,6 @@ def paged_attention_with_splits(
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             num_warps=4,
         )
-    return out
 
 
 def _check_attention_inputs(
