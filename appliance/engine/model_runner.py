@@ -51,7 +51,6 @@ class _Batch:
     positions: torch.Tensor  # int32 [T]
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # int32 [S]: rows of the hidden states to sample from
-    rows: list[SampleRow]
 
 
 @dataclass
@@ -373,7 +372,7 @@ class ModelRunner:
             is_decode_only=num_tokens == num_seqs,
             num_decodes=hb.num_decodes,
         )
-        return _Batch(input_ids=input_ids, positions=pos_t, meta=meta, logits_indices=logits_t, rows=hb.rows)
+        return _Batch(input_ids=input_ids, positions=pos_t, meta=meta, logits_indices=logits_t)
 
     @staticmethod
     def _gather_placeholders(input_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
