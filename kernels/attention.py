@@ -12,6 +12,13 @@ program reduces one partition to a partial (unnormalised output, max, sum) and a
 merges the partials. (Merging in the last partition to finish, found by an atomic counter, saved
 that launch but cost more than it: 7.1 us against 4.1 + 2.0 us per layer at batch 1 on an H100.)
 
+Sliding windows (a per-layer setting, `sliding_window` = W keys per query including itself): a row
+at position p sees keys p - W < key <= p. A tile starts its key loop at its first row's window
+start, so keys before every window of the tile are neither read nor masked, and block-table
+entries there (freed by the block manager: -1) are never dereferenced; split-KV partitions divide
+only the window. Rows of one tile still differ in their window start, so the window is also a
+mask (SLIDING, a constexpr: full-attention launches pay nothing for it).
+
 FP8 caches (float8_e4m3fn, kernels/fp8.py): store_kv saturates x / scale into them; attention loads
 fp8 K/V tiles, converts them to q's dtype (exact: every e4m3 value is a bf16/fp16 value) before
 tl.dot, and applies the per-tensor scales outside the dots (k_scale folded into the softmax scale,
@@ -128,7 +135,7 @@ def check_cache_dtypes(op: str, x: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 # NOTE: the block-table row stride is the step's widest table, which changes from step to step;
 # Triton would otherwise compile a variant for each new "== 1 / divisible by 16" case mid-serving.
-@triton.jit(do_not_specialize=["stride_bt", "seq_offset"])
+@triton.jit(do_not_specialize=["stride_bt", "seq_offset", "window"])
 def _paged_attention_kernel(
     out_ptr,  # [T, Hq, D]; written when NUM_SPLITS == 1
     part_acc_ptr,  # fp32 [T, Hq, NUM_SPLITS, BLOCK_D]; unnormalised partial outputs (NUM_SPLITS > 1)
@@ -148,6 +155,7 @@ def _paged_attention_kernel(
     stride_o_h,
     stride_bt,
     seq_offset,  # program_id(0) + seq_offset = the sequence (a launch may cover a range of them)
+    window,  # SLIDING: keys per query, itself included
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
@@ -160,6 +168,7 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     IEEE_FP32: tl.constexpr,  # fp32 inputs: exact fp32 dots instead of tf32
     IS_FP8: tl.constexpr,  # fp8 caches: tiles converted to q's dtype before the dots
+    SLIDING: tl.constexpr,  # a sliding-window layer: keys older than `window` are invisible
 ):
     seq = tl.program_id(0) + seq_offset
     q_tile = tl.program_id(1) // NUM_SPLITS
@@ -191,12 +200,16 @@ def _paged_attention_kernel(
     tile_first = q_tile * BLOCK_Q
     tile_last = tl.minimum(q_len, tile_first + BLOCK_Q) - 1
     kv_end = tl.where(tile_first < q_len, ctx_len + tile_last + 1, 0)
+    # NOTE: no key before the first row's window start is loaded: its block may be freed (-1).
+    win_lo = 0
+    if SLIDING:
+        win_lo = tl.maximum(ctx_len + tile_first - window + 1, 0)
     if NUM_SPLITS == 1:
-        kv_lo = 0
+        kv_lo = win_lo
         kv_hi = kv_end
     else:
-        per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        kv_lo = split * per_split
+        per_split = tl.cdiv(tl.cdiv(tl.maximum(kv_end - win_lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_lo = win_lo + split * per_split
         kv_hi = tl.minimum(kv_end, kv_lo + per_split)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -220,6 +233,8 @@ def _paged_attention_kernel(
             qk = tl.dot(q, tl.trans(k))
         qk = qk * scale_log2
         visible = key_valid[None, :] & (keys[None, :] <= q_pos[:, None])
+        if SLIDING:
+            visible = visible & (keys[None, :] > q_pos[:, None] - window)
         qk = tl.where(visible, qk, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -323,6 +338,7 @@ def paged_attention(
     k_scale: float = 1.0,  # fp8 caches: K = fp8 * k_scale
     v_scale: float = 1.0,
     num_decodes: int = 0,
+    sliding_window: int | None = None,  # keys per query incl. itself (this layer's window); None: all
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new tokens over its whole paged context.
 
@@ -334,26 +350,31 @@ def paged_attention(
     puts decode rows first). In a mixed batch they then get decode tiles in a launch of their own:
     in prefill tiles a one-token row leaves most of its tile idle (a late W1 chunked-prefill step
     spent 41 ms in attention, 30 of them on its ~380 decode rows).
+
+    sliding_window: a split-KV decode divides only the window (never more than it needs).
     """
     num_seqs = seq_lens.shape[0]
     decode = is_decode_only or max_query_len == 1
     if decode or not 0 < num_decodes < num_seqs:
         num_splits = 1
         if decode:
-            num_splits = choose_num_splits(num_seqs, k_cache.shape[2], max_seq_len, q.device)
+            num_splits = choose_num_splits(num_seqs, k_cache.shape[2], _keys_seen(max_seq_len, sliding_window),
+                                           q.device)
         return paged_attention_with_splits(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
             max_query_len=1 if decode else max_query_len, num_splits=num_splits, out=out,
-            k_scale=k_scale, v_scale=v_scale,
+            k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
         )
     _check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     check_kv_scales("paged_attention", k_cache, k_scale, v_scale)
+    _check_window(sliding_window)
     out = check_out("paged_attention", "out", out, q)
     if q.shape[0] == 0:
         return out
-    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, k_scale, v_scale)
-    _launch(*args, max_query_len=1, num_splits=choose_num_splits(num_decodes, k_cache.shape[2], max_seq_len, q.device),
-            seq_start=0, seq_end=num_decodes)
+    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, k_scale, v_scale,
+            sliding_window)
+    decode_splits = choose_num_splits(num_decodes, k_cache.shape[2], _keys_seen(max_seq_len, sliding_window), q.device)
+    _launch(*args, max_query_len=1, num_splits=decode_splits, seq_start=0, seq_end=num_decodes)
     _launch(*args, max_query_len=max_query_len, num_splits=1, seq_start=num_decodes, seq_end=num_seqs)
     return out
 
@@ -373,6 +394,7 @@ def paged_attention_with_splits(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     seqs: tuple[int, int] | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the partition count chosen by the caller (tests and benchmarks).
 
@@ -382,6 +404,7 @@ def paged_attention_with_splits(
     """
     _check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     check_kv_scales("paged_attention", k_cache, k_scale, v_scale)
+    _check_window(sliding_window)
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"paged_attention: num_splits must be a power of two >= 1, got {num_splits}")
     if num_splits > 1 and max_query_len != 1:
@@ -395,14 +418,26 @@ def paged_attention_with_splits(
     if max_query_len < 1:
         raise ValueError(f"paged_attention: max_query_len must be >= 1 for a non-empty batch, got {max_query_len}")
     _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, k_scale, v_scale,
-            max_query_len=max_query_len, num_splits=num_splits, seq_start=seq_start, seq_end=seq_end)
+            sliding_window, max_query_len=max_query_len, num_splits=num_splits, seq_start=seq_start,
+            seq_end=seq_end)
     return out
+
+
+def _check_window(sliding_window: int | None) -> None:
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"paged_attention: sliding_window must be None or an int >= 1, got {sliding_window!r}")
+
+
+def _keys_seen(max_seq_len: int, sliding_window: int | None) -> int:
+    """The most keys one decode row attends to: its context, or its window."""
+    return max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
 
 
 def _launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
-    k_scale: float, v_scale: float, *, max_query_len: int, num_splits: int, seq_start: int, seq_end: int,
+    k_scale: float, v_scale: float, sliding_window: int | None, *, max_query_len: int, num_splits: int,
+    seq_start: int, seq_end: int,
 ) -> None:
     """The kernel launch(es) for sequences [seq_start, seq_end), inputs already checked."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -437,10 +472,11 @@ def _launch(
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         scale_log2, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), seq_start,
+        sliding_window or 0,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGE_SIZE=page_size, NUM_SPLITS=num_splits, IEEE_FP32=q.dtype == torch.float32, IS_FP8=is_fp8(k_cache),
-        num_warps=num_warps, num_stages=num_stages,
+        SLIDING=sliding_window is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_q_heads)](

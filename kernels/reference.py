@@ -10,7 +10,10 @@ A batch is "varlen": the new (query) tokens of all sequences are concatenated al
     seq_lens:        int32 [B]      context length of each sequence *including* this step's tokens
     block_tables:    int32 [B, max_blocks_per_seq]  (unused entries are ignored)
 Query token i of sequence b sits at position seq_lens[b] - q_len[b] + i and attends causally to
-positions 0..that position.
+positions 0..that position. With a sliding window W (a per-layer setting: Mistral v0.1, Gemma 2/3's
+local layers) it sees only the last W of them: positions p with q_pos - W < p <= q_pos, as HF's
+`sliding_window_overlay`. Block-table entries wholly before every window of a sequence may be -1
+(the block manager freed them); they are never read.
 
 A cache may be float8_e4m3fn (kv_cache_dtype = "fp8"): it holds clamp(x / scale, ±448) and reads
 back as fp8 * scale, with per-tensor floats k_scale / v_scale (see kernels/fp8.py).
@@ -67,8 +70,9 @@ def paged_attention_ref(
     scale: float,
     k_scale: float = 1.0,  # fp8 caches: dequantisation scales
     v_scale: float = 1.0,
+    sliding_window: int | None = None,  # keys per query incl. itself; None = the whole context
 ) -> torch.Tensor:  # [T, Hq, D]
-    """Causal attention of each sequence's new tokens over its whole paged context (fp32 math)."""
+    """Causal attention of each sequence's new tokens over its paged context (fp32 math)."""
     num_q_heads = q.shape[1]
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     group = num_q_heads // num_kv_heads
@@ -81,19 +85,25 @@ def paged_attention_ref(
         if q_len == 0:
             continue
         num_blocks = (seq_len + block_size - 1) // block_size
-        blocks = block_tables[b, :num_blocks].long()
-        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [S, Hkv, D]
-        values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        # Keys from the first row's window start on: the blocks before it may be freed (-1).
+        first = 0 if sliding_window is None else max(0, seq_len - q_len - sliding_window + 1)
+        first_block = first // block_size
+        blocks = block_tables[b, first_block:num_blocks].long()
+        skip = first - first_block * block_size
+        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[skip : seq_len - first_block * block_size]
+        values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[skip : seq_len - first_block * block_size]
         qb = q[q_start:q_end].float().transpose(0, 1)  # [Hq, L, D]
         kb = from_cache(keys, k_scale).transpose(0, 1)  # [Hkv, S, D]; GQA is expanded inside SDPA
         vb = from_cache(values, v_scale).transpose(0, 1)
-        if q_len == 1:
+        if q_len == 1 and sliding_window is None:
             mask = None  # a decode row sees its whole context
         else:
-            # Causal: query i (position seq_len - q_len + i) sees keys 0..seq_len - q_len + i.
+            # Causal: query i (position seq_len - q_len + i) sees keys first..seq_len - q_len + i.
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-            k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+            k_pos = torch.arange(first, seq_len, device=q.device).unsqueeze(0)
             mask = k_pos <= q_pos  # [L, S]
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=group > 1)
         out[q_start:q_end] = ob.transpose(0, 1).to(q.dtype)
     return out

@@ -67,11 +67,31 @@ def make_batch(q_lens: list[int], ctx_lens: list[int], num_q_heads: int, num_kv_
     )
 
 
-def reference_attention(batch: PagedBatch, scale: float, k_scale: float = 1.0, v_scale: float = 1.0
-                        ) -> torch.Tensor:
+def reference_attention(batch: PagedBatch, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                        sliding_window: int | None = None) -> torch.Tensor:
     cpu = [t.cpu() for t in (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
                              batch.query_start_loc)]
-    return reference.paged_attention_ref(*cpu, scale, k_scale, v_scale).float()
+    return reference.paged_attention_ref(*cpu, scale, k_scale, v_scale, sliding_window).float()
+
+
+def free_out_of_window(batch: PagedBatch, window: int) -> tuple[PagedBatch, int]:
+    """The batch as the block manager leaves it: blocks wholly before each sequence's first window
+    marked -1 in the table, and (here) poisoned with NaN, so a kernel that reads one fails.
+    Returns the new batch and how many blocks were freed."""
+    tables = batch.block_tables.clone()
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    block_size = k_cache.shape[1]
+    q_lens = (batch.query_start_loc[1:] - batch.query_start_loc[:-1]).tolist()
+    freed = 0
+    for b, (seq_len, q_len) in enumerate(zip(batch.seq_lens.tolist(), q_lens, strict=True)):
+        first_needed = max(0, seq_len - q_len - window + 1)
+        for i in range(first_needed // block_size):
+            k_cache[tables[b, i]] = float("nan")
+            v_cache[tables[b, i]] = float("nan")
+            tables[b, i] = -1
+            freed += 1
+    return PagedBatch(batch.q, k_cache, v_cache, tables, batch.seq_lens, batch.query_start_loc,
+                      batch.max_query_len, batch.max_seq_len), freed
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -94,6 +114,59 @@ def test_paged_attention_matches_reference(dtype: torch.dtype, block_size: int, 
         max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len, out=out,
     )
     assert relative_error(out, reference_attention(batch, scale)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [1, 5, 16, 100])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim"), [(4, 2, 16), (6, 2, 48)])
+@pytest.mark.parametrize("lens", [MIXED, DECODE, PREFILL], ids=["mixed", "decode", "prefill"])
+def test_sliding_window_matches_reference_with_freed_blocks(dtype: torch.dtype, window: int, num_q_heads: int,
+                                                            num_kv_heads: int, head_dim: int,
+                                                            lens: tuple[list[int], list[int]]) -> None:
+    """Each row sees its last `window` keys; blocks before every window are -1 in the table and NaN
+    in the cache (as after the block manager freed them), and nothing reads them."""
+    generator = torch.Generator().manual_seed(zlib.crc32(repr((window, num_q_heads, lens)).encode()))
+    full = make_batch(*lens, num_q_heads, num_kv_heads, head_dim, 4, dtype, generator)
+    batch, freed = free_out_of_window(full, window)
+    if window <= 5 and lens is not PREFILL:
+        assert freed > 0  # the case is meant to exercise freed entries
+    scale = head_dim**-0.5
+    out = torch.full_like(batch.q, float("nan"))
+    attention.paged_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale,
+        max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len, out=out, sliding_window=window,
+    )
+    ref = reference_attention(full, scale, sliding_window=window)
+    assert relative_error(out, ref) <= TOLERANCE[dtype]
+    if window < max(lens[1]):  # the window changed the answer: the mask is not a no-op
+        assert relative_error(reference_attention(full, scale), ref) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_splits", "window"), [(2, 7), (8, 40), (4, 1000)])
+@pytest.mark.parametrize("num_decodes", [0, 4])
+def test_sliding_window_split_kv_and_mixed_launches(dtype: torch.dtype, num_splits: int, window: int,
+                                                    num_decodes: int) -> None:
+    """Long-context decode rows split only their window; in a mixed batch the decode launch and the
+    prefill launch both honour it."""
+    generator = torch.Generator().manual_seed(num_splits * 100 + window)
+    full = make_batch([1, 1, 1, 1, 9, 20], [300, 3, 150, 64, 0, 45], 4, 1, 32, 16, dtype, generator)
+    batch, _ = free_out_of_window(full, window)
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.2)
+    ref = reference_attention(full, 0.2, sliding_window=window)
+    decodes = (0, 4)
+    split_out = attention.paged_attention_with_splits(*args, max_query_len=1, num_splits=num_splits, seqs=decodes,
+                                                      sliding_window=window)
+    assert relative_error(split_out[:4], ref[:4]) <= TOLERANCE[dtype]
+    out = torch.full_like(batch.q, float("nan"))
+    attention.paged_attention(*args, max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len, out=out,
+                              num_decodes=num_decodes, sliding_window=window)
+    assert relative_error(out, ref) <= TOLERANCE[dtype]
+
+
+def test_decode_splits_follow_the_window_not_the_context() -> None:
+    assert attention._keys_seen(32768, 4096) == 4096
+    assert attention.choose_num_splits(1, 8, attention._keys_seen(32768, 128), DEVICE) == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -268,6 +341,8 @@ def test_launcher_rejects_bad_inputs() -> None:
         attention.paged_attention(b.q.double(), *args, **kwargs)
     with pytest.raises(ValueError, match="decode"):
         attention.paged_attention_with_splits(b.q, *args, max_query_len=2, num_splits=2)
+    with pytest.raises(ValueError, match="sliding_window"):
+        attention.paged_attention(b.q, *args, **kwargs, sliding_window=0)
     with pytest.raises(ValueError, match="slot_mapping"):
         attention.store_kv(b.q[:, :2], b.q[:, :2], b.k_cache, b.v_cache, torch.zeros(1, dtype=torch.int64))
 
