@@ -21,8 +21,12 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ctl": ("appliance.ctl", "Talk to a running daemon over its control socket."),
     "generate": ("appliance.engine.generate_cli", "Generate text offline from a prompt or chat message."),
     "model": ("appliance.models.fetch", "Manage models: `model fetch` gets the embedded default."),
-    "bench": ("appliance_bench.offline", "Benchmarks: `bench offline` runs workload W1."),
+    "fleet": ("appliance.fleet.cli", "Several boxes behind HAProxy: `fleet haproxy` writes its config."),
+    "bench": ("appliance_bench.offline",
+              "Benchmarks: `bench offline` runs workload W1; `bench serve` loads an OpenAI-compatible server."),
 }
+# `bench SUITE`: each suite in its own module (`bench serve` only talks HTTP and never loads torch).
+_BENCH_SUITES: dict[str, str] = {"offline": "appliance_bench.offline", "serve": "appliance.benchserve.command"}
 
 
 def _load(module: str) -> object:
@@ -52,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     name = argv[0]
-    module = _load(_SUBCOMMANDS[name][0])
+    module_name = _SUBCOMMANDS[name][0]
+    if name == "bench" and len(argv) > 1 and argv[1] in _BENCH_SUITES:
+        module_name = _BENCH_SUITES[argv[1]]
+    module = _load(module_name)
     sub_parser = argparse.ArgumentParser(prog=f"llm-appliance {name}", description=_SUBCOMMANDS[name][1])
     add_arguments: Callable[[argparse.ArgumentParser], None] = getattr(module, f"add_arguments_{name}")
     add_arguments(sub_parser)

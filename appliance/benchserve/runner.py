@@ -1,0 +1,125 @@
+"""One load point: release the requests on their schedule (or under a concurrency limit), stream
+them all, sample the server's /metrics meanwhile, and summarize.
+
+The clock runs from the first release to the last answer (vLLM's benchmark duration). A request's
+TTFT starts when it is sent; under a concurrency limit the wait for a slot is reported apart
+(`client_queue_ms`), as vLLM does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from appliance.benchserve import arrivals, metrics
+from appliance.benchserve.client import ClientConfig, send
+from appliance.benchserve.progress import ProgressBar
+from appliance.benchserve.record import RequestRecord
+from appliance.benchserve.server_metrics import MetricsSampler
+from appliance.benchserve.workload import BenchRequest
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    rate: float = math.inf  # requests/s; inf: all released at once
+    concurrency: int | None = None  # at most this many in flight
+    burstiness: float = 1.0  # gamma shape of the gaps (1: Poisson)
+
+    def describe(self) -> str:
+        parts = []
+        if not math.isinf(self.rate) or self.concurrency is None:
+            parts.append(f"rate {self.rate:g} req/s" if not math.isinf(self.rate) else "rate inf")
+        if self.concurrency is not None:
+            parts.append(f"concurrency {self.concurrency}")
+        if self.burstiness != 1.0 and not math.isinf(self.rate):
+            parts.append(f"burstiness {self.burstiness:g}")
+        return ", ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rate": "inf" if math.isinf(self.rate) else self.rate, "concurrency": self.concurrency,
+                "burstiness": self.burstiness, "arrivals": self.arrivals()}
+
+    def arrivals(self) -> str:
+        if math.isinf(self.rate):
+            return "all at once"
+        return "poisson" if self.burstiness == 1.0 else "gamma"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    percentiles: Sequence[float] = metrics.DEFAULT_PERCENTILES
+    goodput_limits_ms: dict[str, float] | None = None
+    slos: Sequence[metrics.Slo] = ()
+    sample_server_metrics: bool = True
+    metrics_interval_s: float = 0.5
+    progress: bool = True
+    keep_requests: bool = True  # per-request figures in the result
+
+
+def new_session(extra_limit: int | None = None) -> aiohttp.ClientSession:
+    # NOTE: aiohttp caps a session at 100 connections by default; at rate inf that cap would be
+    # the load. limit=0 lifts it (a concurrency point caps itself with a semaphore).
+    connector = aiohttp.TCPConnector(limit=extra_limit or 0, keepalive_timeout=60)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+
+
+async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], point: LoadPoint, *, seed: int,
+                    options: RunOptions, count_tokens: Callable[[str], int] | None = None) -> dict[str, Any]:
+    offsets = arrivals.schedule_s(len(requests), point.rate, point.burstiness, seed)
+    slots = asyncio.Semaphore(point.concurrency) if point.concurrency else None
+    bar = ProgressBar(len(requests), point.describe(), enabled=options.progress)
+    async with new_session() as session:
+        sampler = None
+        if options.sample_server_metrics:
+            sampler = MetricsSampler(session, config.base_url, options.metrics_interval_s, config.headers())
+            await sampler.start()
+
+        async def one(request: BenchRequest, due_s: float) -> RequestRecord:
+            if slots is None:
+                record = await send(session, config, request, due_s, count_tokens)
+            else:
+                async with slots:
+                    record = await send(session, config, request, due_s, count_tokens)
+            bar.update(record.ok)
+            return record
+
+        t0 = time.perf_counter()
+        tasks = []
+        for request, offset_s in zip(requests, offsets, strict=True):
+            wait_s = t0 + offset_s - time.perf_counter()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            tasks.append(asyncio.create_task(one(request, time.perf_counter())))
+        records = await asyncio.gather(*tasks)
+        duration_s = time.perf_counter() - t0
+        bar.close()
+        server = await sampler.stop() if sampler is not None else None
+    summary = metrics.summarize(records, duration_s, percentiles=options.percentiles,
+                                goodput_limits_ms=options.goodput_limits_ms, slos=options.slos)
+    result: dict[str, Any] = {"load": point.to_json(), "seed": seed, **summary,
+                              "offered_rate": None if math.isinf(point.rate) else len(requests) / offsets[-1],
+                              "server_metrics": server}
+    if options.keep_requests:
+        result["requests"] = {
+            "columns": ["prompt_tokens", "output_tokens", "ttft_ms", "tpot_ms", "e2e_ms", "max_itl_ms",
+                        "client_queue_ms", "finish_reason", "error_kind"],
+            "rows": [_row(r) for r in records],
+        }
+    return result
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1e3, 3)
+
+
+def _row(r: RequestRecord) -> list[Any]:
+    if not r.ok:
+        return [r.prompt_tokens, 0, None, None, None, None, _ms(r.client_queue_s), None, r.error_kind]
+    return [r.prompt_tokens, r.output_tokens, _ms(r.ttft_s), _ms(r.tpot_s), _ms(r.e2e_s),
+            _ms(max(r.itls_s, default=None)), _ms(r.client_queue_s), r.finish_reason, None]
