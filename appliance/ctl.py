@@ -16,8 +16,23 @@ import os
 import socket
 import sys
 from typing import Any
+from urllib.parse import quote
 
 from appliance.config import LOG_LEVELS, ControlConfig
+from appliance.dashboard.format import duration, seconds, socket_error
+from appliance.status import (
+    CancelResult,
+    ErrorBody,
+    LogLevelResult,
+    PhaseResult,
+    ReloadResult,
+    RequestList,
+    RequestRow,
+    StatusSnapshot,
+    WireError,
+    from_json,
+    to_json,
+)
 
 EX_UNAVAILABLE = 69
 DEFAULT_SOCKET = os.environ.get("LLM_APPLIANCE_CONTROL_SOCKET", ControlConfig.socket_path)
@@ -46,48 +61,61 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 class ControlClient:
-    """Blocking JSON client of the control socket. Raises OSError when nothing listens there and
-    ControlError when the daemon answers with an error."""
+    """Blocking client of the control socket; answers are the wire types of appliance/status.py.
+    Raises OSError when nothing listens there, ControlError when the daemon answers with an error,
+    and WireError when its answer does not fit the type (a daemon of another version)."""
 
     def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout_s: float = 10.0) -> None:
         self.socket_path = socket_path
         self.timeout_s = timeout_s
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One call; the parsed JSON answer."""
         conn = _UnixHTTPConnection(self.socket_path, self.timeout_s)
         try:
             payload = json.dumps(body).encode() if body is not None else None
             headers = {"Content-Type": "application/json"} if payload is not None else {}
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
-            data = json.loads(response.read() or b"null")
+            raw = response.read()
         finally:
             conn.close()
+        try:
+            data = json.loads(raw or b"null")
+        except json.JSONDecodeError:
+            data = None
         if response.status >= 400:
-            message = data.get("error", {}).get("message") if isinstance(data, dict) else None
-            raise ControlError(response.status, message or f"HTTP {response.status}")
+            raise ControlError(response.status, error_message(response.status, data))
         return data
 
-    def status(self) -> dict[str, Any]:
-        return self.request("GET", "/status")
+    def status(self) -> StatusSnapshot:
+        return from_json(StatusSnapshot, self.request("GET", "/status"))
 
-    def requests(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/requests")["requests"]
+    def requests(self) -> list[RequestRow]:
+        return from_json(RequestList, self.request("GET", "/requests")).requests
 
-    def cancel(self, request_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/requests/{request_id}/cancel")
+    def cancel(self, request_id: str) -> CancelResult:
+        return from_json(CancelResult, self.request("POST", f"/requests/{quote(request_id, safe='')}/cancel"))
 
-    def drain(self) -> dict[str, Any]:
-        return self.request("POST", "/drain")
+    def drain(self) -> PhaseResult:
+        return from_json(PhaseResult, self.request("POST", "/drain"))
 
-    def resume(self) -> dict[str, Any]:
-        return self.request("POST", "/resume")
+    def resume(self) -> PhaseResult:
+        return from_json(PhaseResult, self.request("POST", "/resume"))
 
-    def reload(self) -> dict[str, Any]:
-        return self.request("POST", "/reload")
+    def reload(self) -> ReloadResult:
+        return from_json(ReloadResult, self.request("POST", "/reload"))
 
-    def set_log_level(self, level: str) -> dict[str, Any]:
-        return self.request("PUT", "/log-level", {"level": level})
+    def set_log_level(self, level: str) -> LogLevelResult:
+        return from_json(LogLevelResult, self.request("PUT", "/log-level", {"level": level}))
+
+
+def error_message(status: int, data: Any) -> str:
+    """The daemon's message from an error body, or the bare HTTP status."""
+    try:
+        return from_json(ErrorBody, data["error"]).message
+    except (WireError, TypeError, KeyError):
+        return f"HTTP {status}"
 
 
 # ----- command line ---------------------------------------------------------------------------
@@ -109,45 +137,55 @@ def add_arguments_ctl(parser: argparse.ArgumentParser) -> None:
     level.add_argument("level", type=str.upper, choices=LOG_LEVELS)
 
 
-def _format_status(s: dict[str, Any]) -> str:
+def _format_status(s: StatusSnapshot) -> str:
     lines = [
-        f"llm-appliance {s['version']} (pid {s['pid']})",
-        f"  phase       {s['phase']}",
-        f"  model       {s['model'] or '-'}",
-        f"  http        {s['http_address'] or '-'}",
-        f"  uptime      {_duration(s['uptime_s'])}",
-        f"  log level   {s['log_level']}",
-        f"  in flight   {s['inflight']}",
+        f"llm-appliance {s.version} (pid {s.pid})",
+        f"  phase       {s.phase}",
+        f"  model       {s.model or '-'}",
+        f"  http        {s.http_address or '-'}",
+        f"  config      {s.config_path or '(built-in defaults)'}",
+        f"  uptime      {duration(s.uptime_s)}",
+        f"  log level   {s.log_level}",
+        f"  in flight   {s.inflight}",
     ]
-    e = s.get("engine")
+    e = s.engine
     if e:
+        t, lat, q = s.throughput, s.latency, s.queue
         lines += [
-            f"  engine      {'progressing' if e['progressing'] else 'STALLED'}"
-            f"{' DEAD' if e['dead'] else ''}, {e['num_running']} running, {e['num_waiting']} waiting",
-            f"  kv cache    {e['kv_cache_usage']:.1%} used ({e['num_kv_blocks_used']}/{e['num_kv_blocks_total']}"
-            f" blocks, {e['num_kv_blocks_cached']} cached)",
-            f"  prefix hits {e['prefix_cache_hit_rate']:.1%} ({e['prefix_cache_hits']}/{e['prefix_cache_queries']} tokens)",
-            f"  throughput  {e['generation_tokens_per_s']:.1f} tokens/s"
-            f" ({e['generation_tokens_total']} generated, {e['num_preemptions']} preemptions)",
+            f"  engine      {'progressing' if e.progressing else 'STALLED'}"
+            f"{' DEAD' if e.dead else ''}, {e.num_running} running, {e.num_waiting} waiting",
+            f"  kv cache    {e.kv_cache_usage:.1%} used ({e.num_kv_blocks_used}/{e.num_kv_blocks_total}"
+            f" blocks, {e.num_kv_blocks_cached} cached)",
+            f"  prefix hits {e.prefix_cache_hit_rate:.1%} ({e.prefix_cache_hits}/{e.prefix_cache_queries} tokens)",
+            f"  throughput  {t.generation_tokens_per_s:.1f} tokens/s generated, {t.prompt_tokens_per_s:.1f}"
+            f" prompt tokens/s, {t.requests_per_s:.2f} requests/s"
+            f" ({e.generation_tokens_total} generated, {e.num_preemptions} preemptions)",
+            f"  latency     TTFT p50 {seconds(lat.ttft_p50_s)} p99 {seconds(lat.ttft_p99_s)},"
+            f" inter-token p50 {seconds(lat.inter_token_p50_s)} p99 {seconds(lat.inter_token_p99_s)}"
+            f" (last {duration(lat.window_s)})",
+            f"  queue       {q.admission_queued} awaiting a first token, {q.rejected_total} rejected (429)"
+            f", {q.rejected_last_minute} in the last minute",
         ]
+    for c in s.clients:
+        lines.append(f"  client      {c.name}: {c.requests_total} requests ({c.rejected_total} rejected),"
+                     f" {c.in_flight} in flight, last minute {c.requests_last_minute} requests"
+                     f"{_limit(c.requests_per_minute_limit)} {c.tokens_last_minute} tokens"
+                     f"{_limit(c.tokens_per_minute_limit)}")
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+def _limit(limit: int) -> str:
+    return f"/{limit}" if limit else ""
 
 
-def _format_requests(rows: list[dict[str, Any]]) -> str:
+def _format_requests(rows: list[RequestRow]) -> str:
     if not rows:
         return "no requests in flight"
-    header = f"{'ID':<40} {'CLIENT':<16} {'PHASE':<10} {'PROMPT':>7} {'OUTPUT':>7} {'AGE':>8}"
+    header = f"{'ID':<40} {'CLIENT':<16} {'PHASE':<10} {'PROMPT':>7} {'OUTPUT':>7} {'AGE':>8} {'TOK/S':>7}"
     lines = [header]
     for r in rows:
-        lines.append(f"{r['id']:<40} {r['client']:<16} {r['phase']:<10} {r['prompt_tokens']:>7}"
-                     f" {r['completion_tokens']:>7} {r['age_s']:>7.1f}s")
+        lines.append(f"{r.id:<40} {r.client:<16} {r.phase:<10} {r.prompt_tokens:>7}"
+                     f" {r.completion_tokens:>7} {r.age_s:>7.1f}s {r.tokens_per_s:>7.1f}")
     return "\n".join(lines)
 
 
@@ -157,17 +195,17 @@ def _format(action: str, data: Any) -> str:
     if action == "requests":
         return _format_requests(data)
     if action == "cancel":
-        return f"cancelled {data['request_id']}"
+        return f"cancelled {data.request_id}"
     if action in ("drain", "resume"):
-        extra = f", {data['inflight']} request(s) in flight" if "inflight" in data else ""
-        return f"phase {data['phase']}{extra}"
+        extra = f", {data.inflight} request(s) in flight" if data.inflight is not None else ""
+        return f"phase {data.phase}{extra}"
     if action == "reload":
-        text = f"reloaded: {len(data['clients'])} client(s) ({', '.join(data['clients']) or 'API open'})"
-        if data["needs_restart"]:
-            text += "\nneeds a restart to apply: " + ", ".join(data["needs_restart"])
+        text = f"reloaded: {len(data.clients)} client(s) ({', '.join(data.clients) or 'API open'})"
+        if data.needs_restart:
+            text += "\nneeds a restart to apply: " + ", ".join(data.needs_restart)
         return text
     if action == "log-level":
-        return f"log level {data['level']}"
+        return f"log level {data.level}"
     raise AssertionError(action)
 
 
@@ -187,8 +225,12 @@ def run_ctl(args: argparse.Namespace) -> int:
     except ControlError as e:
         print(f"llm-appliance ctl {args.action}: {e}", file=sys.stderr)
         return 1
+    except WireError as e:
+        print(f"llm-appliance ctl {args.action}: unexpected answer (a daemon of another version?): {e}",
+              file=sys.stderr)
+        return 1
     except OSError as e:
-        print(f"llm-appliance ctl: no daemon at {args.socket}: {e.strerror or e}", file=sys.stderr)
+        print(f"llm-appliance ctl: {socket_error(args.socket, e)}", file=sys.stderr)
         return EX_UNAVAILABLE
-    print(json.dumps(data, indent=2) if args.json else _format(args.action, data))
+    print(json.dumps(to_json(data), indent=2) if args.json else _format(args.action, data))
     return 0

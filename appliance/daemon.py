@@ -184,6 +184,12 @@ class Daemon:
     def engine_progressing(self) -> bool:
         return self.engine is not None and self.engine.is_progressing(self.config.server.stall_timeout_s)
 
+    def server_metrics(self) -> Any:
+        """The HTTP app's ServerMetrics (None until it serves): counters for the control socket."""
+        from appliance.server.context import METRICS_KEY
+
+        return self._app[METRICS_KEY] if self._app is not None else None
+
     def drain(self) -> None:
         """Stop admitting new requests (503); in-flight ones finish. `resume()` undoes it."""
         if self.state.phase == "ready":
@@ -226,7 +232,7 @@ class Daemon:
     # ----- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> int:
-        from appliance.server.control import ControlServer
+        from appliance.server.control import ControlServer, ControlSocketInUseError
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -238,6 +244,11 @@ class Daemon:
         control = ControlServer(self, self.config.control)
         try:
             await control.start()
+        except ControlSocketInUseError as e:
+            # Not fixed by restarting (EX_CONFIG stops systemd's loop); the other daemon keeps its socket.
+            log.critical("refusing to start: %s", e)
+            self.notifier.close()
+            return EX_CONFIG
         except OSError as e:
             # Run by hand as a user, /run/llm-appliance is not writable: serve without it.
             log.warning("no control socket at %s: %s", self.config.control.socket_path, e)

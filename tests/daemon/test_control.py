@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import pytest
 
+from appliance.config import EX_CONFIG
 from appliance.ctl import EX_UNAVAILABLE, ControlClient, ControlError
 from appliance.daemon import EX_SOFTWARE
+from appliance.status import LogLevelResult, PhaseResult, RequestList, StatusSnapshot, parse_event
 
 if TYPE_CHECKING:
     from conftest import DaemonProcess  # type: ignore[import-not-found]
@@ -60,20 +62,21 @@ def test_socket_is_a_0660_unix_socket(daemon: DaemonProcess) -> None:
 
 def test_status(daemon: DaemonProcess, client: ControlClient) -> None:
     status = client.status()
-    assert status["phase"] == "ready" and status["pid"] == daemon.proc.pid
-    assert status["model"] == "SmolLM2-135M-Instruct"
-    assert status["http_address"].endswith(f":{daemon.port}")
-    assert status["uptime_s"] > 0 and status["version"]
-    engine = status["engine"]
-    assert engine["progressing"] is True and engine["dead"] is False
-    assert {"num_running", "num_waiting", "kv_cache_usage", "prefix_cache_hit_rate",
-            "generation_tokens_per_s"} <= engine.keys()
-    before = engine["generation_tokens_total"]
+    assert status.phase == "ready" and status.pid == daemon.proc.pid
+    assert status.model == "SmolLM2-135M-Instruct"
+    assert status.http_address and status.http_address.endswith(f":{daemon.port}")
+    assert status.uptime_s > 0 and status.version
+    assert status.config_path == str(daemon.config_file)
+    engine = status.engine
+    assert engine is not None and engine.progressing is True and engine.dead is False
+    assert engine.num_kv_blocks_total > 0 and 0 <= engine.kv_cache_usage <= 1
+    before = engine.generation_tokens_total
     assert daemon.chat().status_code == 200
-    assert client.status()["engine"]["generation_tokens_total"] > before
+    after = client.status()
+    assert after.engine is not None and after.engine.generation_tokens_total > before
     # tokens/s comes from samples taken once a second: generate across a sample or two.
     deadline = time.monotonic() + 20
-    while client.status()["engine"]["generation_tokens_per_s"] <= 0:
+    while client.status().throughput.generation_tokens_per_s <= 0:
         assert time.monotonic() < deadline, "tokens/s stayed 0 while generating"
         time.sleep(1.1)
         assert daemon.chat().status_code == 200
@@ -82,13 +85,12 @@ def test_status(daemon: DaemonProcess, client: ControlClient) -> None:
 def test_requests_lists_in_flight_without_text_then_cancel(
         daemon: DaemonProcess, client: ControlClient, stalled_request: Any) -> None:
     row, result = stalled_request
-    assert row["client"] == "app" and row["prompt_tokens"] > 0 and row["age_s"] >= 0
-    assert {"id", "client", "phase", "prompt_tokens", "completion_tokens", "age_s"} <= row.keys()
+    assert row.client == "app" and row.prompt_tokens > 0 and row.age_s >= 0
     raw = client.request("GET", "/requests")
     assert CANARY not in json.dumps(raw)
     listing = ctl(daemon, "requests")
-    assert listing.returncode == 0 and row["id"] in listing.stdout and "CLIENT" in listing.stdout
-    assert ctl(daemon, "cancel", row["id"]).stdout.strip() == f"cancelled {row['id']}"
+    assert listing.returncode == 0 and row.id in listing.stdout and "CLIENT" in listing.stdout
+    assert ctl(daemon, "cancel", row.id).stdout.strip() == f"cancelled {row.id}"
     daemon.stall_file.unlink()
     deadline = time.monotonic() + 60
     while not result:
@@ -107,11 +109,11 @@ def test_cancel_unknown_request(daemon: DaemonProcess, client: ControlClient) ->
 
 
 def test_drain_and_resume(daemon: DaemonProcess, client: ControlClient) -> None:
-    assert client.drain() == {"phase": "draining", "inflight": 0}
+    assert client.drain() == PhaseResult("draining", 0)
     try:
         refused = daemon.chat()
         assert refused.status_code == 503 and "retry-after" in refused.headers
-        assert client.status()["phase"] == "draining"
+        assert client.status().phase == "draining"
     finally:
         out = ctl(daemon, "resume")
     assert out.returncode == 0 and out.stdout.strip() == "phase ready"
@@ -119,7 +121,7 @@ def test_drain_and_resume(daemon: DaemonProcess, client: ControlClient) -> None:
 
 
 def test_reload_reports_what_needs_a_restart(daemon: DaemonProcess, client: ControlClient) -> None:
-    assert client.reload()["needs_restart"] == []
+    assert client.reload().needs_restart == []
     daemon.config_file.write_text(daemon.config_text.replace("max_model_len = 512", "max_model_len = 256"))
     try:
         out = ctl(daemon, "reload")
@@ -132,17 +134,17 @@ def test_reload_reports_what_needs_a_restart(daemon: DaemonProcess, client: Cont
         assert info.value.status == 400 and "engine.max_num_seqs: expected an integer >= 1" in str(info.value)
     finally:
         daemon.config_file.write_text(daemon.config_text)
-    assert client.reload()["needs_restart"] == []
+    assert client.reload().needs_restart == []
 
 
 def test_log_level(daemon: DaemonProcess, client: ControlClient) -> None:
     out = ctl(daemon, "log-level", "debug")
     assert out.returncode == 0 and out.stdout.strip() == "log level DEBUG"
-    assert client.status()["log_level"] == "DEBUG"
+    assert client.status().log_level == "DEBUG"
     with pytest.raises(ControlError) as info:
         client.request("PUT", "/log-level", {"level": "LOUD"})
     assert info.value.status == 400
-    assert client.set_log_level("INFO") == {"level": "INFO"}
+    assert client.set_log_level("INFO") == LogLevelResult("INFO")
 
 
 def test_ctl_status_text_and_json(daemon: DaemonProcess) -> None:
@@ -156,15 +158,15 @@ def test_ctl_status_text_and_json(daemon: DaemonProcess) -> None:
 
 def test_ctl_without_a_daemon(daemon: DaemonProcess) -> None:
     out = ctl(daemon, "status", socket_path=str(daemon.dir / "absent.sock"))
-    assert out.returncode == EX_UNAVAILABLE and "no daemon at" in out.stderr
+    assert out.returncode == EX_UNAVAILABLE and "no daemon" in out.stderr
 
 
-async def test_events_stream_stats_every_second(daemon: DaemonProcess) -> None:
+async def test_events_stream_stats_and_requests_every_second(daemon: DaemonProcess) -> None:
     connector = aiohttp.UnixConnector(path=daemon.control_socket)
     async with aiohttp.ClientSession(connector=connector) as session:
         async with session.get("http://control/events") as response:
             assert response.status == 200 and response.content_type == "text/event-stream"
-            events: list[dict[str, Any]] = []
+            events: list[Any] = []
             event = None
             async with asyncio.timeout(10):
                 async for raw in response.content:
@@ -172,12 +174,41 @@ async def test_events_stream_stats_every_second(daemon: DaemonProcess) -> None:
                     if line.startswith("event: "):
                         event = line.removeprefix("event: ")
                     elif line.startswith("data: "):
-                        assert event == "stats"
-                        events.append(json.loads(line.removeprefix("data: ")))
-                        if len(events) == 2:
+                        assert event is not None
+                        events.append(parse_event(event, line.removeprefix("data: ")))
+                        if len(events) == 4:
                             break
-    assert [e["phase"] for e in events] == ["ready", "ready"]
-    assert events[1]["uptime_s"] > events[0]["uptime_s"]
+    stats = [e for e in events if isinstance(e, StatusSnapshot)]
+    assert [type(e) for e in events] == [StatusSnapshot, RequestList] * 2
+    assert [e.phase for e in stats] == ["ready", "ready"]
+    assert stats[1].uptime_s > stats[0].uptime_s
+
+
+def test_a_second_daemon_on_the_same_socket_refuses_to_start(daemon: DaemonProcess, short_tmp: Any) -> None:
+    """A live daemon keeps its socket: the second one says so and exits 78 (EX_CONFIG)."""
+    second = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "serve", "--port", "0", "--model", "/nonexistent",
+         "--control-socket", daemon.control_socket], capture_output=True, text=True, timeout=120)
+    assert second.returncode == EX_CONFIG, second.stderr
+    assert f"another daemon is running: it answers on the control socket {daemon.control_socket}" in second.stderr
+    assert ControlClient(daemon.control_socket).status().pid == daemon.proc.pid
+
+
+def test_a_stale_socket_file_is_replaced(short_tmp: Any) -> None:
+    """A socket file nobody listens on (a daemon killed with SIGKILL) does not stop a start."""
+    import socket as socketlib
+
+    path = str(short_tmp / "stale.sock")
+    stale = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()  # the file stays, nothing listens
+    # /nonexistent fails the model load after the control socket is up: exit 78 for that reason.
+    run = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "serve", "--port", "0", "--model", "/nonexistent",
+         "--control-socket", path], capture_output=True, text=True, timeout=120)
+    assert run.returncode == EX_CONFIG
+    assert f"control socket on {path}" in run.stderr and "another daemon" not in run.stderr
+    assert "cannot load the model" in run.stderr
 
 
 def test_a_dead_engine_fails_its_request_and_exits_non_zero(daemon: DaemonProcess, client: ControlClient) -> None:
