@@ -2,7 +2,7 @@
 
 The engine part (`ModelConfig`, `CacheConfig`, `SchedulerConfig`, `EngineConfig`) uses the names
 vLLM users know. The daemon part (`ServerConfig`, `ClientConfig`, `LoggingConfig`,
-`ControlConfig`, `AppConfig`) describes the appliance. Every field has a default so the daemon
+`ControlConfig`, `FleetConfig`, `AppConfig`) describes the appliance. Every field has a default so the daemon
 runs with no file at all; `etc/appliance.toml` documents each key.
 
 NOTE: this module imports only the standard library (and appliance.errors) (the dashboard reads it without torch).
@@ -130,12 +130,26 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """Several boxes behind HAProxy: the agent-check port HAProxy asks for this box's state and
+    weight (see appliance/fleet/agent_check.py and docs/fleet.md). Off unless enabled."""
+
+    enabled: bool = False
+    host: str | None = None  # None: the same address as server.host (HAProxy reaches both there)
+    port: int = 8001
+    # How many HAProxy instances check this box: each is offered max_num_seqs / load_balancers
+    # connections, so together they never send more than one batch can hold.
+    load_balancers: int = 1
+
+
+@dataclass(frozen=True)
 class AppConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     clients: tuple[ClientConfig, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     source_path: str | None = None  # the TOML file this came from, for messages
 
 
@@ -144,7 +158,7 @@ class AppConfig:
 # --------------------------------------------------------------------------------------------
 # NOTE: everything below is the one place a config file is read. The TOML layout is flat per
 # section: [model] is ModelConfig, [engine] holds CacheConfig + SchedulerConfig + the top-level
-# EngineConfig fields, [server], [logging], [control], and [[clients]] (one table per API key).
+# EngineConfig fields, [server], [logging], [control], [fleet], and [[clients]] (one table per API key).
 
 EX_CONFIG = 78  # sysexits.h: the exit status for a bad configuration (systemd: RestartPreventExitStatus)
 COMMAND_LINE = "command line"
@@ -158,6 +172,7 @@ _SECTIONS: dict[str, tuple[type, ...]] = {
     "server": (ServerConfig,),
     "logging": (LoggingConfig,),
     "control": (ControlConfig,),
+    "fleet": (FleetConfig,),
 }
 _ENGINE_NESTED = {"model", "cache", "scheduler"}  # EngineConfig fields that are sections, not keys
 _MODE_KEY = "control.mode"
@@ -204,6 +219,9 @@ _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "control.socket_path": (lambda v: 0 < len(os.fsencode(v)) < 108, "a path shorter than 108 bytes"),
     "control.group": (bool, "a group name (or leave it unset)"),
     _MODE_KEY: (lambda v: 0 <= v <= 0o777, "a permission mode from 0o000 to 0o777, e.g. 0o660"),
+    "fleet.host": (bool, "a host name or address (or leave it unset: server.host)"),
+    "fleet.port": (lambda v: 1 <= v <= 65535, "a port number from 1 to 65535"),
+    "fleet.load_balancers": (_positive, "an integer >= 1"),
     "clients.name": (bool, "a non-empty name"),
     "clients.requests_per_minute": (_non_negative, "an integer >= 0 (0: unlimited)"),
     "clients.tokens_per_minute": (_non_negative, "an integer >= 0 (0: unlimited)"),
@@ -427,8 +445,12 @@ def load_config(path: str | None, overrides: Mapping[str, Any] | None = None) ->
                           f"got {scheduler.max_num_batched_tokens}")
     engine = EngineConfig(model=build(ModelConfig), cache=build(CacheConfig), scheduler=scheduler,
                           **parts.get(EngineConfig, {}))
-    return AppConfig(engine=engine, server=build(ServerConfig), clients=clients, logging=build(LoggingConfig),
-                     control=build(ControlConfig), source_path=path)
+    server, fleet = build(ServerConfig), build(FleetConfig)
+    if fleet.enabled and fleet.port == server.port and (fleet.host or server.host) == server.host:
+        raise loader.fail("fleet.port", f"expected a port other than server.port ({server.port}), "
+                                        f"got {fleet.port}")
+    return AppConfig(engine=engine, server=server, clients=clients, logging=build(LoggingConfig),
+                     control=build(ControlConfig), fleet=fleet, source_path=path)
 
 
 def config_to_toml_dict(config: AppConfig, *, mask_secrets: bool = True) -> dict[str, Any]:
@@ -452,6 +474,7 @@ def config_to_toml_dict(config: AppConfig, *, mask_secrets: bool = True) -> dict
         "server": table(config.server),
         "logging": table(config.logging),
         "control": table(config.control),
+        "fleet": table(config.fleet),
     }
     doc["control"]["mode"] = f"0{config.control.mode:o}"
     clients = []

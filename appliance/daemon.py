@@ -232,6 +232,7 @@ class Daemon:
     # ----- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> int:
+        from appliance.fleet.agent_check import start_agent_check
         from appliance.server.control import ControlServer, ControlSocketInUseError
 
         loop = asyncio.get_running_loop()
@@ -254,6 +255,7 @@ class Daemon:
             log.warning("no control socket at %s: %s", self.config.control.socket_path, e)
             control = None
         self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+        fleet_agent = await start_agent_check(self, self.config)  # [fleet]: HAProxy asks it for our state
         runner = None
         try:
             runner = await self._start()
@@ -273,6 +275,8 @@ class Daemon:
                 await runner.cleanup()
             if self.engine is not None:
                 await self.engine.shutdown()
+            if fleet_agent is not None:
+                await fleet_agent.stop()
             if control is not None:
                 await control.stop()
             for task in self._tasks:
