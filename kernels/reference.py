@@ -166,3 +166,8 @@ def rotary_store_kv_ref(
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # x: [T, 2 * I] -> [T, I]
     gate, up = x.chunk(2, dim=-1)
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
+
+
+def gelu_tanh_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # x: [T, 2 * I] -> [T, I]
+    gate, up = x.chunk(2, dim=-1)
+    return (F.gelu(gate.float(), approximate="tanh") * up.float()).to(x.dtype)

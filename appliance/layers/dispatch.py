@@ -69,3 +69,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] -> [T, I]
     if x.is_cuda and (module := _triton_module("activation")) is not None:
         return module.silu_and_mul(x)
     return reference.silu_and_mul_ref(x)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] -> [T, I]
+    if x.is_cuda and (module := _triton_module("activation")) is not None:
+        return module.gelu_tanh_and_mul(x)
+    return reference.gelu_tanh_and_mul_ref(x)

@@ -1,4 +1,4 @@
-"""Fused RMSNorm, rotary embedding and SiLU-and-mul against their torch references.
+"""Fused RMSNorm, rotary embedding and SiLU/GELU-and-mul against their torch references.
 
 CPU: Triton interpreter, float32, tiny shapes. CUDA: also bf16 at the issue's tolerance.
 Hidden sizes that are not powers of two check the masking of the padded lanes.
@@ -104,6 +104,18 @@ def test_silu_and_mul_matches_reference(dtype: torch.dtype, intermediate: int) -
     out = torch.full((5, intermediate), float("nan"), dtype=dtype, device=DEVICE)
     activation.silu_and_mul(x, out=out)
     assert relative_error(out, reference.silu_and_mul_ref(x)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("intermediate", [64, 1500])
+def test_gelu_tanh_and_mul_matches_reference(dtype: torch.dtype, intermediate: int) -> None:
+    g = torch.Generator().manual_seed(intermediate + 1)
+    x = randn(5, 2 * intermediate, dtype=dtype, generator=g) * 3  # into tanh's curved range
+    out = torch.full((5, intermediate), float("nan"), dtype=dtype, device=DEVICE)
+    activation.gelu_tanh_and_mul(x, out=out)
+    ref = reference.gelu_tanh_and_mul_ref(x)
+    assert relative_error(out, ref) <= TOLERANCE[dtype]
+    assert relative_error(reference.silu_and_mul_ref(x), ref) > 1e-2  # not the other activation
 
 
 def test_launchers_reject_bad_inputs() -> None:
