@@ -63,12 +63,16 @@ class Attention(nn.Module):
     """softmax(q k^T * scale) v with GQA over the paged cache; q/k/v already projected and rotated.
 
     k_scale / v_scale: the fp8 cache's per-tensor scales (stored = x / scale); unused (1.0) for a
-    cache in the model's dtype.
+    cache in the model's dtype. sliding_window: this layer sees only the last `sliding_window` keys
+    of each query (itself included), as HF's sliding-window layers; None: the whole context.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                 k_scale: float = 1.0, v_scale: float = 1.0, sliding_window: int | None = None) -> None:
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
+        self.sliding_window = sliding_window
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -110,9 +114,9 @@ class Attention(nn.Module):
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                 self.scale, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
                 is_decode_only=meta.is_decode_only, k_scale=self.k_scale, v_scale=self.v_scale,
-                num_decodes=meta.num_decodes,
+                num_decodes=meta.num_decodes, sliding_window=self.sliding_window,
             )
         return reference.paged_attention_ref(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
-            self.k_scale, self.v_scale,
+            self.k_scale, self.v_scale, self.sliding_window,
         )

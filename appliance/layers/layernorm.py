@@ -1,4 +1,5 @@
-"""RMSNorm, optionally fused with the residual add that precedes it."""
+"""RMSNorm (Llama/Qwen, and Gemma's 1 + weight form), optionally fused with the residual add that
+precedes it."""
 
 from __future__ import annotations
 
@@ -29,5 +30,32 @@ class RMSNorm(nn.Module):
             normed, _ = dispatch.rms_norm(x2d, self.weight, self.eps)
             return normed.view(shape)
         normed, summed = dispatch.rms_norm(x2d, self.weight, self.eps, residual.reshape(-1, shape[-1]))
+        assert summed is not None
+        return normed.view(shape), summed.view(shape)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: y = x / rms(x) * (1 + weight), with `weight` as checkpoints store it (zero
+    means identity) and the product taken in fp32 before the cast, as HF does.
+
+    NOTE: 1 + weight is formed in fp32 on every call (one tiny op): a bf16 copy of it would round
+    the scale that HF keeps in fp32.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        scale = 1.0 + self.weight.float()
+        if residual is None:
+            normed, _ = dispatch.rms_norm(x2d, scale, self.eps)
+            return normed.view(shape)
+        normed, summed = dispatch.rms_norm(x2d, scale, self.eps, residual.reshape(-1, shape[-1]))
         assert summed is not None
         return normed.view(shape), summed.view(shape)

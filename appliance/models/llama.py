@@ -9,9 +9,10 @@ Model contract (the model runner relies on it):
     forward(input_ids [T], positions [T], kv_caches, meta) -> final-normed hidden states [T, H]
     compute_logits(hidden [N, H]) -> logits [N, vocab] in the model dtype (the sampler upcasts)
 kv_caches[i] = (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim].
+    sliding_windows: list[int | None], one per layer (None: full attention); the block manager
+        frees blocks that fall out of every layer's window.
 
-NOTE: sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not implemented:
-such models are exact up to their window length.
+Sliding windows (Mistral v0.1, Qwen2/3 with use_sliding_window) come from `sliding_windows`.
 """
 
 from __future__ import annotations
@@ -54,8 +55,27 @@ def head_dim_of(hf_config: Any) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
+def sliding_windows(hf_config: Any) -> list[int | None]:
+    """Each layer's window, as HF decides it: with `layer_types` (Qwen2/3, Gemma 3) only the
+    "sliding_attention" layers slide; without (Mistral) every layer does when sliding_window is set."""
+    window = getattr(hf_config, "sliding_window", None)
+    num_layers = hf_config.num_hidden_layers
+    if window is None:
+        return [None] * num_layers
+    layer_types = getattr(hf_config, "layer_types", None)
+    if not layer_types:
+        return [int(window)] * num_layers
+    unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ModelLoadError(f"unsupported layer_types {unknown} (known: sliding_attention, full_attention)")
+    return [int(window) if kind == "sliding_attention" else None for kind in layer_types]
+
+
 class DecoderAttention(nn.Module):
-    def __init__(self, hf_config: Any, rotary: RotaryEmbedding, options: LayerOptions) -> None:
+    def __init__(self, hf_config: Any, rotary: RotaryEmbedding, options: LayerOptions,
+                 sliding_window: int | None = None, scale: float | None = None,
+                 norm_cls: type[RMSNorm] = RMSNorm) -> None:
+        """scale: the softmax scale (default head_dim**-0.5); norm_cls: the q/k norms' kind."""
         super().__init__()
         self.num_heads = hf_config.num_attention_heads
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
@@ -64,10 +84,11 @@ class DecoderAttention(nn.Module):
         self.split_sizes = [q_size, kv_size, kv_size]
         self.qkv_proj = PackedLinear(hidden, (("q", q_size), ("k", kv_size), ("v", kv_size)), options.qkv_bias)
         self.o_proj = Linear(q_size, hidden, options.o_bias)
-        self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if options.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if options.qk_norm else None
-        self.rotary_emb = rotary  # shared by every layer (one cos/sin table)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.q_norm = norm_cls(self.head_dim, hf_config.rms_norm_eps) if options.qk_norm else None
+        self.k_norm = norm_cls(self.head_dim, hf_config.rms_norm_eps) if options.qk_norm else None
+        self.rotary_emb = rotary  # shared by every layer of a kind (one cos/sin table)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
+                              self.head_dim**-0.5 if scale is None else scale, sliding_window=sliding_window)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -90,9 +111,10 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_config: Any, rotary: RotaryEmbedding, options: LayerOptions) -> None:
+    def __init__(self, hf_config: Any, rotary: RotaryEmbedding, options: LayerOptions,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(hf_config, rotary, options)
+        self.self_attn = DecoderAttention(hf_config, rotary, options, sliding_window)
         self.mlp = GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, options.mlp_bias)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
@@ -118,7 +140,7 @@ class DecoderModel(nn.Module):
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         rotary = RotaryEmbedding(head_dim_of(hf_config), hf_config.max_position_embeddings, rope_parameters(hf_config))
         self.layers = nn.ModuleList(
-            DecoderLayer(hf_config, rotary, options) for _ in range(hf_config.num_hidden_layers)
+            DecoderLayer(hf_config, rotary, options, window) for window in sliding_windows(hf_config)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -139,11 +161,8 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, hf_config: Any) -> None:
         super().__init__()
-        act = getattr(hf_config, "hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ModelLoadError(f"unsupported hidden_act {act!r} (only silu/SwiGLU MLPs are implemented)")
         self.hf_config = hf_config
-        self.model = DecoderModel(hf_config, self.layer_options(hf_config))
+        self.model = self.build_decoder(hf_config)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size,
                               tied_to=self.model.embed_tokens if self.tie_word_embeddings else None)
@@ -153,6 +172,15 @@ class LlamaForCausalLM(nn.Module):
         self.num_kv_heads: int = attn.num_kv_heads
         self.head_dim: int = attn.head_dim
         self.vocab_size: int = hf_config.vocab_size
+        self.sliding_windows: list[int | None] = [layer.self_attn.attn.sliding_window for layer in self.model.layers]
+
+    @classmethod
+    def build_decoder(cls, hf_config: Any) -> nn.Module:
+        """The `model` submodule (embeddings, layers, final norm); families override it."""
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ModelLoadError(f"unsupported hidden_act {act!r} (only silu/SwiGLU MLPs are implemented)")
+        return DecoderModel(hf_config, cls.layer_options(hf_config))
 
     @classmethod
     def layer_options(cls, hf_config: Any) -> LayerOptions:
@@ -244,4 +272,4 @@ class LlamaForCausalLM(nn.Module):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral is the Llama decoder (GQA, rope, SwiGLU); see the sliding-window NOTE above."""
+    """Mistral is the Llama decoder (GQA, rope, SwiGLU), v0.1 with a sliding window on every layer."""

@@ -6,9 +6,17 @@ batched prefill of sequences of different lengths, one prompt split across two c
 prefill, mixed with decode rows), then 16 decode steps. Blocks are handed out from a shuffled pool,
 so block tables are non-contiguous, and the cache starts as NaN so any read of an unwritten slot
 poisons the logits.
+
+Sliding-window families run with windows shorter than the sequences; when every layer slides, the
+driver also frees (marks -1, fills with NaN) the blocks that fell out of the window, as the block
+manager does. Rope rules whose frequencies HF changes with the forward pass's length (dynamic NTK,
+LongRoPE) are compared against HF decoding one token at a time with its KV cache, the way their
+rotation is defined here (appliance/layers/rope_scaling.py).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -41,12 +49,37 @@ FAMILIES = {
     "mistral": (transformers.MistralConfig, dict(_COMMON, num_key_value_heads=1, tie_word_embeddings=False)),
     "qwen2-bias": (transformers.Qwen2Config, dict(_COMMON, tie_word_embeddings=False)),
     "qwen3-qknorm": (transformers.Qwen3Config, dict(_COMMON, head_dim=32, tie_word_embeddings=False)),
+    "mistral-sliding": (transformers.MistralConfig, dict(_COMMON, sliding_window=6, tie_word_embeddings=False)),
+    "qwen2-sliding-layers": (transformers.Qwen2Config, dict(
+        _COMMON, use_sliding_window=True, sliding_window=5, max_window_layers=1, tie_word_embeddings=False)),
+    "qwen3-yarn": (transformers.Qwen3Config, dict(
+        _COMMON, head_dim=32, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32})),
+    "llama-dynamic-ntk": (transformers.LlamaConfig, dict(
+        _COMMON, max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                              "factor": 2.0})),
+    "phi3-longrope": (transformers.LlamaConfig, dict(
+        _COMMON, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                  "original_max_position_embeddings": 12,
+                                  "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                  "long_factor": [1.0 + 0.9 * i for i in range(8)]})),
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        _COMMON, num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=24, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        final_logit_softcapping=30.0, rms_norm_eps=1e-6,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}})),
 }
+# Families compared against HF decoding token by token (see the module docstring).
+INCREMENTAL_HF = {"llama-dynamic-ntk", "phi3-longrope"}
 
 
 def _build_pair(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     config_cls, kwargs = FAMILIES[family]
     config = config_cls(**kwargs)
+    if family == "gemma3":
+        config.architectures = ["Gemma3ForCausalLM"]
     config._attn_implementation = "eager"
     torch.manual_seed(1234)
     hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -81,6 +114,22 @@ class PagedDriver:
         shape = (NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
         self.kv_caches = [(torch.full(shape, float("nan")), torch.full(shape, float("nan")))
                           for _ in range(model.num_layers)]
+        windows = model.sliding_windows
+        # Every layer slides: blocks before the widest window are never read again.
+        self.free_window = None if None in windows else max(windows)
+        self.num_freed = 0
+
+    def _free_out_of_window(self, s: int) -> None:
+        assert self.free_window is not None
+        first_needed = max(0, self.done[s] - self.free_window + 1)
+        table = self.block_tables[s]
+        for i in range(first_needed // BLOCK_SIZE):
+            if table[i] >= 0:
+                for k_cache, v_cache in self.kv_caches:
+                    k_cache[table[i]] = float("nan")
+                    v_cache[table[i]] = float("nan")
+                table[i] = -1
+                self.num_freed += 1
 
     def step(self, chunks: dict[int, int]) -> dict[int, torch.Tensor]:
         """Run one forward with `chunks[seq] = new tokens`; return each seq's logits rows [n, V]."""
@@ -115,7 +164,20 @@ class PagedDriver:
         for row, s in enumerate(seqs):
             out[s] = logits[starts[row]: starts[row + 1]]
             self.done[s] += chunks[s]
+            if self.free_window is not None:
+                self._free_out_of_window(s)
         return out
+
+
+def hf_logits(hf: torch.nn.Module, seq: torch.Tensor, incremental: bool) -> torch.Tensor:  # [L, V]
+    """HF's next-token logits at every position: one forward, or one token at a time with a cache."""
+    if not incremental:
+        return hf(seq.unsqueeze(0)).logits[0]
+    cache = transformers.DynamicCache(config=hf.config)
+    # transformers 5.2x renamed past_key_values to cache (the old name warns, then goes in 5.40).
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    rows = [hf(seq[i:i + 1].unsqueeze(0), use_cache=True, **{name: cache}).logits[0] for i in range(len(seq))]
+    return torch.cat(rows)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -125,7 +187,7 @@ def test_logits_match_hf_through_prefill_chunked_prefill_and_decode(family: str)
     gen = torch.Generator().manual_seed(7)
     tokens = [torch.randint(0, VOCAB, (n + DECODE_STEPS,), generator=gen) for n in prompt_lens]
     with torch.no_grad():
-        expected = [hf(seq.unsqueeze(0)).logits[0] for seq in tokens]  # [L, V] each
+        expected = [hf_logits(hf, seq, family in INCREMENTAL_HF) for seq in tokens]  # [L, V] each
 
     driver = PagedDriver(ours, tokens)
     steps: list[dict[int, int]] = [{0: 3, 1: 9, 2: 6}, {0: 1, 1: 1, 2: 8}]
@@ -140,9 +202,11 @@ def test_logits_match_hf_through_prefill_chunked_prefill_and_decode(family: str)
             worst = max(worst, (got - want).abs().max().item())
     assert driver.done == [len(t) for t in tokens]
     assert worst <= TOLERANCE, f"{family}: max |ours - HF| = {worst:.3g}"
+    if family == "mistral-sliding":
+        assert driver.num_freed > 0  # the freed-block path ran
 
 
-@pytest.mark.parametrize("family", ["llama-tied-linear-rope", "qwen3-qknorm"])
+@pytest.mark.parametrize("family", ["llama-tied-linear-rope", "qwen3-qknorm", "gemma3"])
 def test_hf_state_dict_round_trips_into_hf(family: str) -> None:
     hf, ours = _build_pair(family)
     exported = ours.hf_state_dict()
