@@ -9,6 +9,9 @@ can launch the next step from them before the host has seen them (async scheduli
 Order (vLLM/OpenAI semantics): repetition penalty (prompt + output tokens), presence and
 frequency penalties (output tokens), min_tokens (EOS and stop token ids masked), then greedy
 (argmax) or temperature, top-k, top-p, min-p and a draw. Logprobs come from the raw model logits.
+Before all of these, two per-row logits hooks ([apps]): `logit_bias` is added, and rows with a
+grammar keep only the tokens their matcher allows (`grammar.bitmask(rows)`: a host bitmask filled
+for this step, uploaded once and applied on the device; see appliance/structured/grammar.py).
 
 NOTE: a seeded request is reproducible whatever the batch it lands in: its noise comes from its
 own `torch.Generator`, seeded from (seed, choice index) and kept across steps under its seq_id
@@ -22,6 +25,7 @@ import itertools
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -110,11 +114,15 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self._generators: dict[int, torch.Generator] = {}
         self._token_arrays: dict[int, array] = {}  # seq_id -> token ids, for the penalties
+        # The engine's StructuredOutputs (or None): bitmask(rows) before sampling, forget(seq_id).
+        self.grammar: Any = None
 
     def forget(self, seq_id: int) -> None:
         """Drop per-sequence state (seeded generator, cached token ids) when a sequence finishes."""
         self._generators.pop(seq_id, None)
         self._token_arrays.pop(seq_id, None)
+        if self.grammar is not None:
+            self.grammar.forget(seq_id)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampleResult]:
         return self.sample_async(logits, rows).results()
@@ -130,6 +138,14 @@ class Sampler:
             return PendingSamples(empty, [], empty.cpu(), None, lambda values: [])
         # Padded lm-head columns (beyond vocab_size) are never tokens: a view drops them.
         logits = logits[:, : self.vocab_size]  # [N, V], the model's dtype
+        # [apps] logit_bias and grammar masks: `masked` feeds the sampling, `logits` the logprobs.
+        masked = self._apply_logit_bias(logits, rows)
+        masks = self.grammar.bitmask(rows) if self.grammar is not None else None
+        if masks is not None:
+            from appliance.structured.grammar import apply_token_bitmask
+
+            mask_rows, bitmask = masks
+            masked = apply_token_bitmask(masked, _tensor(mask_rows, torch.long, device), _to_device(bitmask, device))
 
         any_penalty = any_min_tokens = any_special = False
         for row in rows:
@@ -142,14 +158,15 @@ class Sampler:
                 any_special = True
         if not (any_penalty or any_min_tokens or any_special):
             # The common serving case, plain greedy decoding: one argmax, one transfer.
-            tokens = _greedy(logits)
+            tokens = _greedy(masked)
             host, event = _start_download(tokens)
             return PendingSamples(tokens, list(range(len(rows))), host, event,
                                   lambda values: [SampleResult([token], None) for token in values])
         params = [row.seq.sampling_params for row in rows]
         raw = logits.float()
 
-        x = self._apply_penalties(raw, rows) if any_penalty else raw
+        x = raw if masked is logits else masked.float()
+        x = self._apply_penalties(x, rows) if any_penalty else x
         x = self._apply_min_tokens(x, rows) if any_min_tokens else x
 
         # Expand rows to one row per sample (n > 1 leads draw several tokens from one row).
@@ -213,6 +230,24 @@ class Sampler:
         xr = xr - per_row("frequency_penalty") * out_counts
         xr = xr - per_row("presence_penalty") * (out_counts > 0).to(x.dtype)
         return x.index_copy(0, index, xr)
+
+    def _apply_logit_bias(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """OpenAI's logit_bias: the row's bias added to the listed token ids (a new tensor)."""
+        row_idx: list[int] = []
+        col_idx: list[int] = []
+        values: list[float] = []
+        for i, row in enumerate(rows):
+            bias = row.seq.sampling_params.logit_bias
+            if bias:
+                for token_id, value in bias.items():
+                    row_idx.append(i)
+                    col_idx.append(token_id)
+                    values.append(value)
+        if not row_idx:
+            return logits
+        device = logits.device
+        return logits.index_put((_tensor(row_idx, torch.long, device), _tensor(col_idx, torch.long, device)),
+                                _tensor(values, logits.dtype, device), accumulate=True)
 
     def _token_array(self, seq: Sequence) -> array:
         """seq.token_ids as a cached int64 array, extended by the tokens appended since last time."""

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from appliance.errors import InvalidRequestError
+from appliance.structured.spec import GrammarSpec  # [apps] at runtime: the engine-process codec resolves it
 
 
 @dataclass
@@ -40,6 +41,9 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # [apps] constrained decoding (appliance/structured/) and OpenAI's logit_bias (token id -> bias)
+    structured: GrammarSpec | None = None
+    logit_bias: dict[int, float] | None = None
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the parameter when a value is impossible."""
@@ -73,6 +77,11 @@ class SamplingParams:
             raise bad("logprobs", "an integer in [0, 20]", self.logprobs)
         if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "at most 16 non-empty strings", self.stop)
+        if self.logit_bias is not None and any(
+            not isinstance(k, int) or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100
+            for k, v in self.logit_bias.items()
+        ):
+            raise bad("logit_bias", "a map of token ids to numbers in [-100, 100]", self.logit_bias)
 
     @property
     def greedy(self) -> bool:
