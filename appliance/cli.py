@@ -19,6 +19,8 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("appliance.daemon", "Run the daemon: engine + OpenAI HTTP API + control socket."),
     "config": ("appliance.daemon", "Check a config file or show the effective config."),
     "ctl": ("appliance.ctl", "Talk to a running daemon over its control socket."),
+    "dashboard": ("appliance.dashboard.command", "The operator's dashboard: engine, requests, clients, GPUs."),
+    "top": ("appliance.dashboard.command", "Alias of `dashboard`."),
     "generate": ("appliance.engine.generate_cli", "Generate text offline from a prompt or chat message."),
     "model": ("appliance.models.fetch", "Manage models: `model fetch` gets the embedded default."),
     "fleet": ("appliance.fleet.cli", "Several boxes behind HAProxy: `fleet haproxy` writes its config."),

@@ -23,15 +23,16 @@ def duration(total_s: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def seconds(value_s: float | None) -> str:
-    """A latency: 850 µs, 12.3 ms, 1.24 s."""
+def seconds(value_s: float | None, *, compact: bool = False) -> str:
+    """A latency: 850 µs, 12.3 ms, 1.24 s (compact: 850µs, 12ms, 1.24s)."""
     if value_s is None:
         return NA
+    sep = "" if compact else " "
     if value_s < 1e-3:
-        return f"{value_s * 1e6:.0f} µs"
+        return f"{value_s * 1e6:.0f}{sep}µs"
     if value_s < 1.0:
-        return f"{value_s * 1e3:.1f} ms"
-    return f"{value_s:.2f} s"
+        return f"{value_s * 1e3:.0f}{sep}ms" if compact and value_s >= 0.1 else f"{value_s * 1e3:.1f}{sep}ms"
+    return f"{value_s:.2f}{sep}s"
 
 
 def size(num_bytes: float | None) -> str:
@@ -96,7 +97,7 @@ def socket_error(path: str, error: OSError) -> str:
         return (f"permission denied on {path}: join its group ({group}): "
                 f"`sudo usermod -aG {group} $USER`, then log in again")
     if isinstance(error, FileNotFoundError):
-        return f"no daemon: {path} does not exist (is llm-appliance running? `systemctl status llm-appliance`)"
+        return f"no daemon: {path} does not exist (is llm-appliance running?)"
     if isinstance(error, ConnectionRefusedError):
         return f"no daemon listens on {path} (a stale socket: the daemon stopped or crashed)"
     try:
