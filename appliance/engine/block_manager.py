@@ -8,6 +8,12 @@ Contract
   written (`commit`), so a hit never reads K/V that a running step has not produced yet.
 - A block whose ref_count drops to 0 but that holds a registered hash stays reusable: it goes to
   the LRU of cached-free blocks, evicted (hash dropped) only when a fresh block is needed.
+- Sliding windows (`sliding_window`: set when every layer of the model slides, to the widest
+  window): a leading block that no future query can see (wholly before num_computed_tokens -
+  window + 1) is released when the sequence grows, and its table entry becomes FREED_BLOCK (-1),
+  which the attention kernels never read. With prefix caching only hashed blocks are released and
+  the newest hashed one stays (the next hash chains from it); a released hashed block goes to the
+  cached-free LRU like any other, so a later prompt can still hit it.
 - The caller (Scheduler) is single-threaded; nothing here locks.
 """
 
@@ -19,6 +25,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from appliance.engine.sequence import Sequence
+
+FREED_BLOCK = -1  # a block-table entry released because it fell out of every layer's window
+
+
+def kv_free_window(sliding_windows: list[int | None]) -> int | None:
+    """The window after which blocks may be released: the widest of the layers' windows, or None
+    when any layer attends globally (Gemma 3's global layers keep every block)."""
+    if not sliding_windows or any(window is None for window in sliding_windows):
+        return None
+    return max(window for window in sliding_windows if window is not None)
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -55,9 +71,12 @@ class BlockUsage:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         assert num_blocks > 0 and block_size > 0
+        assert sliding_window is None or sliding_window >= 1
         self.block_size = block_size
+        self.sliding_window = sliding_window  # see kv_free_window
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free_ids: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() from the end: low ids first
@@ -208,10 +227,42 @@ class BlockManager:
         return first_write_block >= len(table) or self.blocks[table[first_write_block]].ref_count == 1
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.num_allocatable >= self.slots_needed(seq, num_tokens)
+        return self.num_allocatable + self._num_releasable(seq) >= self.slots_needed(seq, num_tokens)
+
+    def _out_of_window_end(self, seq: Sequence) -> int:
+        """Table entries [0, end) that no future query of seq can see (see the module docstring)."""
+        if self.sliding_window is None:
+            return 0
+        end = max(0, seq.num_computed_tokens - self.sliding_window + 1) // self.block_size
+        if self.enable_prefix_caching:
+            end = min(end, seq.num_hashed_blocks - 1)
+        return max(end, 0)
+
+    def _num_releasable(self, seq: Sequence) -> int:
+        """Blocks that releasing seq's out-of-window entries would make allocatable."""
+        end = self._out_of_window_end(seq)
+        return sum(1 for block_id in seq.block_table[:end]
+                   if block_id != FREED_BLOCK and self.blocks[block_id].ref_count == 1)
+
+    def release_out_of_window(self, seq: Sequence) -> int:
+        """Release the blocks seq's queries can no longer see; returns how many table entries."""
+        table = seq.block_table
+        released = 0
+        # NOTE: released entries are always a prefix of the table: walk back from the end of the
+        # dead range to the last one released before (O(newly released), not O(table)).
+        i = min(self._out_of_window_end(seq), len(table)) - 1
+        while i >= 0 and table[i] != FREED_BLOCK:
+            self._decref(table[i])
+            table[i] = FREED_BLOCK
+            released += 1
+            i -= 1
+        return released
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
-        """Make seq.block_table cover positions [0, num_tokens); copy a shared partial block first."""
+        """Make seq.block_table cover positions [0, num_tokens); copy a shared partial block first.
+        With a sliding window, the blocks that fell out of it are released first."""
+        if self.sliding_window is not None:
+            self.release_out_of_window(seq)
         if self._needs_cow(seq, num_tokens):
             idx = seq.num_computed_tokens // self.block_size
             src = seq.block_table[idx]
@@ -252,13 +303,15 @@ class BlockManager:
         """The child shares every block of the parent (n > 1 after the prompt's prefill)."""
         assert not child.block_table
         for block_id in parent.block_table:
-            self._incref(block_id)
+            if block_id != FREED_BLOCK:
+                self._incref(block_id)
         child.block_table = list(parent.block_table)
         child.num_hashed_blocks = parent.num_hashed_blocks
 
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):  # reversed: the prefix's head is evicted last
-            self._decref(block_id)
+            if block_id != FREED_BLOCK:
+                self._decref(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
@@ -268,7 +321,8 @@ class BlockManager:
         counts = [0] * self.num_blocks
         for table in live_tables:
             for block_id in table:
-                counts[block_id] += 1
+                if block_id != FREED_BLOCK:
+                    counts[block_id] += 1
         for block in self.blocks:
             assert block.ref_count == counts[block.block_id], (block, counts[block.block_id])
         free = set(self._free_ids)
