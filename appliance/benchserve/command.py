@@ -151,13 +151,11 @@ class Bench:
         args = self.args
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = args.model or await _first_model(args.base_url, headers)
-        tok_source = args.tokenizer or (model if args.workload != "chat" or args.output_len is None else None)
+        # Conversations need no tokenizer unless asked for one (to size answers from the file's
+        # assistant turns, or to count output tokens of a server that sends no usage).
+        tok_source = args.tokenizer or (model if args.workload != "chat" else None)
         if tok_source is not None:
-            try:
-                self.tokenizer = workload.load_tokenizer(tok_source)
-            except ValueError:
-                if args.workload != "chat" or args.tokenizer:
-                    raise
+            self.tokenizer = workload.load_tokenizer(tok_source)
         self.config = ClientConfig(base_url=args.base_url, model=model, endpoint=args.endpoint,
                                    api_key=args.api_key, ignore_eos=args.ignore_eos,
                                    temperature=args.temperature, extra_body=args.extra_body)

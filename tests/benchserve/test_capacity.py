@@ -1,0 +1,91 @@
+"""The capacity search against a simulated server of known capacity, and the search alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.benchserve import capacity
+from appliance.cli import main
+
+
+def _conversations(path: Path, n: int, fail_every: int = 0) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            text = "please fail" if fail_every and i % fail_every == fail_every - 1 else f"question {i}?"
+            f.write(json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 4}) + "\n")
+    return path
+
+
+def test_capacity_search_finds_the_simulated_servers_limit(sim: Any, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """An M/D/1 server of service time S holds p90 TTFT <= 6 S up to ~0.9 of its 1/S capacity with
+    4 s Poisson probes: simulating the queue (200 seeds, up to 30 ms of client jitter), a probe
+    passes with probability 0.96 at 0.7/S, 0.59 at 0.9/S, 0.16 at 1/S and 0.005 at 1.1/S. The
+    answer must land between 0.6/S and 1.1/S."""
+    data = _conversations(tmp_path / "conv.jsonl", 200)
+    service_ms, capacity_rps = sim.service_ms, sim.capacity_rps
+    status = main(["bench", "serve", "--base-url", sim.url, "--model", "sim", "--endpoint", "chat",
+                   "--workload", "chat", "--dataset", str(data), "--num-prompts", "30",
+                   "--capacity", "--slo", f"p90-ttft:{6 * service_ms}", "--capacity-start", "10",
+                   "--capacity-seconds", "4", "--capacity-tolerance", "0.08", "--result-dir", str(tmp_path),
+                   "--result-name", "cap", "--no-progress", "--metrics-interval", "0.2"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    result = json.loads((tmp_path / "cap.json").read_text())["capacity"]
+    found = result["capacity_rate"]
+    assert found is not None and 0.6 * capacity_rps <= found <= 1.1 * capacity_rps, (found, out)
+    assert result["status"] == "converged"
+    assert result["lowest_failing_rate"] > found
+    line = [ln for ln in out.splitlines() if ln.startswith("serves ")]
+    assert line == [result["answer"]]
+    assert f"serves {found:.3g} req/s with p90 TTFT \u2264 {6 * service_ms:g} ms" in line[0]
+    # Every probe ran at its rate, and the server's queue was seen growing past capacity.
+    for probe in result["probes"]:
+        run = probe["run"]
+        assert run["failed"] == 0 and run["load"]["rate"] == probe["rate"]
+        assert run["server_metrics"]["exposed_as"]["requests_waiting"] == "vllm:num_requests_waiting"
+    busiest = max(result["probes"], key=lambda p: p["rate"])["run"]["server_metrics"]
+    assert busiest["requests_waiting"]["max"] >= 2 and busiest["preemptions"] == 0
+    assert (tmp_path / "cap-capacity.png").stat().st_size > 0
+
+
+def test_errors_are_kept_by_kind_with_the_servers_message(sim: Any, tmp_path: Path) -> None:
+    data = _conversations(tmp_path / "conv.jsonl", 12, fail_every=4)
+    status = main(["bench", "serve", "--base-url", sim.url, "--endpoint", "chat", "--workload", "chat",
+                   "--dataset", str(data), "--num-prompts", "12", "--concurrency", "3", "--warmup", "0",
+                   "--goodput", "ttft:1000", "--result-dir", str(tmp_path), "--result-name", "err", "--no-plots",
+                   "--no-progress"])
+    assert status == 0
+    doc = json.loads((tmp_path / "err.json").read_text())
+    assert doc["model"] == "sim"  # from GET /v1/models
+    run = doc["runs"][0]
+    assert (run["completed"], run["failed"]) == (9, 3)
+    assert run["errors"] == {"http_400": {"count": 3, "messages": {"simulated failure": 3}, "other_messages": 0}}
+    assert run["total_output_tokens"] == 9 * 4 and run["output_tokens_source"] == ["usage"]
+    # Goodput counts only completed requests within the limit; the SLO-free run has no "slos".
+    assert run["request_goodput"] <= run["request_throughput"] and "slos" not in run
+
+
+def test_search_brackets_then_bisects_to_the_threshold() -> None:
+    """The search alone, on a pass/fail rule with a known threshold."""
+    threshold = 37.3
+    seen: list[float] = []
+
+    async def probe(rate: float) -> dict:
+        seen.append(rate)
+        return {"slos": {"met": rate <= threshold}}
+
+    result = asyncio.run(capacity.search(probe, capacity.CapacitySearch(start_rate=1.0, tolerance=0.01)))
+    assert result["status"] == "converged"
+    assert threshold / 1.01 <= result["capacity_rate"] <= threshold < result["lowest_failing_rate"]
+    assert seen[:7] == [1, 2, 4, 8, 16, 32, 64]
+
+    too_slow = asyncio.run(capacity.search(probe, capacity.CapacitySearch(start_rate=100.0, min_rate=50.0)))
+    assert too_slow["capacity_rate"] is None and too_slow["status"] == "below_min_rate"
+    fast = asyncio.run(capacity.search(probe, capacity.CapacitySearch(start_rate=1.0, max_rate=20.0)))
+    assert fast["capacity_rate"] == 20.0 and fast["status"] == "at_least_max_rate"
