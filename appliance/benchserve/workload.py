@@ -237,8 +237,29 @@ def _conversations(spec: WorkloadSpec, tokenizer: Tokenizer | None, rng: random.
     return requests
 
 
+class JsonTokenizer:
+    """A dir's tokenizer.json through the `tokenizers` library: the same token ids as transformers'
+    fast tokenizer (whose backend it is), without loading transformers and, through it, torch."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._tok = RustTokenizer.from_file(str(path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=False)
+        self.all_special_ids = sorted(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=bool(kwargs.get("skip_special_tokens", False))))
+
+
 def load_tokenizer(name_or_dir: str) -> Tokenizer:
-    """A transformers tokenizer from a local dir (or a hub name where the hub is reachable)."""
+    """tokenizer.json of a local dir; else transformers (a hub name where the hub is reachable)."""
+    path = Path(name_or_dir).expanduser()
+    if (path / "tokenizer.json").is_file():
+        return JsonTokenizer(path / "tokenizer.json")
     from transformers import AutoTokenizer
 
     try:
