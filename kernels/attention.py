@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from appliance_kernels.checks import check_out, check_same_device
 from appliance_kernels.fp8 import FP8_DTYPE, check_kv_scales, is_fp8, to_cache
+from appliance_kernels.prefill_attention import launch_prefill
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Split-KV: never give a partition fewer keys than this, and never more partitions than this.
@@ -54,6 +55,10 @@ DECODE_TILE_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 # tried; 128 rows x 32 keys was 11% faster than this one but doubles the idle rows of the decode
 # rows in mixed batches, so this one stays.
 PREFILL_TILE = {"rows": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+# Prefill launches whose longest chunk has at least this many tokens go to the Hopper-shaped
+# prefill kernel (kernels/prefill_attention.py). None: never, until bench/longctx.py has measured
+# it against this file's kernel on an H100/H200 (the sweep writes the numbers to set it from).
+LONG_PREFILL_MIN_QUERY_TOKENS: int | None = None
 
 
 @triton.jit
@@ -423,6 +428,37 @@ def paged_attention_with_splits(
     return out
 
 
+def paged_prefill_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    v_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    block_tables: torch.Tensor,  # int32 [B, max_blocks]
+    seq_lens: torch.Tensor,  # int32 [B]
+    query_start_loc: torch.Tensor,  # int32 [B + 1]
+    scale: float,
+    *,
+    max_query_len: int,
+    out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    sliding_window: int | None = None,
+    tile: dict[str, int] | None = None,  # kernels/prefill_attention.py TILE keys; default TILE
+) -> torch.Tensor:  # [T, Hq, D]
+    """The Hopper-shaped prefill kernel on its own (tests, the sweep): every sequence's rows, any
+    chunk lengths (decode rows included, though they waste most of a 128-row tile)."""
+    _check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    check_kv_scales("paged_attention", k_cache, k_scale, v_scale)
+    _check_window(sliding_window)
+    out = check_out("paged_attention", "out", out, q)
+    if q.shape[0] == 0 or seq_lens.shape[0] == 0:
+        return out
+    if max_query_len < 1:
+        raise ValueError(f"paged_attention: max_query_len must be >= 1 for a non-empty batch, got {max_query_len}")
+    launch_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, k_scale, v_scale,
+                   sliding_window, max_query_len=max_query_len, seq_start=0, seq_end=seq_lens.shape[0], tile=tile)
+    return out
+
+
 def _check_window(sliding_window: int | None) -> None:
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
         raise ValueError(f"paged_attention: sliding_window must be None or an int >= 1, got {sliding_window!r}")
@@ -440,6 +476,10 @@ def _launch(
     seq_start: int, seq_end: int,
 ) -> None:
     """The kernel launch(es) for sequences [seq_start, seq_end), inputs already checked."""
+    if max_query_len > 1 and LONG_PREFILL_MIN_QUERY_TOKENS is not None and max_query_len >= LONG_PREFILL_MIN_QUERY_TOKENS:
+        launch_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, k_scale, v_scale,
+                       sliding_window, max_query_len=max_query_len, seq_start=seq_start, seq_end=seq_end)
+        return
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = seq_end - seq_start
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]

@@ -1,0 +1,223 @@
+"""Long-prompt prefill attention over the paged KV cache, shaped for Hopper (torch reference:
+kernels/reference.py `paged_attention_ref`).
+
+The mixed-batch kernel (kernels/attention.py) masks every key tile and keeps 64-row tiles so that
+decode rows waste little; on an H100 it runs 130-145 TFLOP/s on prefill, ~18% of the bf16 matmul
+rate. For chunked prefill of long prompts this kernel:
+- takes bigger tiles (TILE: 128 rows of (token x GQA head) by 64 keys, 8 warps, 3 stages), so each
+  K/V tile feeds twice the MMA work per load and the loads of the next tiles are in flight
+  (software pipelining: Triton's num_stages over the key loop);
+- splits the key loop into three ranges per tile: keys some rows of the tile cannot see because
+  of the sliding window (masked), keys every row sees (no mask at all: the bulk of a long
+  context), and the diagonal, where causality cuts through the tile (masked). Only the first and
+  last cost mask work, a few tiles per program;
+- reads the block table once per key tile (one gather of block ids), like the mixed kernel.
+
+Not used: TMA descriptors. A paged cache's key tile is a gather of `block_size`-row pages, and
+Hopper's TMA loads boxes from one tensor map (its row gather is Blackwell's). A 16-row box per
+page would make 4 loads and an in-register concat per 64-key tile; plain loads with pipelining
+are the first thing to measure (bench/longctx.py). Warp specialization likewise waits for a
+measurement of this one.
+
+The kernel handles sequences [seq_start, seq_end) of a batch whose rows are all prefill chunks
+(q_len >= 1, any context before them); the launcher in attention.py sends it the prefill part of
+a mixed batch when the chunk is long (`LONG_PREFILL_MIN_QUERY_TOKENS`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from appliance_kernels.fp8 import is_fp8
+
+# The tile sweep (bench/longctx.py --sweep) tries these around TILE; TILE is the starting guess
+# for an H100/H200 with head_dim 128 (FlashAttention-2/3's forward shapes), not yet measured here.
+TILE = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+SWEEP_TILES = [
+    {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
+    {"rows": 128, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    {"rows": 128, "block_n": 128, "num_warps": 8, "num_stages": 2},
+    {"rows": 128, "block_n": 32, "num_warps": 4, "num_stages": 4},
+    {"rows": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    {"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 4},
+]
+
+
+@triton.jit
+def _attend_keys(
+    acc, l_i, m_i, q, q_pos, lo, hi, window,
+    k_cache_ptr, v_cache_ptr, block_table_row, kv_head, scale_log2,
+    dims, dim_valid,
+    HEAD_DIM: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    MASKED: tl.constexpr, SLIDING: tl.constexpr, IEEE_FP32: tl.constexpr, IS_FP8: tl.constexpr,
+):
+    """Online softmax over keys [lo, hi). MASKED: apply causality (and the window) per element;
+    else every row sees every key of the range (the caller guarantees it)."""
+    row_elems = NUM_KV_HEADS * HEAD_DIM
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_valid = keys < hi
+        block_ids = tl.load(block_table_row + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
+        key_offs = (block_ids * PAGE_SIZE + keys % PAGE_SIZE) * row_elems + kv_head * HEAD_DIM  # [BLOCK_N]
+        kv_mask = key_valid[:, None] & dim_valid[None, :]
+        k = tl.load(k_cache_ptr + key_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        if IS_FP8:
+            k = k.to(q.dtype)
+        if IEEE_FP32:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * scale_log2
+        if MASKED:
+            visible = key_valid[None, :] & (keys[None, :] <= q_pos[:, None])
+            if SLIDING:
+                visible = visible & (keys[None, :] > q_pos[:, None] - window)
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no visible key yet keeps m = -inf; shift it by 0 to avoid inf - inf.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + key_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        if IS_FP8:
+            v = v.to(q.dtype)
+        if IEEE_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# NOTE: no specialization on the table stride, the sequence offset or the window (see attention.py).
+@triton.jit(do_not_specialize=["stride_bt", "seq_offset", "window"])
+def _prefill_attention_kernel(
+    out_ptr,  # [T, Hq, D]
+    q_ptr,  # [T, Hq, D], dims packed
+    k_cache_ptr,  # [N, BS, Hkv, D] contiguous
+    v_cache_ptr,  # [N, BS, Hkv, D] contiguous
+    block_tables_ptr,  # int32 [B, max_blocks]; entries before every window may be -1 (never read)
+    seq_lens_ptr,  # int32 [B]; context length including this step's tokens
+    query_start_loc_ptr,  # int32 [B + 1]
+    scale_log2,  # softmax scale * k_scale * log2(e)
+    v_scale,  # fp8 caches: applied to the output
+    stride_q_t,
+    stride_q_h,
+    stride_o_t,
+    stride_o_h,
+    stride_bt,
+    seq_offset,  # program_id(0) + seq_offset = the sequence
+    window,  # SLIDING: keys per query, itself included
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    GROUP: tl.constexpr,  # query heads per kv head
+    GROUP_PAD: tl.constexpr,  # GROUP rounded up to a power of two
+    BLOCK_Q: tl.constexpr,  # query tokens per program
+    BLOCK_M: tl.constexpr,  # rows per program = BLOCK_Q * GROUP_PAD; row = token * GROUP_PAD + head
+    BLOCK_N: tl.constexpr,  # keys per iteration
+    PAGE_SIZE: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    SLIDING: tl.constexpr,
+):
+    seq = tl.program_id(0) + seq_offset
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    tile_first = q_tile * BLOCK_Q
+    if tile_first >= q_len:
+        return  # the grid covers the batch's longest chunk; this one is shorter
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+    tile_last = tl.minimum(q_len, tile_first + BLOCK_Q) - 1
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile_first + rows // GROUP_PAD
+    head_in_group = rows % GROUP_PAD
+    row_valid = (tok < q_len) & (head_in_group < GROUP)
+    q_head = kv_head * GROUP + head_in_group
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < HEAD_DIM
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_q_t + q_head[:, None] * stride_q_h + dims[None, :],
+                mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    q_pos = ctx_len + tok
+
+    # Key ranges (module docstring): [kv_lo, b_lo) masked, [b_lo, b_hi) unmasked, [b_hi, kv_hi) masked.
+    kv_hi = ctx_len + tile_last + 1
+    kv_lo = 0
+    seen_by_all_lo = 0  # the first key every row of the tile sees
+    if SLIDING:
+        kv_lo = tl.maximum(ctx_len + tile_first - window + 1, 0)
+        seen_by_all_lo = tl.maximum(ctx_len + tile_last - window + 1, 0)
+    seen_by_all_hi = ctx_len + tile_first  # causally, every row sees the keys before its first token
+    b_lo = kv_lo + tl.cdiv(seen_by_all_lo - kv_lo, BLOCK_N) * BLOCK_N
+    b_hi = b_lo + tl.maximum(seen_by_all_hi - b_lo, 0) // BLOCK_N * BLOCK_N
+    a_hi = tl.minimum(b_lo, kv_hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, kv_lo, a_hi, window, k_cache_ptr, v_cache_ptr,
+                                 block_table_row, kv_head, scale_log2, dims, dim_valid, HEAD_DIM, NUM_KV_HEADS,
+                                 BLOCK_N, PAGE_SIZE, True, SLIDING, IEEE_FP32, IS_FP8)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, b_lo, b_hi, window, k_cache_ptr, v_cache_ptr,
+                                 block_table_row, kv_head, scale_log2, dims, dim_valid, HEAD_DIM, NUM_KV_HEADS,
+                                 BLOCK_N, PAGE_SIZE, False, SLIDING, IEEE_FP32, IS_FP8)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, tl.maximum(b_hi, a_hi), kv_hi, window, k_cache_ptr,
+                                 v_cache_ptr, block_table_row, kv_head, scale_log2, dims, dim_valid, HEAD_DIM,
+                                 NUM_KV_HEADS, BLOCK_N, PAGE_SIZE, True, SLIDING, IEEE_FP32, IS_FP8)
+    if IS_FP8:
+        acc = acc * v_scale
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_o_t + q_head[:, None] * stride_o_h + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+
+
+def launch_prefill(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    v_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    block_tables: torch.Tensor,  # int32 [B, max_blocks]
+    seq_lens: torch.Tensor,  # int32 [B]
+    query_start_loc: torch.Tensor,  # int32 [B + 1]
+    scale: float,
+    out: torch.Tensor,  # [T, Hq, D]
+    k_scale: float,
+    v_scale: float,
+    sliding_window: int | None,
+    *,
+    max_query_len: int,
+    seq_start: int,
+    seq_end: int,
+    tile: dict[str, int] | None = None,
+) -> None:
+    """The launch for sequences [seq_start, seq_end); inputs already checked by attention.py's
+    launchers (`paged_attention`, `paged_attention_with_splits`)."""
+    tile = tile or TILE
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # A GQA group never spans two programs; past 128 dims the key tile halves (registers).
+    block_q = max(1, tile["rows"] // group_pad)
+    block_m = max(16, block_q * group_pad)
+    block_n = tile["block_n"] if head_dim <= 128 else max(16, tile["block_n"] // 2)
+    scale_log2 = float(scale) * float(k_scale) * 1.4426950408889634
+    grid = (seq_end - seq_start, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _prefill_attention_kernel[grid](
+        out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale_log2, float(v_scale),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), seq_start,
+        sliding_window or 0,
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, GROUP_PAD=group_pad,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=page_size,
+        IEEE_FP32=q.dtype == torch.float32, IS_FP8=is_fp8(k_cache), SLIDING=sliding_window is not None,
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    )

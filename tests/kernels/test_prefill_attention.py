@@ -1,0 +1,90 @@
+"""The Hopper-shaped prefill kernel (kernels/prefill_attention.py) against the torch reference.
+
+Tiny tiles (16 rows x 16 keys) make a few hundred keys of context walk all three key ranges of a
+program: window-masked, unmasked and diagonal. Under the interpreter everything runs in float32;
+with CUDA the same cases also run in bfloat16 with the production tile.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from appliance_kernels import attention
+from appliance_kernels.fp8 import FP8_DTYPE
+
+from .test_attention import (
+    CUDA,
+    DTYPES,
+    TOLERANCE,
+    free_out_of_window,
+    make_batch,
+    reference_attention,
+    relative_error,
+)
+
+TINY_TILE = {"rows": 16, "block_n": 16, "num_warps": 4, "num_stages": 2}
+TILES = [TINY_TILE, pytest.param(None, marks=pytest.mark.skipif(not CUDA, reason="production tile: GPU only"))]
+# (new tokens per sequence, context before them): fresh prompts, chunks after long contexts, a
+# one-token chunk, a chunk that is not a multiple of the tile.
+LONG = ([24, 13, 1, 17], [0, 101, 40, 150])
+
+
+def run(batch, scale: float, tile: dict[str, int] | None, **kwargs: object) -> torch.Tensor:
+    out = torch.full_like(batch.q, float("nan"))
+    attention.paged_prefill_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale,
+        max_query_len=batch.max_query_len, out=out, tile=tile, **kwargs)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim"), [(8, 2, 32), (6, 2, 48), (2, 2, 64)])
+def test_prefill_kernel_matches_reference(dtype: torch.dtype, tile: dict[str, int] | None, num_q_heads: int,
+                                          num_kv_heads: int, head_dim: int) -> None:
+    generator = torch.Generator().manual_seed(zlib.crc32(repr((num_q_heads, head_dim)).encode()))
+    batch = make_batch(*LONG, num_q_heads, num_kv_heads, head_dim, 16, dtype, generator)
+    scale = head_dim**-0.5
+    assert relative_error(run(batch, scale, tile), reference_attention(batch, scale)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [1, 7, 20, 70, 1000])
+def test_prefill_kernel_sliding_window_never_reads_freed_blocks(dtype: torch.dtype, window: int) -> None:
+    generator = torch.Generator().manual_seed(window)
+    full = make_batch(*LONG, 4, 2, 32, 8, dtype, generator)
+    batch, freed = free_out_of_window(full, window)
+    assert freed > 0 or window == 1000
+    ref = reference_attention(full, 0.2, sliding_window=window)
+    assert relative_error(run(batch, 0.2, TINY_TILE, sliding_window=window), ref) <= TOLERANCE[dtype]
+
+
+def test_prefill_kernel_reads_fp8_caches_with_their_scales() -> None:
+    generator = torch.Generator().manual_seed(5)
+    batch = make_batch(*LONG, 4, 2, 32, 16, torch.float32, generator, cache_dtype=FP8_DTYPE)
+    ref = reference_attention(batch, 0.2, 0.5, 2.0)
+    assert relative_error(run(batch, 0.2, TINY_TILE, k_scale=0.5, v_scale=2.0), ref) <= 1e-4
+
+
+def test_long_chunks_of_a_mixed_batch_take_the_prefill_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the public launcher: decode rows in their own launch, the long chunks here."""
+    calls: list[int] = []
+    original = attention.launch_prefill
+
+    def counting(*args: object, **kwargs: object) -> None:
+        calls.append(int(kwargs["seq_end"]) - int(kwargs["seq_start"]))  # type: ignore[call-overload]
+        original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(attention, "LONG_PREFILL_MIN_QUERY_TOKENS", 16)
+    monkeypatch.setattr(attention, "launch_prefill", counting)
+    generator = torch.Generator().manual_seed(9)
+    batch = make_batch([1, 1, 30, 5], [200, 3, 90, 0], 4, 2, 32, 16, torch.float32, generator)
+    out = torch.full_like(batch.q, float("nan"))
+    attention.paged_attention(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.2,
+        max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len, out=out, num_decodes=2,
+        sliding_window=50)
+    assert calls == [2]  # the two prefill sequences, in one launch
+    assert relative_error(out, reference_attention(batch, 0.2, sliding_window=50)) <= 1e-4
