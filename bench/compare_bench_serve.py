@@ -1,9 +1,12 @@
 """Our `llm-appliance bench serve` against `vllm bench serve` on the same server and workload.
 
     python bench/compare_bench_serve.py OURS.json VLLM.json [--run 0] [--tolerance 0.03]
+    python bench/compare_bench_serve.py --ours A1.json A2.json --vllm B1.json B2.json
 
 OURS.json: the result of `llm-appliance bench serve` (`--run` picks the load point, default the
-first); VLLM.json: `vllm bench serve --save-result`. Prints each figure, ours / vLLM's, and
+first); VLLM.json: `vllm bench serve --save-result`. With several files per side (alternated
+repeats: serving figures move by up to 25% between runs, ../shared/peer/README.md) each figure is
+the median over that side's files. Prints each figure, ours / vLLM's, and
 whether the ratio is within the tolerance; exits 1 if any compared figure is not (figures one side
 lacks are shown and skipped). Throughputs: request, output and total tokens per second; latencies:
 p50 and p99 of TTFT, TPOT and ITL (vLLM writes p50 as `median_*`). `--json FILE` writes the table.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,24 @@ def our_run(doc: dict[str, Any], index: int) -> dict[str, Any]:
     return runs[index]
 
 
+def median_doc(docs: list[dict[str, Any]], paths: list[tuple[str, ...]]) -> dict[str, Any]:
+    """One document holding, at each path, the median over `docs` (None if any lacks it)."""
+    out: dict[str, Any] = {}
+    for path in paths:
+        values = [_get(d, path) for d in docs]
+        if len(docs) == 1:
+            value = values[0]
+        elif all(isinstance(v, int | float) for v in values):
+            value = statistics.median(values)
+        else:
+            value = None
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
 def compare(ours: dict[str, Any], vllm: dict[str, Any], tolerance: float) -> list[dict[str, Any]]:
     rows = []
     for name, our_key, vllm_key in COUNTS + FIGURES:
@@ -71,16 +93,26 @@ def _fmt(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("ours", type=Path)
-    parser.add_argument("vllm", type=Path)
+    parser.add_argument("pair", type=Path, nargs="*", help="OURS.json VLLM.json")
+    parser.add_argument("--ours", type=Path, nargs="+", default=[], help="our result file(s)")
+    parser.add_argument("--vllm", type=Path, nargs="+", default=[], help="vLLM's result file(s)")
     parser.add_argument("--run", type=int, default=0, help="which of our load points (default: the first)")
     parser.add_argument("--tolerance", type=float, default=0.03, help="relative (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the comparison here")
     args = parser.parse_args(argv)
-    ours = our_run(json.loads(args.ours.read_text()), args.run)
-    vllm = json.loads(args.vllm.read_text())
+    if args.pair:
+        if len(args.pair) != 2 or args.ours or args.vllm:
+            parser.error("give OURS.json VLLM.json, or --ours FILE... --vllm FILE...")
+        args.ours, args.vllm = [args.pair[0]], [args.pair[1]]
+    if not args.ours or not args.vllm:
+        parser.error("need our result(s) and vLLM's")
+    our_runs = [our_run(json.loads(p.read_text()), args.run) for p in args.ours]
+    ours = median_doc(our_runs, [k for _, k, _ in COUNTS + FIGURES])
+    vllm = median_doc([json.loads(p.read_text()) for p in args.vllm], [(k,) for _, _, k in COUNTS + FIGURES])
     rows = compare(ours, vllm, args.tolerance)
-    print(f"ours: {args.ours} (run {args.run}, load {ours.get('load')})\nvLLM: {args.vllm}")
+    print(f"ours: {', '.join(map(str, args.ours))} (run {args.run}, load {our_runs[0].get('load')})\n"
+          f"vLLM: {', '.join(map(str, args.vllm))}" + ("\n(medians over the files)" if
+                                                      len(args.ours) > 1 or len(args.vllm) > 1 else ""))
     print(f"{'figure':<28} {'ours':>12} {'vLLM':>12} {'ours/vLLM':>10}")
     for row in rows:
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
@@ -88,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['figure']:<28} {_fmt(row['ours']):>12} {_fmt(row['vllm']):>12} {ratio:>10}{flag}")
     compared = [r for r in rows if r["within"] is not None]
     if args.json:
-        args.json.write_text(json.dumps({"ours": str(args.ours), "vllm": str(args.vllm), "run": args.run,
+        args.json.write_text(json.dumps({"ours": [str(p) for p in args.ours], "vllm": [str(p) for p in args.vllm],
+                                         "run": args.run,
                                          "tolerance": args.tolerance, "rows": rows}, indent=1) + "\n")
     if not compared:
         print("nothing to compare")

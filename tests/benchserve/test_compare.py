@@ -46,3 +46,13 @@ def test_ratios_within_and_outside_the_tolerance(tmp_path: Path, capsys: pytest.
     assert "8/9 figures within 3%; off: request throughput (req/s)" in out
     with pytest.raises(ValueError, match="1 run"):
         main([str(ours), str(_vllm(tmp_path, 1.0)), "--run", "3"])
+
+
+def test_medians_over_repeats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ours = _ours(tmp_path)
+    runs = []
+    for i, scale in enumerate((0.5, 1.0, 1.01)):  # median 1.0: one bad repeat does not decide it
+        (tmp_path / f"v{i}").mkdir()
+        runs.append(str(_vllm(tmp_path / f"v{i}", scale)))
+    assert main(["--ours", str(ours), str(ours), "--vllm", *runs]) == 0
+    assert "(medians over the files)" in capsys.readouterr().out
