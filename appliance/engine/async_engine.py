@@ -95,12 +95,13 @@ class AsyncEngine:
         self.dead_event = asyncio.Event()
 
     def render_chat(self, messages: list[dict[str, Any]], *,
-                    no_template_hint: str = "send a plain prompt instead") -> list[int]:
+                    no_template_hint: str = "send a plain prompt instead",
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The prompt token ids of a chat conversation (the model's chat template, the assistant's
         turn opened); InvalidRequestError when there is no template or it rejects the messages."""
         from appliance.models.tokenizer import apply_chat_template
 
-        return apply_chat_template(self.tokenizer, messages, no_template_hint=no_template_hint)
+        return apply_chat_template(self.tokenizer, messages, no_template_hint=no_template_hint, tools=tools)
 
     # ----- properties -----------------------------------------------------------------------
 

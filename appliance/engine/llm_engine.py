@@ -46,6 +46,7 @@ from appliance.engine.sequence import (
     TokenLogprob,
 )
 from appliance.errors import InvalidRequestError, PromptTooLongError
+from appliance.structured.grammar import StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,10 @@ class EngineCore:
             enable_chunked_prefill=sched.enable_chunked_prefill,
         )
         self.detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        # [apps] constrained decoding: grammars compile off this thread; the sampler applies the masks.
+        self.structured = (StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                           if self.tokenizer is not None else None)
+        self.runner.sampler.grammar = self.structured
         self.requests: dict[str, _Request] = {}
         self.async_scheduling = config.async_scheduling
         self._in_flight: _InFlight | None = None  # async: the step the device may still be running
@@ -177,7 +182,10 @@ class EngineCore:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seq = Sequence(request_id, prompt_token_ids, params, index=0, arrival_time=arrival)
         self.requests[request_id] = _Request(request_id, list(prompt_token_ids), params, [seq], arrival)
-        self.scheduler.add(seq)
+        if params.structured is not None and self.structured is not None:
+            self.structured.hold(seq)  # [apps] scheduled once its grammar is compiled (off this thread)
+        else:
+            self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -199,7 +207,22 @@ class EngineCore:
         launch this step, then process the previous one while the device runs this one: the
         outputs are the previous step's (see the module docstring).
         """
+        if self.structured is not None and self.structured.num_held:  # [apps] compiled grammars: schedulable
+            for seq in self.structured.take_compiled()[0]:
+                self.scheduler.add(seq)
+        # [apps] the grammar advance: masks for this step need the constrained tokens of the step in
+        # flight accepted, so that step is processed first (before schedule: what it finishes is gone).
+        early_out: list[RequestOutput] = []
+        in_flight = self._in_flight
+        if in_flight is not None and any(r.seq.sampling_params.structured is not None for r in in_flight.handle.rows):
+            self._in_flight = None
+            self._process(in_flight)
+            early_out = self._collect_outputs()
+            self._retire_if_dead()
         out = self.scheduler.schedule()
+        if out.is_empty and self._in_flight is None and self.structured is not None and self.structured.num_held:
+            self.structured.wait_any(0.005)  # [apps] only compiles pending: nothing to launch
+            return early_out
         now = time.monotonic()
         for item in out.scheduled:
             if item.seq.first_scheduled_time is None:
@@ -222,7 +245,7 @@ class EngineCore:
             outputs = self._collect_outputs()
         self._num_steps += 1
         self._last_step_time = time.monotonic()
-        return outputs
+        return early_out + outputs
 
     def _launch(self, out: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
         handle = self.runner.launch(out, prev.handle if prev is not None else None)
@@ -337,6 +360,8 @@ class EngineCore:
 
     def _check_stop(self, seq: Sequence) -> None:
         params = seq.sampling_params
+        if self.structured is not None:
+            self.structured.accept(seq, seq.token_ids[-1])  # [apps] the grammar advance
         token = seq.token_ids[-1]
         num_out = seq.num_output_tokens
         reason: FinishReason | None = None

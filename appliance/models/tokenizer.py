@@ -43,16 +43,18 @@ def eos_token_ids(tokenizer: Any, hf_config: Any = None, generation_config: Any 
 
 
 def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], *,
-                        no_template_hint: str = "send a plain prompt instead") -> list[int]:
+                        no_template_hint: str = "send a plain prompt instead",
+                        tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of `messages` rendered by the model's chat template, ending with the assistant's
-    turn opened (add_generation_prompt=True). Raises InvalidRequestError (param "messages") when
+    turn opened (add_generation_prompt=True); `tools` (OpenAI function tools) go to templates that
+    render them (server/tools.py decides). Raises InvalidRequestError (param "messages") when
     the model has no template (the message ends with `no_template_hint`) or the template rejects
     the conversation."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError(f"this model has no chat template; {no_template_hint}", param="messages")
     try:
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)
+                                                return_dict=True, tools=tools or None)
     except Exception as exc:  # jinja errors for a malformed conversation (roles out of order, …)
         raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
     return [int(i) for i in encoded["input_ids"]]

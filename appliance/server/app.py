@@ -13,7 +13,7 @@ from aiohttp import web
 
 from appliance.config import AppConfig
 from appliance.engine.async_engine import AsyncEngine
-from appliance.server import routes_openai
+from appliance.server import routes_openai, routes_responses, routes_tokens
 from appliance.server.context import (
     CONFIG_KEY,
     ENGINE_KEY,
@@ -79,6 +79,8 @@ def make_app(config: AppConfig, engine: AsyncEngine, state: ServiceState | None 
     app.cleanup_ctx.append(_request_log_ctx)
     app.cleanup_ctx.append(_engine_ctx)
     routes_openai.add_routes(app)
+    routes_responses.add_routes(app)  # [apps] /v1/responses
+    routes_tokens.add_routes(app)  # [apps] /tokenize, /detokenize, /version
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)

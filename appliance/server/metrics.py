@@ -9,10 +9,11 @@ Each app has its own `CollectorRegistry` (several apps can live in one process, 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -24,12 +25,22 @@ _LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5
                       7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
                   0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+# vLLM's 1-2-5 token buckets up to the largest context we serve (request sizes, max_tokens).
+_TOKEN_BUCKETS = tuple(float(m * 10**e) for e in range(0, 7) for m in (1, 2, 5))
+_N_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0)
+_ITERATION_BUCKETS = (1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0)
 
 
 class _EngineCollector(Collector):
     def __init__(self, engine: AsyncEngine, model_name: str) -> None:
         self._engine = engine
         self._model_name = model_name
+        # vllm:iteration_tokens_total from the engine's cumulative counters: each scrape books the
+        # steps since the last one at their mean size (the engine keeps no per-step histogram).
+        self._last_steps = 0
+        self._last_tokens = 0
+        self._iteration_buckets = [0] * (len(_ITERATION_BUCKETS) + 1)
+        self._iteration_sum = 0.0
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine.stats()
@@ -52,6 +63,14 @@ class _EngineCollector(Collector):
                     stats.num_waiting)
         yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
                     stats.kv_cache_usage)
+        # The name vLLM's published Grafana dashboard still queries (deprecated there, same value).
+        yield gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage.",
+                    stats.kv_cache_usage)
+        info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                 labels=["model_name", "num_gpu_blocks"])
+        info.add_metric([self._model_name, str(stats.num_kv_blocks_total)], 1.0)
+        yield info
+        yield self._iterations(stats.num_steps, stats.prompt_tokens_total + stats.generation_tokens_total)
         yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prompt_tokens_total)
         yield counter("vllm:generation_tokens", "Number of generation tokens processed.",
                       stats.generation_tokens_total)
@@ -63,6 +82,36 @@ class _EngineCollector(Collector):
                       stats.num_preemptions)
         yield gauge("llm_appliance_engine_alive", "1 while the engine loop is alive.",
                     0.0 if self._engine.dead else 1.0)
+
+    def _iterations(self, num_steps: int, num_tokens: int) -> HistogramMetricFamily:
+        steps, tokens = num_steps - self._last_steps, num_tokens - self._last_tokens
+        if steps > 0 and tokens >= 0:
+            mean = tokens / steps
+            index = next((i for i, bound in enumerate(_ITERATION_BUCKETS) if mean <= bound), len(_ITERATION_BUCKETS))
+            self._iteration_buckets[index] += steps
+            self._iteration_sum += tokens
+        self._last_steps, self._last_tokens = num_steps, num_tokens
+        family = HistogramMetricFamily("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+                                       labels=["model_name"])
+        cumulative, buckets = 0, []
+        for bound, count in zip((*_ITERATION_BUCKETS, float("inf")), self._iteration_buckets, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+        family.add_metric([self._model_name], buckets, self._iteration_sum)
+        return family
+
+
+@dataclass(frozen=True)
+class RequestUsage:
+    """One finished HTTP request, for the per-request histograms (times: engine monotonic seconds)."""
+
+    prompt_tokens: int
+    generation_tokens: list[int]  # per choice
+    n: int
+    max_tokens: int | None
+    first_scheduled_s: float | None
+    first_token_s: float | None
+    finished_s: float | None
 
 
 class ServerMetrics:
@@ -86,6 +135,35 @@ class ServerMetrics:
         self.request_queue_time = Histogram(
             "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", m,
             buckets=_LATENCY_BUCKETS_S, registry=reg)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, m, buckets=buckets, registry=reg)
+
+        self.time_per_output_token = histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.", _ITL_BUCKETS_S)
+        # The deprecated name the Grafana dashboard queries: the same per-request observations.
+        self.time_per_output_token_old = histogram(
+            "vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.", _ITL_BUCKETS_S)
+        self.request_inference_time = histogram(
+            "vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
+            _LATENCY_BUCKETS_S)
+        self.request_prefill_time = histogram(
+            "vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
+            _LATENCY_BUCKETS_S)
+        self.request_decode_time = histogram(
+            "vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
+            _LATENCY_BUCKETS_S)
+        self.request_prompt_tokens = histogram(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", _TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", _TOKEN_BUCKETS)
+        self.request_max_num_generation_tokens = histogram(
+            "vllm:request_max_num_generation_tokens", "Histogram of maximum number of requested generation tokens.",
+            _TOKEN_BUCKETS)
+        self.request_params_n = histogram("vllm:request_params_n", "Histogram of the n request parameter.",
+                                          _N_BUCKETS)
+        self.request_params_max_tokens = histogram(
+            "vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", _TOKEN_BUCKETS)
         self.request_success = Counter(
             "vllm:request_success", "Count of successfully processed requests.", m + ["finished_reason"],
             registry=reg)
@@ -109,7 +187,8 @@ class ServerMetrics:
         self._queue = self.request_queue_time.labels(model_name)
 
     def observe_finished(
-        self, *, finish_reasons: list[str], ttft_s: float | None, e2e_s: float, queue_s: float | None
+        self, *, finish_reasons: list[str], ttft_s: float | None, e2e_s: float, queue_s: float | None,
+        usage: RequestUsage | None = None,
     ) -> None:
         if ttft_s is not None:
             self._ttft.observe(ttft_s)
@@ -118,6 +197,27 @@ class ServerMetrics:
             self._queue.observe(queue_s)
         for reason in finish_reasons:
             self.request_success.labels(self.model_name, reason).inc()
+        if usage is not None:
+            self._observe_usage(usage, ttft_s, e2e_s)
+
+    def _observe_usage(self, usage: RequestUsage, ttft_s: float | None, e2e_s: float) -> None:
+        name = self.model_name
+        self.request_prompt_tokens.labels(name).observe(usage.prompt_tokens)
+        self.request_generation_tokens.labels(name).observe(sum(usage.generation_tokens))
+        self.request_max_num_generation_tokens.labels(name).observe(max(usage.generation_tokens, default=0))
+        self.request_params_n.labels(name).observe(usage.n)
+        if usage.max_tokens is not None:
+            self.request_params_max_tokens.labels(name).observe(usage.max_tokens)
+        most = max(usage.generation_tokens, default=0)
+        if ttft_s is not None and most > 1:
+            tpot_s = max(e2e_s - ttft_s, 0.0) / (most - 1)
+            self.time_per_output_token.labels(name).observe(tpot_s)
+            self.time_per_output_token_old.labels(name).observe(tpot_s)
+        if usage.first_scheduled_s is not None and usage.finished_s is not None:
+            self.request_inference_time.labels(name).observe(max(usage.finished_s - usage.first_scheduled_s, 0.0))
+            if usage.first_token_s is not None:
+                self.request_prefill_time.labels(name).observe(max(usage.first_token_s - usage.first_scheduled_s, 0.0))
+                self.request_decode_time.labels(name).observe(max(usage.finished_s - usage.first_token_s, 0.0))
 
     def observe_inter_token(self, seconds_per_token: float, num_tokens: int) -> None:
         for _ in range(num_tokens):

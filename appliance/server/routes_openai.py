@@ -22,6 +22,7 @@ from appliance.engine.async_engine import AsyncEngine
 from appliance.engine.sequence import RequestOutput, SamplingParams
 from appliance.errors import InvalidRequestError
 from appliance.server import schema
+from appliance.server import tools as tool_calls
 from appliance.server.context import (
     CLIENT,
     CONFIG_KEY,
@@ -32,6 +33,7 @@ from appliance.server.context import (
     STATE_KEY,
     TOKEN_TEXTS_KEY,
 )
+from appliance.server.metrics import RequestUsage
 from appliance.server.middleware import error_payload
 from appliance.server.request_log import RequestRecord
 from appliance.server.responses import ChoiceTracker, chat_logprobs, completion_logprobs, now_s
@@ -122,9 +124,16 @@ class _Run:
             metric = tracker.finished_metrics[0] if tracker.finished_metrics else None
             if metric is not None and metric.first_scheduled_time is not None:
                 queue_s = max(metric.first_scheduled_time - metric.arrival_time, 0.0)
+            params = self.parsed.params
+            usage = RequestUsage(  # [apps] vLLM's per-request histograms
+                prompt_tokens=self.parsed.num_prompt_tokens,
+                generation_tokens=[c.num_tokens for c in tracker.choices], n=params.n, max_tokens=params.max_tokens,
+                first_scheduled_s=None if metric is None else metric.first_scheduled_time,
+                first_token_s=None if metric is None else metric.first_token_time,
+                finished_s=None if metric is None else metric.finished_time)
             metrics.observe_finished(
                 finish_reasons=record.finish_reasons, ttft_s=record.ttft_s,
-                e2e_s=time.monotonic() - record.started_monotonic, queue_s=queue_s,
+                e2e_s=time.monotonic() - record.started_monotonic, queue_s=queue_s, usage=usage,
             )
 
 
@@ -138,6 +147,8 @@ async def _read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequestError("the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:  # nesting deeper than the parser's recursion limit
+        raise InvalidRequestError("the request body is nested too deeply", code="invalid_json") from None
 
 
 async def _parse(request: web.Request, chat: bool) -> schema.ParsedRequest:
@@ -148,6 +159,8 @@ async def _parse(request: web.Request, chat: bool) -> schema.ParsedRequest:
                                   default_max_tokens=request.app[CONFIG_KEY].server.default_max_tokens)
     if chat:
         kwargs["render_chat"] = functools.partial(engine.render_chat, no_template_hint=NO_CHAT_TEMPLATE_HINT)
+        kwargs["chat_template"] = getattr(engine.tokenizer, "chat_template", None)
+        kwargs["vocab_size"] = len(engine.tokenizer)
     else:
         kwargs["tokenizer"] = engine.tokenizer
     if request.content_length is not None and request.content_length > _OFFLOAD_BODY_BYTES:
@@ -200,7 +213,7 @@ async def _stream(
     builder: ChatChunks | CompletionChunks
     if chat:
         builder = ChatChunks(completion_id, model, created, texts, logprobs=parsed.logprobs,
-                             include_usage=parsed.include_usage)
+                             include_usage=parsed.include_usage, tools=parsed.tools)
     else:
         builder = CompletionChunks(completion_id, model, created, texts, logprobs=parsed.logprobs,
                                    include_usage=parsed.include_usage, echo_texts=_echo_texts(request, parsed),
@@ -239,11 +252,19 @@ def _chat_body(request: web.Request, run: _Run, completion_id: str) -> dict[str,
     texts = request.app[TOKEN_TEXTS_KEY]
     choices = []
     for index, choice in enumerate(run.tracker.choices):
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+        finish_reason = choice.finish_reason
+        if run.parsed.tools is not None:
+            content, calls = tool_calls.extract_calls(run.parsed.tools, choice.text)
+            if calls:
+                message = {"role": "assistant", "content": content, "refusal": None,
+                           "tool_calls": tool_calls.call_dicts(calls)}
+                finish_reason = "tool_calls"
         choices.append({
             "index": index,
-            "message": {"role": "assistant", "content": choice.text, "refusal": None},
+            "message": message,
             "logprobs": chat_logprobs(texts, choice.logprobs) if run.parsed.logprobs else None,
-            "finish_reason": choice.finish_reason,
+            "finish_reason": finish_reason,
         })
     return {"id": completion_id, "object": "chat.completion", "created": now_s(), "model": run.parsed.model,
             "system_fingerprint": None, "choices": choices, "usage": run.tracker.usage()}

@@ -12,8 +12,22 @@ from typing import Any
 
 from appliance.engine.sequence import SamplingParams
 from appliance.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
+from appliance.server import tools as tool_calls
+from appliance.structured.spec import GrammarSpec, parse_response_format, parse_structured_outputs
 
-CHAT_ROLES = {"system", "developer", "user", "assistant"}
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
+_SAMPLING_FIELDS = frozenset({
+    "model", "stream", "stream_options", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "ignore_eos",
+    "min_tokens", "logprobs", "skip_special_tokens", "include_stop_str_in_output", "user", "logit_bias",
+    "response_format", "structured_outputs",
+    # Accepted with a meaning we honour: nothing is stored (store false/absent) and metadata is
+    # only echoed by OpenAI's stored completions, which we do not keep.
+    "store", "metadata",
+})
+CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                                  "parallel_tool_calls"}
+COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI legacy completions default
 MAX_TOP_LOGPROBS = 20
 
@@ -32,6 +46,7 @@ class ParsedRequest:
     top_logprobs: int
     echo: bool
     user: str | None
+    tools: tool_calls.ToolConfig | None = None  # chat with tools (not 'none'): parse/force calls
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -92,10 +107,53 @@ def _stop(body: dict[str, Any]) -> list[str]:
     raise _bad("stop", "a string or a list of strings", show_value=False)
 
 
+def check_fields(body: dict[str, Any], known: frozenset[str]) -> None:
+    """A field we do not implement is a 400 naming it, never silently ignored."""
+    unknown = sorted(k for k in body if k not in known and body[k] is not None)
+    if unknown:
+        raise InvalidRequestError(f"unsupported parameter(s): {', '.join(repr(k) for k in unknown)}",
+                                  param=unknown[0], code="unsupported_parameter")
+
+
+def _logit_bias(body: dict[str, Any], vocab_size: int | None) -> dict[int, float] | None:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    expected = f"a map of token ids (in [0, {vocab_size})) to numbers in [-100, 100]"
+    if not isinstance(bias, dict) or len(bias) > 300:
+        raise _bad("logit_bias", expected + ", at most 300 entries", show_value=False)
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except (TypeError, ValueError):
+            raise _bad("logit_bias", expected, {key: value}) from None
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100
+                or token_id < 0 or (vocab_size is not None and token_id >= vocab_size)):
+            raise _bad("logit_bias", expected, {key: value})
+        out[token_id] = float(value)
+    return out or None
+
+
+def structured_spec(body: dict[str, Any], forced: GrammarSpec | None = None) -> GrammarSpec | None:
+    """The request's one output constraint: response_format, structured_outputs or forced tool calls."""
+    specs = [(name, spec) for name, spec in (
+        ("response_format", parse_response_format(body.get("response_format"))),
+        ("structured_outputs", parse_structured_outputs(body.get("structured_outputs"))),
+        ("tool_choice", forced)) if spec is not None]
+    if len(specs) > 1:
+        raise _bad(specs[1][0], f"cannot be combined with '{specs[0][0]}' (one output constraint per request)",
+                   show_value=False)
+    return specs[0][1] if specs else None
+
+
 def _sampling_params(
-    body: dict[str, Any], *, max_tokens: int | None, n: int, logprobs: int | None
+    body: dict[str, Any], *, max_tokens: int | None, n: int, logprobs: int | None,
+    structured: GrammarSpec | None = None, vocab_size: int | None = None,
 ) -> SamplingParams:
     stop_token_ids = _opt(body, "stop_token_ids", list, [], "a list of token ids")
+    if body.get("store") not in (None, False):
+        raise _bad("store", "false: this server stores no completions", body.get("store"))
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_token_ids):
         raise _bad("stop_token_ids", "a list of token ids", stop_token_ids)
     seed = _opt(body, "seed", int, None, "an integer")
@@ -117,6 +175,8 @@ def _sampling_params(
         logprobs=logprobs,
         skip_special_tokens=_opt(body, "skip_special_tokens", bool, True, "a boolean"),
         include_stop_str_in_output=_opt(body, "include_stop_str_in_output", bool, False, "a boolean"),
+        logit_bias=_logit_bias(body, vocab_size),
+        structured=structured,
     )
     if params.top_k < 0:  # -1 means "off" in vLLM; the engine's off is 0
         params.top_k = 0
@@ -186,20 +246,34 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
         role = message.get("role")
         if role not in CHAT_ROLES:
             raise _bad(f"messages[{i}].role", f"one of {sorted(CHAT_ROLES)}", role)
-        out.append({"role": "system" if role == "developer" else role, "content": _message_text(message, i)})
+        item: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                "content": _message_text(message, i)}
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str) for c in calls):
+                raise _bad(f"messages[{i}].tool_calls", "a list of function calls on an assistant message",
+                           show_value=False)
+            item["tool_calls"] = calls
+        if role == "tool":
+            item["tool_call_id"] = message.get("tool_call_id")
+        out.append(item)
     return out
 
 
 def parse_chat(
-    body: dict[str, Any], *, render_chat: Callable[[list[dict[str, Any]]], list[int]], served_model_name: str,
-    max_model_len: int, default_max_tokens: int | None,
+    body: dict[str, Any], *, render_chat: Callable[..., list[int]], served_model_name: str,
+    max_model_len: int, default_max_tokens: int | None, chat_template: str | None = None,
+    vocab_size: int | None = None,
 ) -> ParsedRequest:
-    """render_chat: the engine's chat rendering (`AsyncEngine.render_chat`), messages -> prompt ids."""
+    """render_chat: the engine's chat rendering (`AsyncEngine.render_chat`), (messages, tools=) ->
+    prompt ids. chat_template: its text, which picks the tool-call format (server/tools.py)."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    check_fields(body, CHAT_FIELDS)
     model = check_model(body, served_model_name)
-    if body.get("tools") or body.get("functions"):
-        raise InvalidRequestError("tool calling is not supported", param="tools")
+    tools = tool_calls.parse_tools(body, chat_template)
     messages = chat_messages(body)
     stream = _opt(body, "stream", bool, False, "a boolean")
     include_usage = _stream_options(body, stream)
@@ -215,13 +289,18 @@ def parse_chat(
         if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise _bad("top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]", top_logprobs)
     top = top_logprobs or 0
-    params = _sampling_params(body, max_tokens=max_tokens, n=n, logprobs=top if want_logprobs else None)
-    prompt = render_chat(messages)
+    structured = structured_spec(body, tool_calls.forced_spec(tools) if tools is not None else None)
+    params = _sampling_params(body, max_tokens=max_tokens, n=n, logprobs=top if want_logprobs else None,
+                              structured=structured, vocab_size=vocab_size)
+    if tools is not None and tools.active and tools.parser.name == "mistral":
+        params.skip_special_tokens = False  # its [TOOL_CALLS] marker is a special token
+    template_msgs, template_tools = tool_calls.template_messages(messages, tools)
+    prompt = render_chat(template_msgs, tools=template_tools)
     _check_length(prompt, params, max_model_len, "messages")
     return ParsedRequest(
         model=model, prompts=[prompt], prompt_texts=[None], params=params, stream=stream,
         include_usage=include_usage, logprobs=want_logprobs, top_logprobs=top, echo=False,
-        user=_opt(body, "user", str, None, "a string"),
+        user=_opt(body, "user", str, None, "a string"), tools=tools if tools is not None and tools.active else None,
     )
 
 
@@ -258,6 +337,7 @@ def parse_completion(
 ) -> ParsedRequest:
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    check_fields(body, COMPLETION_FIELDS)
     model = check_model(body, served_model_name)
     if body.get("suffix"):
         raise InvalidRequestError("'suffix' is not supported", param="suffix")
@@ -273,9 +353,10 @@ def parse_completion(
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise _bad("logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]", logprobs)
     echo = _opt(body, "echo", bool, False, "a boolean")
-    params = _sampling_params(body, max_tokens=max_tokens, n=n, logprobs=logprobs)
-    prompts, texts = _prompts(body, tokenizer)
     vocab_size = len(tokenizer)
+    params = _sampling_params(body, max_tokens=max_tokens, n=n, logprobs=logprobs,
+                              structured=structured_spec(body), vocab_size=vocab_size)
+    prompts, texts = _prompts(body, tokenizer)
     for i, prompt in enumerate(prompts):
         _check_length(prompt, params, max_model_len, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
         if any(t < 0 or t >= vocab_size for t in prompt):

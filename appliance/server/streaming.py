@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance.server.responses import ChoiceDelta, TokenTexts, chat_logprobs, completion_logprobs
+from appliance.server.tools import ToolConfig, ToolStream
 
 _DONE = b"data: [DONE]\n\n"
 
@@ -55,18 +56,32 @@ class ChatChunks:
     """Builds `chat.completion.chunk` payloads."""
 
     def __init__(self, completion_id: str, model: str, created: int, texts: TokenTexts, *,
-                 logprobs: bool, include_usage: bool) -> None:
+                 logprobs: bool, include_usage: bool, tools: ToolConfig | None = None) -> None:
         self._base = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                       "model": model, "system_fingerprint": None}
         self._texts = texts
         self._logprobs = logprobs
         self._include_usage = include_usage
+        self._tools = tools
+        self._tool_streams: dict[int, ToolStream] = {}
 
     def chunks(self, deltas: list[ChoiceDelta]) -> list[dict[str, Any]]:
         out = []
         for d in deltas:
             if d.first:  # the role alone first, as OpenAI does
                 out.append(self._chunk(d.index, {"role": "assistant", "content": ""}, None, None))
+            if self._tools is not None:  # content and tool-call deltas (server/tools.py)
+                stream = self._tool_streams.setdefault(d.index, ToolStream(self._tools))
+                logprobs = chat_logprobs(self._texts, d.logprobs) if self._logprobs and d.logprobs else None
+                payloads = stream.feed(d.text, d.finish_reason is not None)
+                for k, payload in enumerate(payloads):
+                    out.append(self._chunk(d.index, payload, logprobs if k == 0 else None, None))
+                if logprobs is not None and not payloads:
+                    out.append(self._chunk(d.index, {}, logprobs, None))
+                if d.finish_reason:
+                    reason = "tool_calls" if stream.num_calls else d.finish_reason
+                    out.append(self._chunk(d.index, {}, None, reason))
+                continue
             if d.text or d.logprobs or d.finish_reason:
                 delta = {"content": d.text} if (d.text or d.logprobs) else {}
                 logprobs = chat_logprobs(self._texts, d.logprobs) if self._logprobs and d.logprobs else None
