@@ -38,10 +38,12 @@ SYSTEM_C = ("You are a tutor of elementary arithmetic for children aged seven to
 def fleet() -> Iterator[LocalFleet]:
     workdir = Path(tempfile.mkdtemp(prefix="llma-fleet-", dir="/tmp"))  # short: Unix socket paths
     local = LocalFleet(workdir, 3, max_num_seqs=4, max_model_len=512, check_interval_s=CHECK_INTERVAL_S)
-    local.start()
-    yield local
-    local.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class Api:
