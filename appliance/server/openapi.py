@@ -33,12 +33,45 @@ _SAMPLING: dict[str, Any] = {
     "stream": {"type": "boolean", "default": False},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "user": {"type": "string"},
+    "skip_special_tokens": {"type": "boolean", "default": True},
+    "include_stop_str_in_output": {"type": "boolean", "default": False},
+    "logit_bias": {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                   "description": "token id (as a string) -> bias added to its logit; at most 300 entries"},
+    "response_format": {"oneOf": [
+        {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}, "required": ["type"]},
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"const": "json_schema"},
+            "json_schema": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string"}, "description": {"type": "string"}, "strict": {"type": ["boolean", "null"]},
+                "schema": {"type": "object", "description": "JSON schema; keywords the grammar cannot enforce "
+                           "(not, if/then/else, uniqueItems, ...) are a 400 naming them"}}}}}]},
+    "structured_outputs": {"type": "object", "description": "vLLM extension: exactly one of these",
+                           "properties": {"json": {"type": ["object", "string"]}, "regex": {"type": "string"},
+                                          "choice": {"type": "array", "items": {"type": "string"}},
+                                          "grammar": {"type": "string", "description": "EBNF (xgrammar/GBNF)"},
+                                          "json_object": {"const": True}}},
+    "store": {"const": False, "description": "nothing is stored"},
+    "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+
+_FUNCTION = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string"}, "description": {"type": "string"}, "parameters": {"type": "object"},
+    "strict": {"type": ["boolean", "null"]}}}
+_TOOLS = {
+    "tools": {"type": "array", "items": {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"}, "function": _FUNCTION}}},
+    "tool_choice": {"oneOf": [{"enum": ["auto", "none", "required"]}, {"type": "object", "properties": {
+        "type": {"const": "function"}, "function": {"type": "object", "properties": {"name": {"type": "string"}}}}}],
+        "description": "required and a named function are enforced by a grammar"},
+    "parallel_tool_calls": {"type": "boolean", "default": True},
 }
 
 _CHAT_REQUEST = {"type": "object", "required": ["messages"], "properties": {
-    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"],
-                 "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]},
-                                "content": {"oneOf": [{"type": "string"}, {"type": "array"}]}}}},
+    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"],
+                 "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                                "content": {"oneOf": [{"type": "string"}, {"type": "array"}, {"type": "null"}]},
+                                "tool_calls": {"type": "array"}, "tool_call_id": {"type": "string"}}}},
+    **_TOOLS,
     "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
     "logprobs": {"type": "boolean"},
     "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
@@ -51,7 +84,33 @@ _COMPLETION_REQUEST = {"type": "object", "required": ["prompt"], "properties": {
     "echo": {"type": "boolean"},
     "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
     "best_of": {"type": "integer", "description": "must equal n"},
+    "suffix": {"type": "null", "description": "not supported: a non-empty suffix is a 400"},
     **_SAMPLING}}
+
+
+_RESPONSES_REQUEST = {"type": "object", "required": ["input"], "properties": {
+    "model": {"type": "string"},
+    "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "description":
+              "a message {role, content}, a function_call {call_id, name, arguments} or a function_call_output "
+              "{call_id, output}"}}]},
+    "instructions": {"type": "string"}, "max_output_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number"}, "top_p": {"type": "number"}, "seed": {"type": "integer"},
+    "tools": {"type": "array", "items": {**_FUNCTION, "properties": {**_FUNCTION["properties"],
+                                                                   "type": {"const": "function"}}}},
+    "tool_choice": {"oneOf": [{"enum": ["auto", "none", "required"]}, {"type": "object", "properties": {
+        "type": {"const": "function"}, "name": {"type": "string"}}}]},
+    "parallel_tool_calls": {"type": "boolean"},
+    "text": {"type": "object", "properties": {"format": {"type": "object", "description":
+             "{type: text | json_object | json_schema, name, schema, strict}"}, "verbosity": {"type": "string"}}},
+    "stream": {"type": "boolean"}, "store": {"const": False}, "metadata": {"type": "object"},
+    "user": {"type": "string"}, "truncation": {"const": "disabled"}}}
+
+_TOKENIZE_REQUEST = {"type": "object", "properties": {
+    "model": {"type": "string"}, "prompt": {"type": "string"}, "messages": _CHAT_REQUEST["properties"]["messages"],
+    "tools": _TOOLS["tools"], "add_special_tokens": {"type": "boolean", "default": True},
+    "add_generation_prompt": {"const": True}, "return_token_strs": {"type": "boolean", "default": False}}}
+_DETOKENIZE_REQUEST = {"type": "object", "required": ["tokens"], "properties": {
+    "model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer"}}}}
 
 
 def _errors(*codes: int) -> dict[str, Any]:
@@ -78,6 +137,10 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/v1/chat/completions": _post("Chat completion", _CHAT_REQUEST, "chat.completion"),
             "/v1/completions": _post("Text completion", _COMPLETION_REQUEST, "text_completion"),
+            "/v1/responses": _post("Responses API (text and function tools)", _RESPONSES_REQUEST, "response"),
+            "/tokenize": _post("Token ids of a prompt or a chat (vLLM)", _TOKENIZE_REQUEST, "tokenize"),
+            "/detokenize": _post("Text of token ids (vLLM)", _DETOKENIZE_REQUEST, "detokenize"),
+            "/version": {"get": {"summary": "Server version", "responses": {"200": {"description": "version"}}}},
             "/v1/models": {"get": {"summary": "The served model", "responses": {"200": {"description": "list"}}}},
             "/v1/models/{model}": {"get": {"summary": "One model", "parameters": [
                 {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],

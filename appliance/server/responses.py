@@ -16,14 +16,51 @@ from appliance.engine.sequence import RequestOutput, TokenLogprob
 
 
 class TokenTexts:
-    """Token id → its text (as OpenAI's logprobs show it), cached: the vocabulary is fixed."""
+    """Token id → its text (as OpenAI's logprobs show it) and its UTF-8 bytes, cached.
+
+    NOTE: a token may hold part of a character (byte-level BPE, SentencePiece byte fallback): its
+    text then decodes to U+FFFD, but `bytes` are the token's own bytes, so a client joining the
+    bytes of consecutive tokens gets the character back (OpenAI's `bytes` semantics).
+    """
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
         self.text = lru_cache(maxsize=1 << 16)(self._decode)
+        self.bytes = lru_cache(maxsize=1 << 16)(self._bytes)
+        self._byte_of: dict[str, int] | None = None
 
     def _decode(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _bytes(self, token_id: int) -> tuple[int, ...]:
+        text = self.text(token_id)
+        if _REPLACEMENT not in text:
+            return tuple(text.encode("utf-8"))
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
+                return (int(piece[3:5], 16),)
+            if self._byte_of is None:
+                self._byte_of = _byte_level_alphabet()
+            if piece and all(c in self._byte_of for c in piece):  # byte-level BPE
+                return tuple(self._byte_of[c] for c in piece)
+        return tuple(text.encode("utf-8"))
+
+
+_REPLACEMENT = "\ufffd"
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 @dataclass
@@ -66,13 +103,14 @@ class ChoiceTracker:
             state = self.choices[index]
             if state.finish_reason is not None:
                 continue
-            new_text = out.text[state.text_len:]
+            text = _cut_text(out.text, out.finish_reason)
+            new_text = text[state.text_len:]
             new_ids = out.token_ids[state.num_tokens:]
             new_logprobs = (out.logprobs or [])[state.num_logprobs:]
-            state.text_len = len(out.text)
+            state.text_len = len(text)
             state.num_tokens = len(out.token_ids)
             state.num_logprobs = len(out.logprobs or [])
-            state.text = out.text
+            state.text = text
             # NOTE: the engine hands over fresh lists in every output, so keeping references is safe.
             state.token_ids = out.token_ids
             state.logprobs = out.logprobs or []
@@ -99,6 +137,12 @@ class ChoiceTracker:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _cut_text(text: str, finish_reason: str | None) -> str:
+    """The final text of a choice cut inside a character (length, abort) ends before it, never in
+    U+FFFD (the detokenizer flushes an incomplete character as one)."""
+    return text.rstrip(_REPLACEMENT) if finish_reason in ("length", "abort") else text
+
+
 def now_s() -> int:
     return int(time.time())
 
@@ -107,8 +151,7 @@ def now_s() -> int:
 
 
 def _token_entry(texts: TokenTexts, token_id: int, logprob: float) -> dict[str, Any]:
-    text = texts.text(token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": texts.text(token_id), "logprob": logprob, "bytes": list(texts.bytes(token_id))}
 
 
 def chat_logprobs(texts: TokenTexts, logprobs: list[TokenLogprob]) -> dict[str, Any]:

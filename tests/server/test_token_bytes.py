@@ -1,0 +1,27 @@
+"""Tokens that hold part of a character: logprobs carry the token's own bytes, and an output cut
+inside a character (max_tokens) ends before it, never in U+FFFD, streamed or not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.server.apps_server import apps_served  # noqa: F401 - the shared server fixture
+from tests.server.conftest import MODEL
+
+
+def test_partial_character_bytes_and_no_trailing_replacement_char(apps_served: Any, tokenizer: Any) -> None:  # noqa: F811
+    first, second = tokenizer.encode("🙂", add_special_tokens=False)[:2]
+    assert "\ufffd" in tokenizer.decode([first])  # the premise: a token holding part of the emoji
+    client = apps_served.client()
+    forced = {"logit_bias": {str(first): 100}, "max_tokens": 1, "temperature": 0}
+    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Smile"}],
+                                           logprobs=True, top_logprobs=2, **forced)
+    entry = whole.choices[0].logprobs.content[0]
+    assert bytes(entry.bytes) == "🙂".encode()[: len(entry.bytes)]
+    assert whole.choices[0].message.content == "" and whole.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Smile"}],
+                                                 stream=True, **forced))
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).endswith("\ufffd")
+    both = client.completions.create(model=MODEL, prompt="Smile:", logit_bias={str(first): 100, str(second): 100},
+                                     max_tokens=2, temperature=0, logprobs=1)
+    assert both.choices[0].text.endswith("🙂")
