@@ -25,3 +25,19 @@ def test_partial_character_bytes_and_no_trailing_replacement_char(apps_served: A
     both = client.completions.create(model=MODEL, prompt="Smile:", logit_bias={str(first): 100, str(second): 100},
                                      max_tokens=2, temperature=0, logprobs=1)
     assert both.choices[0].text.endswith("🙂")
+
+
+def test_openapi_describes_every_accepted_field() -> None:
+    from appliance.server import routes_responses, routes_tokens, schema
+    from appliance.server.openapi import openapi_document
+
+    paths = openapi_document()["paths"]
+
+    def props(path: str) -> set[str]:
+        return set(paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"])
+
+    assert schema.CHAT_FIELDS <= props("/v1/chat/completions"), schema.CHAT_FIELDS - props("/v1/chat/completions")
+    assert schema.COMPLETION_FIELDS <= props("/v1/completions"), schema.COMPLETION_FIELDS - props("/v1/completions")
+    assert routes_responses._FIELDS <= props("/v1/responses"), routes_responses._FIELDS - props("/v1/responses")
+    assert routes_tokens._TOKENIZE_FIELDS <= props("/tokenize")
+    assert {"/detokenize", "/version"} <= set(paths)
