@@ -81,6 +81,9 @@ class EngineConfig:
     # of a step (scheduling, inputs, stop checks, outputs) overlaps the device's forward pass.
     # Same tokens either way; False: the plain schedule -> execute -> update loop.
     async_scheduling: bool = True
+    # Where the engine core runs: "separate" (its own process: its host work and the HTTP side
+    # do not share one GIL), "inline" (a thread of the daemon), "auto" (separate on CUDA).
+    process: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,7 @@ _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "engine.max_num_seqs": (_positive, "an integer >= 1"),
     "engine.max_num_batched_tokens": (_positive, "an integer >= 1"),
     "engine.cuda_graph_batch_sizes": (lambda v: all(x >= 1 for x in v), "a list of integers >= 1"),
+    "engine.process": (lambda v: v in ("auto", "inline", "separate"), "one of \"auto\", \"inline\", \"separate\""),
     "server.host": (bool, "a host name or address"),
     "server.port": (lambda v: 0 <= v <= 65535, "a port number from 0 to 65535"),
     "server.max_body_bytes": (_positive, "a byte count >= 1"),

@@ -1,11 +1,13 @@
 """`llm-appliance serve` and `llm-appliance config`: the appliance daemon.
 
 Start-up, in order: read and validate the config once (exit 78 on any error), open the control
-socket (phase "loading"), load and warm up the model on a worker thread while telling systemd
-how far it got (STATUS=, EXTEND_TIMEOUT_USEC=), start the engine thread, bind the HTTP port, and
-only then READY=1. While running: WATCHDOG=1 only while the engine makes progress, so systemd
-restarts a stuck engine. Signals: SIGTERM/SIGINT drain then exit 0, SIGHUP reloads what can
-change live, SIGUSR1 reopens log files. A dead engine makes the process exit 70 (EX_SOFTWARE).
+socket (phase "loading"), load and warm up the model (in the engine process, or on a worker
+thread with engine.process = "inline") while telling systemd how far it got (STATUS=,
+EXTEND_TIMEOUT_USEC=), start the engine client, bind the HTTP port, and only then READY=1.
+While running: WATCHDOG=1 only while the engine makes progress, so systemd restarts a stuck
+engine. Signals: SIGTERM/SIGINT drain then exit 0, SIGHUP reloads what can change live, SIGUSR1
+reopens log files. A dead engine (its process killed, or a step raising) makes the daemon log
+one line saying so and exit 70 (EX_SOFTWARE) at once; /health answers 503 until the port closes.
 
 NOTE: torch and the engine are imported inside `Daemon.run`, so `config check/show` and
 `--help` stay fast and never touch the GPU.
@@ -38,11 +40,6 @@ from appliance.systemd_notify import SystemdNotifier, watchdog_interval_s
 log = logging.getLogger("appliance.daemon")
 
 EX_SOFTWARE = 70  # the engine died: systemd's Restart=on-failure brings us back
-# Test-only hooks, never set in production: while the file named by the first exists, every
-# engine step blocks (a real stall of the engine thread, for the watchdog test); while the file
-# named by the second exists, every engine step raises (a real engine death).
-TEST_STALL_FILE_ENV = "LLM_APPLIANCE_TEST_STALL_FILE"
-TEST_FAIL_FILE_ENV = "LLM_APPLIANCE_TEST_FAIL_FILE"
 
 # Keys a SIGHUP applies without a restart; every other change is reported as needing one.
 _LIVE_KEYS = {"clients", "logging.level"}
@@ -288,15 +285,19 @@ class Daemon:
     async def _start(self) -> Any:
         """Load, warm up, serve. Returns the HTTP runner, or None when the stop came first."""
         from appliance.engine.async_engine import AsyncEngine
+        from appliance.engine.core_client import make_client, resolve_process_mode
         from appliance.server.app import make_app, start_site
 
         server = self.config.server
         load_timeout_us = int(server.load_timeout_s * 1e6)
         model = self.config.engine.model.model
         self.notifier.notify(STATUS=f"loading model {model}", EXTEND_TIMEOUT_USEC=load_timeout_us)
-        log.info("loading model %s", model)
+        mode = resolve_process_mode(self.config.engine)
+        log.info("loading model %s (engine %s)", model, "in its own process" if mode == "separate" else "inline")
         t0 = time.monotonic()
-        load = asyncio.create_task(asyncio.to_thread(self._load_engine_core))
+        load = asyncio.create_task(make_client(
+            dataclasses.replace(self.config.engine, process=mode), on_progress=self._loading_status,
+            load_timeout_s=server.load_timeout_s))
         stop = asyncio.create_task(self._stop.wait())
         await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
@@ -305,9 +306,9 @@ class Daemon:
             stop.cancel()
             return None
         stop.cancel()
-        core = load.result()  # a load failure raises here: exit non-zero, systemd retries
-        self.model_name = core.model_name
-        self.engine = AsyncEngine(core)
+        client = load.result()  # a load failure raises here: exit non-zero, systemd retries
+        self.engine = AsyncEngine(client)
+        self.model_name = self.engine.model_name
         await self.engine.start()
         self.state.attach_engine(self.engine)
         self._tasks.append(asyncio.create_task(self._watch_engine(), name="engine-death"))
@@ -321,17 +322,9 @@ class Daemon:
         self.notifier.notify(READY=1, STATUS=self._status_line(), MAINPID=os.getpid())
         return runner
 
-    def _load_engine_core(self) -> Any:
-        """On a worker thread: build the EngineCore, warm it up (the first step compiles and
-        allocates), and install the test-only hooks."""
-        from appliance.engine.llm_engine import EngineCore
-
-        core = EngineCore(self.config.engine)
-        self.notifier.notify(STATUS=f"warming up {core.model_name}",
-                             EXTEND_TIMEOUT_USEC=int(self.config.server.load_timeout_s * 1e6))
-        core.warmup()
-        _install_test_hooks(core)
-        return core
+    def _loading_status(self, status: str) -> None:
+        """From the loader (a worker thread): the model is loaded, warm-up begins."""
+        self.notifier.notify(STATUS=status, EXTEND_TIMEOUT_USEC=int(self.config.server.load_timeout_s * 1e6))
 
     def _status_line(self) -> str:
         phase = self.state.phase
@@ -365,7 +358,7 @@ class Daemon:
 
     async def _watch_engine(self) -> None:
         error = await self.engine.wait_dead()
-        log.critical("engine died: %r; exiting %d", error, EX_SOFTWARE)
+        log.critical("engine died: %s; exiting %d", error, EX_SOFTWARE)
         self._exit_status = EX_SOFTWARE
         self._stop.set()
 
@@ -405,23 +398,3 @@ class Daemon:
             self._app[REQUEST_LOG_KEY].reopen()
             reopened += 1
         log.info("SIGUSR1: reopened %d log file(s)", reopened)
-
-
-def _install_test_hooks(core: Any) -> None:
-    stall_path = os.environ.get(TEST_STALL_FILE_ENV)
-    fail_path = os.environ.get(TEST_FAIL_FILE_ENV)
-    if not stall_path and not fail_path:
-        return
-    step = core.step
-
-    def hooked_step() -> Any:
-        while stall_path and os.path.exists(stall_path):
-            time.sleep(0.05)
-        if fail_path and os.path.exists(fail_path):
-            raise RuntimeError(f"test-only failure: {fail_path} exists")
-        return step()
-
-    core.step = hooked_step
-    log.warning("TEST ONLY: engine steps block while %s exists and fail while %s exists",
-                stall_path, fail_path)
-

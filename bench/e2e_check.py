@@ -47,7 +47,7 @@ def run_engine(model: str, device: str, dtype: str, sizes: dict[str, int],
         scheduler=SchedulerConfig(max_model_len=sizes["max_model_len"], max_num_seqs=16,
                                   max_num_batched_tokens=sizes["chunk"]),
     )
-    engine = EngineCore(config)
+    engine = EngineCore(config, stream_outputs=False)  # each choice reported once, whole
     vocab = engine.vocab_size
     rng = random.Random(0)
     shared = [rng.randrange(vocab) for _ in range(sizes["shared"])]

@@ -273,14 +273,17 @@ class BlockManager:
         while len(seq.block_table) < self.blocks_needed(num_tokens):
             seq.block_table.append(self._take_fresh())
 
-    def commit(self, seq: Sequence) -> None:
+    def commit(self, seq: Sequence, num_written_tokens: int | None = None) -> None:
         """Register the hashes of blocks that became full and computed (after a step).
 
+        num_written_tokens: positions whose K/V the finished step wrote (default: every computed
+        one). With async scheduling the next step is already counted in num_computed_tokens.
         NOTE: O(new full blocks) per call: seq.num_hashed_blocks marks how far the chain is done.
         """
         if not self.enable_prefix_caching:
             return
-        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        written = seq.num_computed_tokens if num_written_tokens is None else num_written_tokens
+        num_full = min(written, len(seq.token_ids)) // self.block_size
         first = seq.num_hashed_blocks
         if first >= num_full:
             return

@@ -7,7 +7,8 @@ from typing import Any
 
 from appliance.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from appliance.engine.llm_engine import EngineCore
-from appliance.engine.sequence import RequestOutput, SamplingParams
+from appliance.engine.outputs import OutputAccumulator, RequestOutput
+from appliance.engine.sequence import SamplingParams
 
 
 def engine_config_from_kwargs(model: str = "default", **kwargs: Any) -> EngineConfig:
@@ -47,13 +48,14 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = []
+        accumulators = []
         for prompt, p in zip(prompts, plist, strict=True):
             request_id = f"offline-{self._counter}"
             self._counter += 1
-            self.engine.add_request(request_id, self._encode(prompt), p)  # type: ignore[arg-type]
-            ids.append(request_id)
-        return self._run(ids)
+            ids = self._encode(prompt)  # type: ignore[arg-type]
+            self.engine.add_request(request_id, ids, p)
+            accumulators.append(OutputAccumulator(request_id, ids, keep_all=True))
+        return self._run(accumulators)
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              params: SamplingParams | None = None) -> list[RequestOutput]:
@@ -63,12 +65,15 @@ class LLM:
         prompts = [apply_chat_template(self.tokenizer, conv) for conv in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, params)
 
-    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
-        final: dict[str, RequestOutput] = {}
-        pending = set(request_ids)
+    def _run(self, accumulators: list[OutputAccumulator]) -> list[RequestOutput]:
+        """Step until every request finished, merging the core's deltas (the engine reports
+        each choice once, whole, in this mode: stream_outputs=False)."""
+        by_id = {acc.request_id: acc for acc in accumulators}
+        pending = len(by_id)
         while pending:
-            for output in self.engine.step():
-                if output.finished:
-                    final[output.request_id] = output
-                    pending.discard(output.request_id)
-        return [final[r] for r in request_ids]
+            for delta in self.engine.step():
+                acc = by_id[delta.request_id]
+                acc.add(delta)
+                if delta.finished:
+                    pending -= 1
+        return [acc.output() for acc in accumulators]

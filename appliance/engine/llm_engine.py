@@ -1,20 +1,23 @@
-"""The engine core (`EngineCore.step()` = schedule → execute → update) and the offline `LLM` API.
+"""The engine core: `EngineCore.step()` = schedule → launch → update, emitting per-step deltas.
 
-EngineCore is not thread-safe: exactly one thread drives it (the AsyncEngine thread in the
-daemon, the caller's thread for `LLM`).
+EngineCore is not thread-safe: exactly one thread drives it (the engine process's main thread,
+the in-process client's engine thread, or the caller's thread for `LLM`).
+
+A step: `Scheduler.schedule()` picks the batch and counts its tokens as computed;
+`ModelRunner.launch` enqueues the forward and the sampling; `Scheduler.update_from_output`
+applies the sampled tokens (hashes, forks, stop tokens, lengths, finishing); the output stage
+here detokenizes, checks stop strings and builds one `RequestDelta` per changed request.
 
 Async scheduling (`EngineConfig.async_scheduling`, the default): step() schedules and launches
-step N, then waits for step N-1 and processes its results (stop checks, forks, outputs) while the
-device runs step N. To schedule N before N-1's tokens are known, launching a step advances its
-sequences at once: computed counts move on and every sampled row gets a placeholder token
-(PLACEHOLDER_TOKEN_ID), which the device feeds to N and the results replace. So:
-- step() returns the outputs of the step launched by the previous call;
+step N, then waits for step N-1 and updates from its results while the device runs step N, then
+gives N's sampling rows placeholders (`Scheduler.after_launch`). So:
+- step() returns the deltas of the step launched by the previous call;
 - a sequence that finishes at N-1 may already be in step N: that result is dropped, and its
-  blocks are freed once N is done (`_InFlight.free_after`);
-- block hashes (prefix cache) are registered only from real token ids (`_commit` asserts it);
+  blocks are freed once N is done (the scheduler defers the free);
+- block hashes (prefix cache) are registered only from real token ids (the scheduler asserts it);
 - a preempted sequence is re-admitted only after its placeholder is filled (the scheduler admits
-  nothing in a step that preempts, and the step in flight is processed before the next schedule);
-- n > 1 children are forked when the parent's first step is processed: one step later than sync;
+  nothing in a step that preempts, and the step in flight is updated before the next schedule);
+- n > 1 children are forked when the parent's first step is updated: one step later than sync;
 - rows with penalties need every token id on the host: the step in flight is waited for first.
 """
 
@@ -22,35 +25,37 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from appliance.config import EngineConfig
-from appliance.engine.block_manager import BlockManager
+from appliance.engine.block_manager import BlockManager, kv_free_window
 from appliance.engine.detokenizer import IncrementalDetokenizer
 from appliance.engine.model_runner import ModelRunner, StepHandle, resolve_device_dtype
-from appliance.engine.scheduler import Scheduler, SchedulerOutput
-from appliance.engine.sequence import (
-    PLACEHOLDER_TOKEN_ID,
-    CompletionOutput,
+from appliance.engine.outputs import (
+    CompletionDelta,
     EngineStats,
-    FinishReason,
+    RequestDelta,
     RequestMetrics,
-    RequestOutput,
     RequestSnapshot,
+)
+from appliance.engine.scheduler import Scheduler, SchedulerOutput, SequenceUpdate
+from appliance.engine.sequence import (
+    FinishReason,
     SamplingParams,
     Sequence,
     SequenceStatus,
-    TokenLogprob,
+    validate_request,
 )
-from appliance.errors import InvalidRequestError, PromptTooLongError
+from appliance.errors import InvalidRequestError
 from appliance.structured.grammar import StructuredOutputs
 
 log = logging.getLogger(__name__)
 
 CPU_MAX_MODEL_LEN = 8192
+_GRAMMAR_WAIT_S = 0.005  # [apps] an idle engine's wait for a compile (new commands are read between waits)
 
 
 @dataclass
@@ -60,9 +65,6 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence]
     arrival_time: float
-    finished_time: float | None = None
-    changed: bool = False
-    eos_ids: frozenset[int] = field(default_factory=frozenset)
 
     @property
     def finished(self) -> bool:
@@ -71,14 +73,12 @@ class _Request:
 
 @dataclass
 class _InFlight:
-    """A launched step whose results the host has not processed yet."""
+    """A launched step whose results the host has not applied yet."""
 
     out: SchedulerOutput
     handle: StepHandle
-    seq_ids: set[int]  # every sequence in the step (async only)
-    needs_host_ids: bool  # a sampling row has penalties: the next launch needs real token ids
-    free_after: list[Sequence] = field(default_factory=list)  # finished meanwhile: free when done
-    resolved: bool = False  # waited for; placeholders replaced
+    needs_host_ids: bool = False  # a sampling row has penalties: the next launch needs real token ids
+    has_grammar: bool = False  # [apps] a sampling row is constrained: the next launch's masks need its tokens
 
 
 def _has_penalty(params: SamplingParams) -> bool:
@@ -90,14 +90,14 @@ class EngineCore:
     """Owns the model runner, the scheduler and every request's sequences.
 
     Contract: `add_request` validates (raising typed errors, changing nothing on failure);
-    `step` runs one batch and returns a RequestOutput for every request that changed;
-    `abort` frees a request's blocks at any point. Outputs are cumulative.
+    `step` runs one batch and returns a `RequestDelta` for every request that changed (only
+    what is new); `abort` frees a request's blocks at any point and reports nothing.
     """
 
     def __init__(self, config: EngineConfig | None = None, *, stream_outputs: bool = True) -> None:
         """stream_outputs: report every request that changed on every step (servers stream them);
-        False reports finished requests only and detokenizes once at the end unless a request
-        has stop strings (offline use: far less host time per step)."""
+        False reports each choice once, whole, when it finishes, and detokenizes once at the end
+        unless a request has stop strings (offline use: far less host time per step)."""
         from appliance.models.loader import load_model, resolve_model
         from appliance.models.tokenizer import eos_token_ids, load_tokenizer
 
@@ -120,15 +120,21 @@ class EngineCore:
                                   self.max_model_len)
         # A sequence must fit in the cache on its own, or it could never run.
         self.max_model_len = min(self.max_model_len, self.runner.num_kv_blocks * config.cache.block_size)
+        # Blocks that fell out of every layer's sliding window go back to the pool (none when a
+        # layer attends globally).
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.cache.block_size,
-                                          config.cache.enable_prefix_caching)
+                                          config.cache.enable_prefix_caching,
+                                          sliding_window=kv_free_window(getattr(model, "sliding_windows", [None])))
         sched = config.scheduler
+        self.async_scheduling = config.async_scheduling
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=sched.max_num_seqs,
             max_num_batched_tokens=max(sched.max_num_batched_tokens, 1),
             max_model_len=self.max_model_len,
             enable_chunked_prefill=sched.enable_chunked_prefill,
+            eos_token_ids=self.eos_token_ids,
+            async_scheduling=self.async_scheduling,
         )
         self.detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         # [apps] constrained decoding: grammars compile off this thread; the sampler applies the masks.
@@ -136,10 +142,7 @@ class EngineCore:
                            if self.tokenizer is not None else None)
         self.runner.sampler.grammar = self.structured
         self.requests: dict[str, _Request] = {}
-        self.async_scheduling = config.async_scheduling
         self._in_flight: _InFlight | None = None  # async: the step the device may still be running
-        self._prompt_tokens_total = 0
-        self._generation_tokens_total = 0
         self._num_steps = 0
         self._last_step_time = time.monotonic()
         self.load_time_s = time.monotonic() - t0
@@ -168,17 +171,10 @@ class EngineCore:
                     arrival_time: float | None = None) -> None:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        params.validate()
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        vocab = self.vocab_size
-        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
-        if len(prompt_token_ids) + 1 > self.max_model_len:
-            raise PromptTooLongError(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{len(prompt_token_ids)} tokens, leaving no room for output.", param="messages",
-                code="context_length_exceeded")
+        validate_request(prompt_token_ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        if params.structured is not None and self.structured is None:  # [apps]
+            raise InvalidRequestError("constrained decoding needs the model's tokenizer; this model has none",
+                                      param="response_format")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seq = Sequence(request_id, prompt_token_ids, params, index=0, arrival_time=arrival)
         self.requests[request_id] = _Request(request_id, list(prompt_token_ids), params, [seq], arrival)
@@ -196,253 +192,155 @@ class EngineCore:
         self._retire_if_dead()
 
     def has_unfinished_requests(self) -> bool:
-        """True while a request runs or a launched step is not processed yet (keep stepping)."""
+        """True while a request runs or a launched step is not applied yet (keep stepping)."""
         return bool(self.requests) or self._in_flight is not None
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> list[RequestOutput]:
-        """One step; returns outputs of the requests that changed.
+    def step(self) -> list[RequestDelta]:
+        """One step: schedule → launch → update. Returns a delta for every request that changed.
 
-        Sync: schedule → execute → update, and the outputs are this step's. Async: schedule and
-        launch this step, then process the previous one while the device runs this one: the
-        outputs are the previous step's (see the module docstring).
+        Sync: the deltas are this step's. Async: this step is launched, then the previous one is
+        applied while the device runs this one: the deltas are the previous step's.
         """
-        if self.structured is not None and self.structured.num_held:  # [apps] compiled grammars: schedulable
-            for seq in self.structured.take_compiled()[0]:
-                self.scheduler.add(seq)
-        # [apps] the grammar advance: masks for this step need the constrained tokens of the step in
-        # flight accepted, so that step is processed first (before schedule: what it finishes is gone).
-        early_out: list[RequestOutput] = []
-        in_flight = self._in_flight
-        if in_flight is not None and any(r.seq.sampling_params.structured is not None for r in in_flight.handle.rows):
-            self._in_flight = None
-            self._process(in_flight)
-            early_out = self._collect_outputs()
-            self._retire_if_dead()
-        out = self.scheduler.schedule()
-        if out.is_empty and self._in_flight is None and self.structured is not None and self.structured.num_held:
-            self.structured.wait_any(0.005)  # [apps] only compiles pending: nothing to launch
-            return early_out
-        now = time.monotonic()
-        for item in out.scheduled:
-            if item.seq.first_scheduled_time is None:
-                item.seq.first_scheduled_time = now
+        sched = self.scheduler
+        failed = self._admit_compiled() if self.structured is not None and self.structured.num_held else []
+        # [apps] the grammar advance: this step's masks need the constrained tokens of the step in
+        # flight accepted, so that step is updated first (before schedule: what it finishes is gone).
+        early = None
+        if self._in_flight is not None and self._in_flight.has_grammar:
+            early, self._in_flight = self._update(self._in_flight), None
+        out = sched.schedule()
         prev, self._in_flight = self._in_flight, None
+        if out.is_empty and prev is None and self.structured is not None and self.structured.num_held:
+            self.structured.wait_any(_GRAMMAR_WAIT_S)  # [apps] only compiles pending: nothing to launch
+            return failed + (early or [])
         if prev is not None and prev.needs_host_ids:
-            self._resolve(prev)  # penalties read every token id on the host
-        launched = self._launch(out, prev)
+            sched.resolve(prev.out, prev.handle.results())  # penalties read every token id on the host
+        handle = self.runner.launch(out, prev.handle if prev is not None else None)
         if self.async_scheduling:
-            self._in_flight = launched
-            if prev is not None:
-                self._process(prev)
-            # NOTE: outputs copy the token lists, so the placeholders appended next stay out.
-            outputs = self._collect_outputs()
-            self._advance(launched)
+            self._in_flight = _InFlight(out, handle, any(_has_penalty(row.seq.sampling_params) for row in handle.rows),
+                                        any(row.seq.sampling_params.structured is not None for row in handle.rows))
+            deltas = self._update(prev) if prev is not None else []
+            sched.after_launch(out)  # NOTE: after the update: its placeholders stay out of it
             self._retire_if_dead()
         else:
-            self._advance(launched)
-            self._process(launched)
-            outputs = self._collect_outputs()
+            sched.after_launch(out)
+            deltas = self._update(_InFlight(out, handle))
         self._num_steps += 1
         self._last_step_time = time.monotonic()
-        return early_out + outputs
+        if early:
+            deltas = early + deltas
+        return failed + deltas if failed else deltas
 
-    def _launch(self, out: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
-        handle = self.runner.launch(out, prev.handle if prev is not None else None)
-        if not self.async_scheduling:
-            return _InFlight(out, handle, set(), False)
-        return _InFlight(out, handle, {item.seq.seq_id for item in out.scheduled},
-                         any(_has_penalty(row.seq.sampling_params) for row in handle.rows))
-
-    def _advance(self, step: _InFlight) -> None:
-        """Count the step's tokens as computed and give every sampling row a placeholder token."""
-        for item in step.out.scheduled:
-            seq = item.seq
-            if seq.status != SequenceStatus.RUNNING:
-                continue  # finished while the step was launched: its result is dropped
-            old = seq.num_computed_tokens
-            seq.num_computed_tokens = new = old + item.num_new_tokens
-            if old < seq.num_prompt_tokens:
-                self._prompt_tokens_total += min(new, seq.num_prompt_tokens) - old
-            if item.sample:
-                seq.token_ids.append(PLACEHOLDER_TOKEN_ID)
-                seq.pending_forks = 0  # its first step draws the n samples; later ones draw one
-                max_tokens = seq.sampling_params.max_tokens
-                if (max_tokens is not None and seq.num_output_tokens >= max_tokens) or len(seq) >= self.max_model_len:
-                    seq.finish_pending = True  # _check_stop will end it: schedule no wasted step
-
-    def _resolve(self, step: _InFlight) -> None:
-        """Wait for the step, free what finished meanwhile, put the real ids in place."""
-        if step.resolved:
-            return
-        step.resolved = True
-        results = step.handle.results()
-        for seq in step.free_after:
-            self.block_manager.free(seq)
-        step.free_after.clear()
-        for row in step.handle.rows:
-            seq = row.seq
-            if seq.status != SequenceStatus.FINISHED:
-                assert seq.token_ids[-1] == PLACEHOLDER_TOKEN_ID, seq
-                seq.token_ids[-1] = results[seq.seq_id].token_ids[0]
+    def _admit_compiled(self) -> list[RequestDelta]:
+        """[apps] Constrained sequences whose grammar compiled go to the scheduler; a failed compile
+        (the front end checks grammars, so an internal error) ends its request as 'abort'."""
+        assert self.structured is not None
+        ready, failed = self.structured.take_compiled()
+        for seq in ready:
+            self.scheduler.add(seq)
+        deltas = []
+        for seq, error in failed:
+            log.error("grammar compile failed for %s: %s", seq.request_id, error)
+            req = self.requests.pop(seq.request_id, None)
+            if req is None:
+                continue
+            for s in req.seqs:
+                self._finish(s, FinishReason.ABORT)
+            deltas.append(RequestDelta(req.request_id, [CompletionDelta(s.index, [], "", None, "abort", None)
+                                                        for s in req.seqs], True, 0, self._metrics(req)))
+        return deltas
 
     def _retire_if_dead(self) -> None:
         """A step in flight whose sequences all finished: wait for it now and free their blocks,
         so an engine with no requests is idle (nothing in flight, every block free)."""
         step = self._in_flight
         if step is not None and all(item.seq.status == SequenceStatus.FINISHED for item in step.out.scheduled):
-            self._resolve(step)
+            self.scheduler.resolve(step.out, step.handle.results())
             self._in_flight = None
 
-    def _process(self, step: _InFlight) -> None:
-        """The host side of a finished step: hashes, sampled tokens, forks, stop checks."""
-        self._resolve(step)
-        results = step.handle.results()
-        now = time.monotonic()
-        block_size = self.block_manager.block_size
-        for item in step.out.scheduled:
-            seq = item.seq
-            if seq.status == SequenceStatus.FINISHED:
-                continue  # aborted, or finished by the step before
-            # (a preempted sequence holds no blocks; most steps fill no new block)
-            if seq.status == SequenceStatus.RUNNING and seq.num_computed_tokens // block_size > seq.num_hashed_blocks:
-                self._commit(seq)
-            if not item.sample:
-                continue
-            res = results[seq.seq_id]
+    def _update(self, step: _InFlight) -> list[RequestDelta]:
+        """The scheduler applies the step; then the output stage: text, stop strings, deltas."""
+        updates = self.scheduler.update_from_output(step.out, step.handle.results())
+        changed: dict[str, list[CompletionDelta]] = {}
+        stream = self.stream_outputs
+        for update in updates:
+            seq = update.seq
             req = self.requests[seq.request_id]
-            req.changed = self.stream_outputs
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            if res.logprobs is not None:
-                seq.logprobs.append(res.logprobs[0])
-            if len(res.token_ids) == 1:
-                self._generation_tokens_total += 1
-                self._check_stop(seq)
-                continue
-            # n > 1, the first step: every choice's first token. Fork before the parent's stop
-            # check, while it still holds the blocks the children share.
-            children = self._fork(seq, res.token_ids[1:], res.logprobs[1:] if res.logprobs else None, now)
-            for s in [seq, *children]:
-                self._generation_tokens_total += 1
-                self._check_stop(s)
+            if update.forked:
+                req.seqs.append(seq)
+            if self.structured is not None and seq.sampling_params.structured is not None:
+                self.structured.accept(seq, update.token_id)  # [apps] the grammar advance
+            self._text(seq, update)
+            finished = seq.is_finished
+            if finished:
+                self.runner.sampler.forget(seq.seq_id)
+            params = seq.sampling_params
+            if stream:
+                text = seq.output_text[seq.num_text_sent:]
+                seq.num_text_sent = len(seq.output_text)
+                delta = CompletionDelta(seq.index, [update.token_id], text,
+                                        None if params.logprobs is None else [update.logprob],  # type: ignore[list-item]
+                                        seq.finish_reason.value if finished else None,  # type: ignore[union-attr]
+                                        seq.stop_reason if finished else None)
+            else:
+                if params.logprobs is not None:
+                    seq.logprobs.append(update.logprob)  # type: ignore[arg-type]
+                if not finished:
+                    continue
+                delta = CompletionDelta(seq.index, seq.output_token_ids, seq.output_text,
+                                        seq.logprobs if params.logprobs is not None else None,
+                                        seq.finish_reason.value, seq.stop_reason)  # type: ignore[union-attr]
+            changed.setdefault(seq.request_id, []).append(delta)
+        deltas = []
+        for request_id, outputs in changed.items():
+            req = self.requests[request_id]
+            finished = req.finished
+            metrics = None
+            if finished:
+                del self.requests[request_id]
+                metrics = self._metrics(req)
+            if len(outputs) > 1:
+                outputs.sort(key=lambda d: d.index)
+            deltas.append(RequestDelta(request_id, outputs, finished, req.seqs[0].num_cached_tokens, metrics))
+        return deltas
 
-    def _commit(self, seq: Sequence) -> None:
-        """Register the hashes of newly full blocks; they must never cover a placeholder."""
-        first = seq.num_hashed_blocks * self.block_manager.block_size
-        assert PLACEHOLDER_TOKEN_ID not in seq.token_ids[first : seq.num_computed_tokens], seq
-        self.block_manager.commit(seq)
-
-    def _fork(self, parent: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None,
-              now: float) -> list[Sequence]:
-        if not tokens:
-            return []
-        req = self.requests[parent.request_id]
-        children = []
-        for k, token in enumerate(tokens, start=1):
-            child = Sequence(parent.request_id, parent.prompt_token_ids, parent.sampling_params,
-                             index=k, arrival_time=parent.arrival_time)
-            child.token_ids = parent.token_ids[:-1] + [token]
-            child.num_cached_tokens = parent.num_cached_tokens
-            child.first_scheduled_time = parent.first_scheduled_time
-            child.first_token_time = now
-            if logprobs is not None:
-                child.logprobs.append(logprobs[k - 1])
-            if parent.status == SequenceStatus.RUNNING:
-                self.block_manager.fork(parent, child)
-                child.num_computed_tokens = parent.num_computed_tokens
-                self.scheduler.add_running(child)
-            else:  # async: the parent was preempted before its first tokens arrived: recompute
-                self.scheduler.add(child)
-            req.seqs.append(child)
-            children.append(child)
-        return children
-
-    def _check_stop(self, seq: Sequence) -> None:
+    def _text(self, seq: Sequence, update: SequenceUpdate) -> None:
+        """Detokenize the new token; a stop string ends the sequence (as STOP, over a length
+        finish of the same token). NOTE: a stop token's text never reaches the detokenizer."""
+        detok = self.detokenizer
+        if detok is None:
+            return
         params = seq.sampling_params
-        if self.structured is not None:
-            self.structured.accept(seq, seq.token_ids[-1])  # [apps] the grammar advance
-        token = seq.token_ids[-1]
-        num_out = seq.num_output_tokens
-        reason: FinishReason | None = None
-        stop_token = False
-        # Stop tokens first: their text must not reach the output (vLLM semantics), so the
-        # detokenizer never sees them through `update`.
-        if num_out >= params.min_tokens:
-            if token in params.stop_token_ids:
-                reason, seq.stop_reason, stop_token = FinishReason.STOP, token, True
-            elif token in self.eos_token_ids and not params.ignore_eos:
-                reason, stop_token = FinishReason.STOP, True
         stop_str = None
-        if reason is None and self.detokenizer is not None and (self.stream_outputs or params.stop):
-            stop_str = self.detokenizer.update(seq)
-            if stop_str is not None and num_out >= params.min_tokens:
-                reason, seq.stop_reason = FinishReason.STOP, stop_str
-        if reason is None:
-            if params.max_tokens is not None and num_out >= params.max_tokens:
-                reason = FinishReason.LENGTH
-            elif len(seq) >= self.max_model_len:
-                reason = FinishReason.LENGTH
-        if reason is not None:
-            if stop_str is None and self.detokenizer is not None:
-                self.detokenizer.finalize(seq, drop_last_token=stop_token and not params.include_stop_str_in_output)
-            self._finish(seq, reason)
+        if not update.stop_token and (self.stream_outputs or params.stop):
+            stop_str = detok.update(seq)
+            if stop_str is not None and seq.num_output_tokens >= params.min_tokens:
+                if seq.is_finished:
+                    seq.finish_reason = FinishReason.STOP
+                else:
+                    self._finish(seq, FinishReason.STOP)
+                seq.stop_reason = stop_str
+                return
+        if seq.is_finished:
+            detok.finalize(seq, drop_last_token=update.stop_token and not params.include_stop_str_in_output)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status == SequenceStatus.FINISHED:
             return
-        req = self.requests.get(seq.request_id)
-        if req is not None:
-            req.changed = True
-        step = self._in_flight
-        if step is not None and not step.resolved and seq.seq_id in step.seq_ids:
-            # The device may still write its K/V: the blocks go back once that step is done.
-            self.scheduler.finish(seq, reason, free_blocks=False)
-            step.free_after.append(seq)
-        else:
-            self.scheduler.finish(seq, reason)
+        self.scheduler.finish(seq, reason)
         self.runner.sampler.forget(seq.seq_id)
 
-    def _collect_outputs(self) -> list[RequestOutput]:
-        outputs = []
-        done = []
-        for req in self.requests.values():
-            if not req.changed:
-                continue
-            req.changed = False
-            finished = req.finished
-            if finished:
-                req.finished_time = time.monotonic()
-                done.append(req.request_id)
-            outputs.append(self._make_output(req, finished))
-        for request_id in done:
-            del self.requests[request_id]
-        return outputs
-
-    def _make_output(self, req: _Request, finished: bool) -> RequestOutput:
-        seqs = sorted(req.seqs, key=lambda s: s.index)
-        want_logprobs = req.params.logprobs is not None
-        outputs = [
-            CompletionOutput(
-                index=s.index,
-                text=s.output_text,
-                token_ids=s.output_token_ids,
-                finish_reason=s.finish_reason.value if s.finish_reason else None,
-                stop_reason=s.stop_reason,
-                logprobs=list(s.logprobs) if want_logprobs else None,
-            )
-            for s in seqs
-        ]
-        first = seqs[0]
-        metrics = RequestMetrics(
+    @staticmethod
+    def _metrics(req: _Request) -> RequestMetrics:
+        first = min(req.seqs, key=lambda s: s.index)
+        return RequestMetrics(
             arrival_time=req.arrival_time,
             first_scheduled_time=first.first_scheduled_time,
             first_token_time=first.first_token_time,
-            finished_time=req.finished_time,
-            num_preemptions=sum(s.num_preemptions for s in seqs),
+            finished_time=time.monotonic(),
+            num_preemptions=sum(s.num_preemptions for s in req.seqs),
         )
-        return RequestOutput(req.request_id, req.prompt_token_ids, outputs, finished,
-                             num_cached_tokens=first.num_cached_tokens, metrics=metrics)
 
     # ------------------------------------------------------------------ observability
     def stats(self, include_requests: bool = False) -> EngineStats:
@@ -457,18 +355,19 @@ class EngineCore:
                     phase = "waiting" if not seq.is_finished else "finished"
                 snapshots.append(RequestSnapshot(req.request_id, phase, len(req.prompt_token_ids),
                                                  sum(s.num_output_tokens for s in req.seqs), req.arrival_time))
+        sched = self.scheduler
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
             num_kv_blocks_total=usage.num_total,
             num_kv_blocks_used=usage.num_used,
             num_kv_blocks_cached=usage.num_cached_free,
             kv_cache_usage=usage.usage,
             prefix_cache_queries=usage.prefix_queries_tokens,
             prefix_cache_hits=usage.prefix_hits_tokens,
-            num_preemptions=self.scheduler.num_preemptions,
-            prompt_tokens_total=self._prompt_tokens_total,
-            generation_tokens_total=self._generation_tokens_total,
+            num_preemptions=sched.num_preemptions,
+            prompt_tokens_total=sched.prompt_tokens_total,
+            generation_tokens_total=sched.generation_tokens_total,
             num_steps=self._num_steps,
             last_step_time=self._last_step_time,
             requests=snapshots,

@@ -230,10 +230,6 @@ class ModelRunner:
         return caches
 
     # ------------------------------------------------------------------ one step
-    def execute(self, out: SchedulerOutput) -> dict[int, SampleResult]:
-        """Run the scheduled tokens; return seq_id -> sampled tokens for rows that sample."""
-        return self.launch(out).results()
-
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
         """Enqueue the step (copies, forward, sampling) without waiting for the device.
@@ -289,7 +285,7 @@ class ModelRunner:
         hb.width = width = max(len(item.seq.block_table) for item in scheduled)
         for item in scheduled:
             seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
+            start = item.start  # NOTE: the scheduler has already counted this step as computed
             table = seq.block_table
             if n == 1:
                 token = seq.token_ids[start]

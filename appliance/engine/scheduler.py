@@ -1,26 +1,44 @@
-"""Continuous batching: which sequences run this step, and how many tokens each. No torch here.
+"""Continuous batching: which sequences run a step, and what their results do. No torch here.
 
-Every step has a token budget (`max_num_batched_tokens`). Running sequences go first, in arrival
-order: a decode costs one token, an unfinished prefill takes a chunk of what budget is left.
-Then waiting sequences are admitted FCFS while budget, `max_num_seqs` and free blocks allow.
-When a running sequence needs a block and none is free, the newest running sequence is
-preempted (its blocks freed, recomputed later from its tokens): never a crash.
+The scheduler owns both ends of a step (vLLM v1's contract):
+
+- `schedule()`: every step has a token budget (`max_num_batched_tokens`). Running sequences go
+  first, in arrival order: a decode costs one token, an unfinished prefill takes a chunk of what
+  budget is left. Then waiting sequences are admitted FCFS while budget, `max_num_seqs` and free
+  blocks allow. When a running sequence needs a block and none is free, the newest running
+  sequence is preempted (its blocks freed, recomputed later from its tokens): never a crash.
+  The scheduled tokens are counted as computed at once (`ScheduledSequence.start` keeps where
+  the step begins for the model runner).
+- `after_launch(out)`: the async-scheduling hook. Every row that samples gets an output
+  placeholder (`PLACEHOLDER_TOKEN_ID`), so the next `schedule()` can run before the sampled ids
+  reach the host. A no-op in sync mode, where `update_from_output` appends the real ids.
+- `update_from_output(out, sampled)`: the host side of a finished step: real ids in place of
+  placeholders, hashes of blocks that filled (prefix cache), n > 1 forks, stop-token and length
+  checks, finishing. Returns one `SequenceUpdate` per new token for the engine's output stage
+  (detokenization, stop strings, deltas), which may still finish a sequence (`finish`).
+
+NOTE (async): a sequence finished while a step that contains it is still in flight keeps its
+blocks until that step is resolved (`resolve`): the device may still be writing its K/V.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from appliance.engine.block_manager import BlockManager
-from appliance.engine.sequence import FinishReason, Sequence, SequenceStatus
+from appliance.engine.outputs import TokenLogprob
+from appliance.engine.sequence import PLACEHOLDER_TOKEN_ID, FinishReason, Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+    num_new_tokens: int  # tokens computed this step, from `start` on
     sample: bool  # the chunk reaches the last known token: sample the next one
+    start: int = 0  # seq.num_computed_tokens before this step (its first position)
 
 
 @dataclass
@@ -29,10 +47,33 @@ class SchedulerOutput:
     num_batched_tokens: int = 0
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
     preempted: list[Sequence] = field(default_factory=list)
+    # Async scheduling: the step's sequences, and those finished while it was in flight.
+    seq_ids: set[int] = field(default_factory=set)
+    free_after: list[Sequence] = field(default_factory=list)
+    resolved: bool = False  # its sampled ids are in the sequences' token lists
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+class SampledTokens(Protocol):
+    """One row's result (the sampler's SampleResult): n tokens on an n > 1 request's first step."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass(slots=True)
+class SequenceUpdate:
+    """A token a step produced for `seq` (its last token now). `seq.is_finished` tells whether a
+    stop token or a length limit ended it; `stop_token`: its text must not be emitted."""
+
+    seq: Sequence
+    token_id: int
+    logprob: TokenLogprob | None
+    stop_token: bool = False
+    forked: bool = False  # a sequence born this step (n > 1): its request must learn of it
 
 
 class Scheduler:
@@ -44,15 +85,22 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         enable_chunked_prefill: bool = True,
+        eos_token_ids: list[int] | tuple[int, ...] = (),
+        async_scheduling: bool = False,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.async_scheduling = async_scheduling
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # arrival order
         self.num_preemptions = 0
+        self.prompt_tokens_total = 0  # prompt tokens computed (prefix hits excluded), cumulative
+        self.generation_tokens_total = 0
+        self._unresolved: list[SchedulerOutput] = []  # async: launched steps not resolved yet
 
     # ------------------------------------------------------------------ queues
     def add(self, seq: Sequence) -> None:
@@ -67,24 +115,24 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, reason: FinishReason, *, free_blocks: bool = True) -> None:
-        """Mark finished and free its blocks. Safe to call once per sequence, in any state.
-
-        free_blocks=False: the caller frees them later (async scheduling: a step still running
-        on the device writes into them).
-        """
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Mark finished and free its blocks (once no step in flight can write them). Safe to
+        call once per sequence, in any state; a second call does nothing."""
         if seq.status == SequenceStatus.FINISHED:
             return
-        if seq in self.running:
+        if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if free_blocks:
+        in_flight = next((o for o in reversed(self._unresolved) if seq.seq_id in o.seq_ids), None)
+        if in_flight is not None:
+            in_flight.free_after.append(seq)
+        else:
             self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -139,7 +187,23 @@ class Scheduler:
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         out.blocks_to_copy = bm.take_pending_copies()
+        self._advance(out)
         return out
+
+    def _advance(self, out: SchedulerOutput) -> None:
+        """Count the scheduled tokens as computed (the step will compute them)."""
+        now = time.monotonic()
+        for item in out.scheduled:
+            seq = item.seq
+            item.start = old = seq.num_computed_tokens
+            seq.num_computed_tokens = new = old + item.num_new_tokens
+            if old < seq.num_prompt_tokens:
+                self.prompt_tokens_total += min(new, seq.num_prompt_tokens) - old
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        if self.async_scheduling and out.scheduled:
+            out.seq_ids = {item.seq.seq_id for item in out.scheduled}
+            self._unresolved.append(out)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Recompute preemption: drop its K/V, keep its tokens, put it first in line."""
@@ -151,17 +215,114 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
-        """After the forward: advance computed counts, register full blocks, append sampled tokens.
+    # ------------------------------------------------------------------ after the launch
+    def after_launch(self, out: SchedulerOutput) -> None:
+        """The step is on the device (its rows' sample counts are read). Async: give every
+        sampling row a placeholder, and stop scheduling rows whose next token is their last."""
+        for item in out.scheduled:
+            if not item.sample:
+                continue
+            seq = item.seq
+            seq.pending_forks = 0  # its first step draws the n samples; later ones draw one
+            if not self.async_scheduling or seq.status != SequenceStatus.RUNNING:
+                continue
+            seq.token_ids.append(PLACEHOLDER_TOKEN_ID)
+            max_tokens = seq.sampling_params.max_tokens
+            if (max_tokens is not None and seq.num_output_tokens >= max_tokens) or len(seq) >= self.max_model_len:
+                seq.finish_pending = True  # the stop check will end it: schedule no wasted step
 
-        `sampled` maps seq_id -> the token sampled for every scheduled sequence with sample=True.
-        Finishing (EOS, stop strings, lengths) is decided by the engine, which calls `finish`.
-        """
+    def resolve(self, out: SchedulerOutput, sampled: dict[int, SampledTokens]) -> None:
+        """The step is done on the device: free what finished meanwhile, put the sampled ids in
+        the token lists (async: over the placeholders). Idempotent."""
+        if out.resolved:
+            return
+        out.resolved = True
+        if self.async_scheduling and out.seq_ids:
+            self._unresolved.remove(out)
+            for seq in out.free_after:
+                self.block_manager.free(seq)
+            out.free_after.clear()
         for item in out.scheduled:
             seq = item.seq
-            if seq.status != SequenceStatus.RUNNING:
-                continue  # aborted while the step ran
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.commit(seq)
-            if item.sample:
-                seq.append_token(sampled[seq.seq_id])
+            if not item.sample or seq.status == SequenceStatus.FINISHED:
+                continue  # a finished sequence's last step is dropped
+            token = sampled[seq.seq_id].token_ids[0]
+            if self.async_scheduling:
+                assert seq.token_ids[-1] == PLACEHOLDER_TOKEN_ID, seq
+                seq.token_ids[-1] = token
+            else:
+                seq.token_ids.append(token)
+
+    # ------------------------------------------------------------------ update
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, SampledTokens]) -> list[SequenceUpdate]:
+        """Apply a finished step (see the module docstring); returns the new tokens, in order."""
+        self.resolve(out, sampled)
+        bm = self.block_manager
+        block_size = bm.block_size
+        now = time.monotonic()
+        updates: list[SequenceUpdate] = []
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.status == SequenceStatus.FINISHED:
+                continue  # aborted, or finished by the step before
+            written = item.start + item.num_new_tokens
+            # (a preempted sequence holds no blocks; most steps fill no new block)
+            if seq.status == SequenceStatus.RUNNING and written // block_size > seq.num_hashed_blocks:
+                first = seq.num_hashed_blocks * block_size
+                assert PLACEHOLDER_TOKEN_ID not in seq.token_ids[first:written], seq
+                bm.commit(seq, written)
+            if not item.sample:
+                continue
+            res = sampled[seq.seq_id]
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            lead = SequenceUpdate(seq, res.token_ids[0], res.logprobs[0] if res.logprobs else None)
+            batch = [lead]
+            if len(res.token_ids) > 1:
+                # n > 1, the first step: every choice's first token. Fork before the lead's stop
+                # check, while it still holds the blocks the children share.
+                batch += self._fork(seq, res, written, now)
+            for update in batch:
+                self.generation_tokens_total += 1
+                update.stop_token = self._check_stop(update.seq)
+            updates += batch
+        return updates
+
+    def _fork(self, parent: Sequence, res: SampledTokens, written: int, now: float) -> list[SequenceUpdate]:
+        """The n - 1 other choices share the lead's blocks. `written`: positions the step wrote
+        (async: the lead's count already includes the next step's token; the children's not)."""
+        children = []
+        for k, token in enumerate(res.token_ids[1:], start=1):
+            child = Sequence(parent.request_id, parent.prompt_token_ids, parent.sampling_params,
+                             index=k, arrival_time=parent.arrival_time)
+            child.token_ids = parent.token_ids[:-1] + [token]
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.first_scheduled_time = parent.first_scheduled_time
+            child.first_token_time = now
+            child.pending_forks = 0
+            if parent.status == SequenceStatus.RUNNING:
+                self.block_manager.fork(parent, child)
+                child.num_computed_tokens = written
+                self.add_running(child)
+            else:  # async: the parent was preempted before its first tokens arrived: recompute
+                self.add(child)
+            children.append(SequenceUpdate(child, token, res.logprobs[k] if res.logprobs else None, forked=True))
+        return children
+
+    def _check_stop(self, seq: Sequence) -> bool:
+        """Finish on a stop token id, EOS or a length limit; True when a stop token ended it.
+        (Stop strings need text: the engine's output stage checks them.)"""
+        params = seq.sampling_params
+        token = seq.token_ids[-1]
+        num_out = seq.num_output_tokens
+        if num_out >= params.min_tokens:
+            if token in params.stop_token_ids:
+                seq.stop_reason = token
+                self.finish(seq, FinishReason.STOP)
+                return True
+            if token in self.eos_token_ids and not params.ignore_eos:
+                self.finish(seq, FinishReason.STOP)
+                return True
+        if (params.max_tokens is not None and num_out >= params.max_tokens) or len(seq) >= self.max_model_len:
+            self.finish(seq, FinishReason.LENGTH)
+        return False

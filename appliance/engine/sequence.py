@@ -12,8 +12,12 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from appliance.errors import InvalidRequestError
+from appliance.engine.outputs import TokenLogprob
+from appliance.errors import InvalidRequestError, PromptTooLongError
 from appliance.structured.spec import GrammarSpec  # [apps] at runtime: the engine-process codec resolves it
+
+__all__ = ["FinishReason", "PLACEHOLDER_TOKEN_ID", "SamplingParams", "Sequence", "SequenceStatus", "TokenLogprob",
+           "validate_request"]
 
 
 @dataclass
@@ -88,6 +92,25 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, *, vocab_size: int,
+                     max_model_len: int) -> None:
+    """Raise the typed error a client gets (400) when the engine could not run this request.
+
+    The one place for these checks: the front end calls it before anything is sent to the core
+    (a rejected request never reaches it), and the core again on `add_request` (offline use).
+    """
+    params.validate()
+    if not prompt_token_ids:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in prompt_token_ids):
+        raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})", param="prompt")
+    if len(prompt_token_ids) + 1 > max_model_len:
+        raise PromptTooLongError(
+            f"This model's maximum context length is {max_model_len} tokens; the prompt has "
+            f"{len(prompt_token_ids)} tokens, leaving no room for output.", param="messages",
+            code="context_length_exceeded")
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -99,13 +122,6 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or max_model_len
     ABORT = "abort"  # cancelled by the client or the operator
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, logprob), best first; len == SamplingParams.logprobs
 
 
 _seq_ids = itertools.count()
@@ -146,14 +162,17 @@ class Sequence:
         self.num_hashed_blocks = 0  # leading blocks of block_table already hashed (block manager)
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None  # the stop string or token id that matched
-        self.logprobs: list[TokenLogprob] = []
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.num_preemptions = 0
-        # Text state, owned by the detokenizer in llm_engine.
+        # Text state: the detokenizer owns output_text and detok_state; the core's output stage
+        # owns num_text_sent (how much of output_text has gone out in deltas).
         self.output_text = ""
         self.detok_state: object | None = None
+        self.num_text_sent = 0
+        # Kept only when the engine reports finished requests only (offline) and logprobs are asked.
+        self.logprobs: list[TokenLogprob] = []
         # For n > 1: the request's first sequence prefills alone, then is forked.
         self.pending_forks = sampling_params.n - 1 if index == 0 else 0
         # Async scheduling: the token still on the device reaches max_tokens or max_model_len, so
@@ -192,72 +211,3 @@ class Sequence:
             f"Sequence(id={self.seq_id}, req={self.request_id!r}, len={len(self)}, "
             f"computed={self.num_computed_tokens}, status={self.status.value})"
         )
-
-
-@dataclass
-class CompletionOutput:
-    """One of a request's n choices, cumulative (text and token ids since the start)."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
-    stop_reason: str | int | None = None
-    logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass
-class RequestOutput:
-    """What the engine reports for a request after a step in which it changed.
-
-    Outputs are cumulative; `AsyncEngine` consumers compute deltas from the previous output.
-    """
-
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    num_cached_tokens: int = 0
-    metrics: RequestMetrics | None = None
-
-
-@dataclass
-class RequestMetrics:
-    arrival_time: float
-    first_scheduled_time: float | None
-    first_token_time: float | None
-    finished_time: float | None
-    num_preemptions: int = 0
-
-
-@dataclass
-class EngineStats:
-    """A snapshot for /status, /metrics and the dashboard. Plain data, safe to hand across threads."""
-
-    num_running: int
-    num_waiting: int
-    num_kv_blocks_total: int
-    num_kv_blocks_used: int  # referenced by a live sequence
-    num_kv_blocks_cached: int  # free but holding a reusable prefix (evictable)
-    kv_cache_usage: float  # used / total, 0..1
-    prefix_cache_queries: int  # tokens looked up, cumulative
-    prefix_cache_hits: int  # tokens found, cumulative
-    num_preemptions: int  # cumulative
-    prompt_tokens_total: int  # cumulative, prompt tokens computed (excludes prefix hits)
-    generation_tokens_total: int  # cumulative
-    num_steps: int  # cumulative engine steps
-    last_step_time: float  # time.monotonic() of the last finished step (for stall detection)
-    requests: list[RequestSnapshot] = field(default_factory=list)
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-
-
-@dataclass
-class RequestSnapshot:
-    request_id: str
-    phase: str  # "waiting", "prefill", "decode"
-    num_prompt_tokens: int
-    num_output_tokens: int
-    arrival_time: float

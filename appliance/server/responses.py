@@ -1,8 +1,9 @@
-"""OpenAI response bodies built from the engine's cumulative outputs (streamed or whole).
+"""OpenAI response bodies built from the engine's per-step deltas (streamed or whole).
 
-`ChoiceTracker` turns a request's cumulative `RequestOutput`s into per-choice deltas (new text,
-new tokens, new logprobs, the finish reason once) for both kinds of route, so streaming and
-non-streaming responses are built from the same bookkeeping.
+`ChoiceTracker` maps a request's `RequestDelta`s (one engine request per prompt, n choices each)
+to the response's choices: per-choice deltas (new text, new tokens, new logprobs, the finish
+reason once) for both kinds of route, so streaming and non-streaming responses are built from
+the same bookkeeping. NOTE: O(new tokens) per delta: text is kept as pieces, joined once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from appliance.engine.sequence import RequestOutput, TokenLogprob
+from appliance.engine.outputs import RequestDelta, TokenLogprob
 
 
 class TokenTexts:
@@ -75,28 +76,36 @@ class ChoiceDelta:
 
 @dataclass
 class _ChoiceState:
-    text_len: int = 0
     num_tokens: int = 0
-    num_logprobs: int = 0
     started: bool = False
     finish_reason: str | None = None
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # the pieces, joined by `text`
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    keep_text: bool = True
+
+    @property
+    def text(self) -> str:
+        if len(self.texts) > 1:
+            self.texts[:] = ["".join(self.texts)]
+        return self.texts[0] if self.texts else ""
 
 
 class ChoiceTracker:
-    """Per-choice progress of one HTTP request (possibly several prompts × n choices)."""
+    """Per-choice progress of one HTTP request (possibly several prompts × n choices).
 
-    def __init__(self, num_prompts: int, n: int, prompt_lens: list[int]) -> None:
+    keep_text=False (streams that log no text): nothing is kept but counts and finish reasons.
+    """
+
+    def __init__(self, num_prompts: int, n: int, prompt_lens: list[int], *, keep_text: bool = True) -> None:
         self.n = n
         self.prompt_lens = prompt_lens
-        self.choices = [_ChoiceState() for _ in range(num_prompts * n)]
+        self.choices = [_ChoiceState(keep_text=keep_text) for _ in range(num_prompts * n)]
         self.first_token_monotonic: float | None = None
         self.last_token_monotonic: float | None = None
         self.finished_metrics: list[Any] = []
+        self._completion_tokens = 0
 
-    def update(self, prompt_index: int, output: RequestOutput) -> list[ChoiceDelta]:
+    def update(self, prompt_index: int, output: RequestDelta) -> list[ChoiceDelta]:
         deltas = []
         for out in output.outputs:
             index = prompt_index * self.n + out.index
@@ -104,19 +113,20 @@ class ChoiceTracker:
             if state.finish_reason is not None:
                 continue
             text = _cut_text(out.text, out.finish_reason)
-            new_text = text[state.text_len:]
-            new_ids = out.token_ids[state.num_tokens:]
-            new_logprobs = (out.logprobs or [])[state.num_logprobs:]
-            state.text_len = len(text)
-            state.num_tokens = len(out.token_ids)
-            state.num_logprobs = len(out.logprobs or [])
-            state.text = text
-            # NOTE: the engine hands over fresh lists in every output, so keeping references is safe.
-            state.token_ids = out.token_ids
-            state.logprobs = out.logprobs or []
-            if not (new_text or new_ids or out.finish_reason or not state.started):
+            new_logprobs = out.logprobs or []
+            state.num_tokens += len(out.token_ids)
+            self._completion_tokens += len(out.token_ids)
+            if state.keep_text:
+                if text:
+                    state.texts.append(text)
+                if new_logprobs:
+                    state.logprobs += new_logprobs
+            # NOTE: a step whose token has no text yet (a partial character, a held-back stop
+            # prefix) is still a delta: streams send one event per engine step, as vLLM does.
+            if not (text or out.token_ids or out.finish_reason or not state.started):
                 continue
-            deltas.append(ChoiceDelta(index, new_text, new_ids, new_logprobs, out.finish_reason, not state.started))
+            deltas.append(ChoiceDelta(index, text, out.token_ids, new_logprobs, out.finish_reason,
+                                      not state.started))
             state.started = True
             state.finish_reason = out.finish_reason
         if output.finished and output.metrics is not None:
@@ -125,7 +135,7 @@ class ChoiceTracker:
 
     @property
     def completion_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.choices)
+        return self._completion_tokens
 
     @property
     def finish_reasons(self) -> list[str]:

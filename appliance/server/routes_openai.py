@@ -19,7 +19,8 @@ from typing import Any
 from aiohttp import web
 
 from appliance.engine.async_engine import AsyncEngine
-from appliance.engine.sequence import RequestOutput, SamplingParams
+from appliance.engine.outputs import RequestDelta
+from appliance.engine.sequence import SamplingParams
 from appliance.errors import InvalidRequestError
 from appliance.server import schema
 from appliance.server import tools as tool_calls
@@ -46,15 +47,15 @@ _OFFLOAD_BODY_BYTES = 16 * 1024
 
 async def _merged(
     engine: AsyncEngine, request_ids: list[str], prompts: list[list[int]], params: SamplingParams, stream: bool
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, cumulative output) from one engine request per prompt."""
+) -> AsyncIterator[tuple[int, RequestDelta]]:
+    """(prompt index, delta) from one engine request per prompt."""
     final_only = not stream
     if len(request_ids) == 1:
         async with aclosing(engine.generate(request_ids[0], prompts[0], params, final_only=final_only)) as outputs:
             async for output in outputs:
                 yield 0, output
         return
-    queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, RequestDelta | None, BaseException | None]] = asyncio.Queue()
 
     async def pump(index: int) -> None:
         try:
@@ -92,9 +93,12 @@ class _Run:
         self.admission = admission
         self.record: RequestRecord = request[RECORD]
         self.client: str = request[CLIENT]
-        self.tracker = ChoiceTracker(len(parsed.prompts), parsed.params.n, [len(p) for p in parsed.prompts])
+        # A stream keeps no text unless the request log wants it.
+        keep_text = not parsed.stream or request.app[REQUEST_LOG_KEY].log_text
+        self.tracker = ChoiceTracker(len(parsed.prompts), parsed.params.n, [len(p) for p in parsed.prompts],
+                                     keep_text=keep_text)
 
-    def update(self, prompt_index: int, output: RequestOutput) -> list[Any]:
+    def update(self, prompt_index: int, output: RequestDelta) -> list[Any]:
         deltas = self.tracker.update(prompt_index, output)
         new_tokens = sum(len(d.token_ids) for d in deltas)
         if new_tokens:
@@ -203,7 +207,7 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
 
 
 async def _stream(
-    request: web.Request, run: _Run, outputs: AsyncIterator[tuple[int, RequestOutput]], completion_id: str,
+    request: web.Request, run: _Run, outputs: AsyncIterator[tuple[int, RequestDelta]], completion_id: str,
     chat: bool,
 ) -> web.StreamResponse:
     parsed = run.parsed

@@ -6,14 +6,16 @@ role in each choice's first delta and `finish_reason` in its last; with
 carries the usage. An error after the 200 is sent as `data: {"error": {...}}`, which the SDK
 raises as `openai.APIError`.
 
-NOTE: all the chunks produced by one engine step go out in one write.
+NOTE: all the chunks produced by one engine step go out in one write, and every engine step
+that gave a choice new tokens makes an event, text or not (a partial character, a held-back stop
+prefix): clients time tokens by events, as with vLLM. JSON is encoded by msgspec.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from appliance.server.responses import ChoiceDelta, TokenTexts, chat_logprobs, completion_logprobs
@@ -22,8 +24,11 @@ from appliance.server.tools import ToolConfig, ToolStream
 _DONE = b"data: [DONE]\n\n"
 
 
+_encode = msgspec.json.Encoder().encode  # UTF-8 as is (ensure_ascii=False), compact
+
+
 def _event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _encode(payload) + b"\n\n"
 
 
 class SSEWriter:
@@ -82,8 +87,8 @@ class ChatChunks:
                     reason = "tool_calls" if stream.num_calls else d.finish_reason
                     out.append(self._chunk(d.index, {}, None, reason))
                 continue
-            if d.text or d.logprobs or d.finish_reason:
-                delta = {"content": d.text} if (d.text or d.logprobs) else {}
+            if d.text or d.token_ids or d.logprobs or d.finish_reason:
+                delta = {"content": d.text} if (d.text or d.token_ids or d.logprobs) else {}
                 logprobs = chat_logprobs(self._texts, d.logprobs) if self._logprobs and d.logprobs else None
                 out.append(self._chunk(d.index, delta, logprobs, d.finish_reason))
         return out
@@ -130,7 +135,7 @@ class CompletionChunks:
                 logprobs = completion_logprobs(self._texts, d.logprobs, text_offset_start=start,
                                                echo_prompt_ids=echo_ids)
                 self._offsets[d.index] = start + len(text)
-            if not (text or d.finish_reason or logprobs and logprobs["tokens"]):
+            if not (text or d.token_ids or d.finish_reason or logprobs and logprobs["tokens"]):
                 continue
             chunk = {**self._base, "choices": [{"index": d.index, "text": text, "logprobs": logprobs,
                                                 "finish_reason": d.finish_reason}]}

@@ -1,27 +1,48 @@
 """The daemon as systemd sees it: a real `llm-appliance serve` process, a real NOTIFY_SOCKET.
 
-NOTE: the tests share one daemon (starting one costs seconds of CPU) and run in file order; the
-last one sends SIGTERM. Each leaves the daemon ready, as it found it.
+NOTE: the tests share one daemon per engine client (engine.process "inline" and "separate": the
+module's `daemon` fixture is parametrized) and run in file order; the last one sends SIGTERM.
+Each leaves the daemon ready, as it found it. The engine-process kill test starts its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
+import re
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import openai
 import pytest
 
+from appliance.daemon import EX_SOFTWARE
+
+from .conftest import start_daemon
+
 if TYPE_CHECKING:
     from conftest import DaemonProcess  # type: ignore[import-not-found]
 
 OLD_KEY, NEW_KEY = "sk-old-key", "sk-new-key"
+
+
+@pytest.fixture(scope="module", params=["inline", "separate"])
+def daemon(request) -> Iterator[DaemonProcess]:
+    """One daemon per engine client, shared by this module's tests."""
+    workdir = Path(tempfile.mkdtemp(prefix="llma-", dir="/tmp"))
+    d = start_daemon(workdir, ["--set", f"engine.process={request.param}"])
+    yield d
+    d.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def current_key(daemon: DaemonProcess) -> str:
@@ -149,3 +170,57 @@ async def test_sigterm_drains_running_streams_and_exits_0(daemon: DaemonProcess)
     assert all(pieces > 1 for _, pieces in results)
     assert await asyncio.to_thread(daemon.proc.wait, 60) == 0
     assert "exiting with status 0" in daemon.stderr()
+
+
+def test_killing_the_engine_process_under_load_exits_70_at_once(short_tmp: Path) -> None:
+    """SIGKILL to the engine process while streams run: the streams end in an error, /health says
+    503 for as long as it answers, and the daemon logs why and exits 70 (systemd restarts it)."""
+    daemon = start_daemon(short_tmp, ["--set", "engine.process=separate"])
+    try:
+        match = re.search(r"engine process (\d+) ready", daemon.stderr())
+        assert match, daemon.stderr()[-2000:]
+        engine_pid = int(match.group(1))
+        name, key = daemon.model_name(), current_key(daemon)
+        outcomes: list[str] = []
+        flowing = threading.Semaphore(0)
+
+        def stream(i: int) -> None:
+            client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key=key, max_retries=0, timeout=120)
+            chunks = client.completions.create(model=name, prompt=f"Count from {i}:", max_tokens=400, stream=True,
+                                               extra_body={"ignore_eos": True})
+            finish = None
+            try:
+                for k, chunk in enumerate(chunks):
+                    if k == 2:
+                        flowing.release()
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        finish = chunk.choices[0].finish_reason
+                outcomes.append(f"finished: {finish}")
+            except (openai.APIError, ConnectionError) as exc:
+                outcomes.append(f"error: {type(exc).__name__}")
+
+        workers = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+        for w in workers:
+            w.start()
+        for _ in workers:
+            assert flowing.acquire(timeout=120), "the streams did not start"
+        os.kill(engine_pid, signal.SIGKILL)
+        statuses = []
+        while daemon.proc.poll() is None:  # /health until the port closes
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=5)
+                conn.request("GET", "/health")
+                statuses.append(conn.getresponse().status)
+                conn.close()
+            except OSError:
+                break
+        assert daemon.proc.wait(60) == EX_SOFTWARE
+        assert set(statuses) <= {503}, statuses  # never "healthy" once the engine is gone
+        for w in workers:
+            w.join(60)
+        assert len(outcomes) == 4 and all(o.startswith("error") for o in outcomes), outcomes
+        stderr = daemon.stderr()
+        assert (f"engine died: the engine process (pid {engine_pid}) was killed by signal SIGKILL; "
+                f"exiting {EX_SOFTWARE}") in stderr, stderr[-3000:]
+    finally:
+        daemon.stop()

@@ -62,12 +62,19 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 
 def run_to_completion(engine, requests: dict[str, tuple[list[int], object]]) -> dict[str, object]:
-    """Submit every request, step until all finish, return request_id -> final RequestOutput."""
+    """Submit every request, step until all finish, return request_id -> final RequestOutput
+    (the core's deltas merged by the front end's accumulator)."""
+    from appliance.engine.outputs import OutputAccumulator
+
+    accumulators = {}
     for request_id, (ids, params) in requests.items():
         engine.add_request(request_id, ids, params)
+        accumulators[request_id] = OutputAccumulator(request_id, ids, keep_all=True)
     final = {}
     while len(final) < len(requests):
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
+        for delta in engine.step():
+            acc = accumulators[delta.request_id]
+            acc.add(delta)
+            if delta.finished:
+                final[delta.request_id] = acc.output()
     return final

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from appliance.engine.llm_engine import EngineCore
-from appliance.engine.sequence import PLACEHOLDER_TOKEN_ID, RequestOutput, SamplingParams
+from appliance.engine.outputs import OutputAccumulator, RequestOutput
+from appliance.engine.sequence import PLACEHOLDER_TOKEN_ID, SamplingParams
 
 from .conftest import CHAT_PROMPTS, chat_ids, engine_config
 
@@ -52,16 +53,21 @@ def summary(out: RequestOutput) -> list[tuple]:
 def run(engine: EngineCore, requests: Requests, abort_after: dict[str, int] | None = None) -> dict[str, list]:
     """Step until the engine drains; abort request r after abort_after[r] steps. Checks that no
     output ever carries a placeholder and that the engine ends idle with every block free."""
+    accumulators = {}
     for request_id, (ids, params) in requests.items():
         engine.add_request(request_id, ids, params)
+        accumulators[request_id] = OutputAccumulator(request_id, ids, keep_all=True)
     final: dict[str, list] = {}
     steps = 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            for choice in out.outputs:
+        for delta in engine.step():
+            for choice in delta.outputs:
                 assert PLACEHOLDER_TOKEN_ID not in choice.token_ids
-            if out.finished:
-                final[out.request_id] = summary(out)
+                assert len(choice.token_ids) == 1, "one new token per choice per step"
+            acc = accumulators[delta.request_id]
+            acc.add(delta)
+            if delta.finished:
+                final[delta.request_id] = summary(acc.output())
         steps += 1
         for request_id, after in (abort_after or {}).items():
             if steps == after:

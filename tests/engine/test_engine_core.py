@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.engine.llm_engine import EngineCore
+from appliance.engine.outputs import OutputAccumulator
 from appliance.engine.sequence import SamplingParams
 from appliance.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, PromptTooLongError
 
@@ -59,19 +60,21 @@ def test_n_greater_than_one_shares_the_prompt_blocks(engine):
     ids = chat_ids(engine.tokenizer, "Give me a random animal name.")
     params = SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
     engine.add_request("fork", ids, params)
+    acc = OutputAccumulator("fork", ids, keep_all=True)
     while len(engine.requests["fork"].seqs) < 4:
-        engine.step()  # prefill + first tokens, then forks (one step later with async scheduling)
+        for delta in engine.step():  # prefill + first tokens, then forks (one step later with async)
+            acc.add(delta)
     seqs = engine.requests["fork"].seqs
     assert len(seqs) == 4
     full_prompt_blocks = len(ids) // 16
     shared = set(seqs[0].block_table[:full_prompt_blocks])
     for s in seqs[1:]:
         assert set(s.block_table[:full_prompt_blocks]) == shared
-    final = None
-    while final is None:
-        for out in engine.step():
-            if out.request_id == "fork" and out.finished:
-                final = out
+    while not acc.finished:
+        for delta in engine.step():
+            assert delta.request_id == "fork"
+            acc.add(delta)
+    final = acc.output()
     assert [c.index for c in final.outputs] == [0, 1, 2, 3]
     assert all(len(c.token_ids) == 8 for c in final.outputs)
     assert len({tuple(c.token_ids) for c in final.outputs}) > 1, "4 samples at temperature 1 were identical"

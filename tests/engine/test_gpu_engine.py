@@ -46,9 +46,8 @@ def _run(engine: EngineCore) -> dict[str, list[int]]:
                 engine.add_request(request_id, prompt,
                                    SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
             pending = pending[7:]
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
+        for delta in engine.step():
+            done.setdefault(delta.request_id, []).extend(delta.outputs[0].token_ids)
         steps += 1
     return done
 

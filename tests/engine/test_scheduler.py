@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 from appliance.engine.block_manager import BlockManager
 from appliance.engine.scheduler import Scheduler
@@ -19,9 +20,16 @@ def seq(n: int, start: int = 100, rid: str = "r") -> Sequence:
     return Sequence(rid, list(range(start, start + n)), SamplingParams(max_tokens=32))
 
 
+@dataclass
+class Sampled:
+    token_ids: list[int]
+    logprobs: None = None
+
+
 def step(s: Scheduler, token: int = 7):
     out = s.schedule()
-    s.update(out, {item.seq.seq_id: token for item in out.scheduled if item.sample})
+    s.after_launch(out)
+    s.update_from_output(out, {item.seq.seq_id: Sampled([token]) for item in out.scheduled if item.sample})
     return out
 
 

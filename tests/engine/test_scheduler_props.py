@@ -1,6 +1,8 @@
 """Scheduler + block manager properties under random add / step / abort traffic (hypothesis).
 
-The real Scheduler and BlockManager run; the model is simulated without torch. The simulated
+The real Scheduler and BlockManager run, through the production update path (`schedule`,
+`after_launch`, `update_from_output`: forks, stop checks and finishing are the scheduler's own);
+the model is simulated without torch. The simulated
 forward writes each computed token id into a paged "KV cache" (one slot per position, addressed
 through the block table) and then reads the whole prefix back through the table, so a block
 that holds the wrong tokens (a bad prefix hit, a missed copy-on-write, a write into a shared or
@@ -13,6 +15,7 @@ Tiny caches force preemption; every sequence still fits the cache alone, so all 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -55,6 +58,14 @@ def cold_generation(prompt: list[int], choice: int, params: SamplingParams, max_
     return tokens
 
 
+@dataclass
+class Sampled:
+    """What the sampler returns for a row (SampleResult's shape)."""
+
+    token_ids: list[int]
+    logprobs: None = None
+
+
 class SimEngine:
     """EngineCore.step's loop around the real scheduler, with a fake model (see module doc)."""
 
@@ -76,6 +87,7 @@ class SimEngine:
             max_num_batched_tokens=budget,
             max_model_len=self.max_model_len,
             enable_chunked_prefill=chunked_prefill,
+            eos_token_ids=[EOS],
         )
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.requests: dict[str, list[Sequence]] = {}
@@ -106,6 +118,8 @@ class SimEngine:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self, abort_midway: str | None = None) -> SchedulerOutput:
+        """EngineCore.step's production path: schedule → (simulated) launch → after_launch →
+        update_from_output; the scheduler forks, checks stops and finishes."""
         waiting_before = list(self.sched.waiting)
         running_before = list(self.sched.running)
         out = self.sched.schedule()
@@ -113,10 +127,11 @@ class SimEngine:
 
         for src, dst in out.blocks_to_copy:  # before the forward, as the model runner does
             self.kv[dst] = list(self.kv[src])
-        sampled: dict[int, int] = {}
+        sampled: dict[int, Sampled] = {}
         for item in out.scheduled:
             seq, bs = item.seq, self.block_size
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
+            start, end = item.start, item.start + item.num_new_tokens
+            assert seq.num_computed_tokens == end, "schedule() counts the step as computed"
             assert 0 < item.num_new_tokens and end <= len(seq)
             assert item.sample == (end == len(seq))
             assert len(seq.block_table) * bs >= end, "block table too short for the step"
@@ -128,43 +143,27 @@ class SimEngine:
             # Attention reads the whole prefix back through the block table.
             seen = [self.kv[seq.block_table[p // bs]][p % bs] for p in range(end)]
             assert seen == seq.token_ids[:end], f"{seq}: KV cache holds {seen}, tokens {seq.token_ids[:end]}"
-            if item.sample:
-                sampled[seq.seq_id] = next_token(seq.token_ids)
+            if item.sample:  # the lead of an n > 1 request draws every choice's first token
+                sampled[seq.seq_id] = Sampled([next_token(seen, k) for k in range(1 + seq.pending_forks)])
+        self.sched.after_launch(out)
 
         if abort_midway is not None:  # a client disconnect while the forward runs
             self.abort(abort_midway)
-        self.sched.update(out, sampled)
-
-        for item in out.scheduled:
-            seq = item.seq
-            if seq.status != SequenceStatus.RUNNING or not item.sample:
-                continue
-            if seq.num_output_tokens == 1 and seq.num_cached_tokens:
+        for update in self.sched.update_from_output(out, sampled):
+            seq = update.seq
+            if update.forked:
+                self.requests[seq.request_id].append(seq)
+            elif seq.num_output_tokens == 1 and seq.num_cached_tokens:
                 self.num_prefix_hit_tokens += seq.num_cached_tokens
-            for s in [seq, *self._fork(seq)]:
-                if finished(
-                    s.num_output_tokens, len(s), s.token_ids[-1], s.sampling_params, self.max_model_len
-                ):
-                    self.sched.finish(s, FinishReason.LENGTH)
-                    self.done.append(s)
-        for request_id in [r for r, seqs in self.requests.items() if all(s.is_finished for s in seqs)]:
+            if seq.is_finished:
+                assert seq.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+                assert update.stop_token == (seq.finish_reason == FinishReason.STOP)
+                self.done.append(seq)
+        for request_id in [r for r, seqs in self.requests.items() if all(s.is_finished for s in seqs)
+                           and len(seqs) == seqs[0].sampling_params.n]:
             del self.requests[request_id]
         self.num_preempted += len(out.preempted)
         return out
-
-    def _fork(self, parent: Sequence) -> list[Sequence]:
-        """n > 1: after the lead's first token, the other choices share its blocks (EngineCore._fork)."""
-        children = []
-        for k in range(1, parent.pending_forks + 1):
-            child = Sequence(parent.request_id, parent.prompt_token_ids, parent.sampling_params, index=k)
-            child.token_ids = parent.token_ids[:-1] + [next_token(parent.token_ids[:-1], k)]
-            self.bm.fork(parent, child)
-            child.num_computed_tokens = parent.num_computed_tokens
-            self.sched.add_running(child)
-            self.requests[parent.request_id].append(child)
-            children.append(child)
-        parent.pending_forks = 0
-        return children
 
     def _check_schedule(
         self, out: SchedulerOutput, waiting_before: list[Sequence], running_before: list[Sequence]

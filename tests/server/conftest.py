@@ -3,10 +3,13 @@
 The server side (AsyncEngine + apps) lives on an event loop in a background thread, so tests can
 use both the sync and the async `openai` clients against it. One engine is shared by the
 session (model load and warm-up cost seconds); each test builds the app it needs around it.
+Every test that uses it runs twice: with the core on a thread of this process ("inline") and
+in an engine process of its own ("separate"), the two `EngineCoreClient`s.
 
-`GatedCore` wraps the real `EngineCore` with a gate its `step()` waits on: closing the gate
-freezes the engine deterministically (requests admitted but not progressing), which is how the
-queue bound, the concurrency quota and the stall detection are tested exactly.
+The gate freezes the engine deterministically (requests admitted but not progressing), which is
+how the queue bound, the concurrency quota and the stall detection are tested exactly: inline,
+`GatedCore` wraps the real `EngineCore` with an event its `step()` waits on; separate, the
+engine process's test-only stall file (`TEST_STALL_FILE_ENV`) blocks its steps while it exists.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import pytest
 
 from appliance.config import AppConfig, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from appliance.engine.async_engine import AsyncEngine
+from appliance.engine.core_client import TEST_STALL_FILE_ENV, InprocClient
 from appliance.server.app import make_app, start_site
 from appliance.server.state import ServiceState
 
@@ -51,6 +55,7 @@ class GatedCore:
         self.tokenizer = core.tokenizer
         self.model_name = core.model_name
         self.max_model_len = core.max_model_len
+        self.vocab_size = core.vocab_size
         self.gate = threading.Event()
         self.gate.set()
         self.fail_after_steps: int | None = None  # raise in step() once this many more steps ran
@@ -74,6 +79,45 @@ class GatedCore:
 
     def stats(self, include_requests: bool = False) -> Any:
         return self.core.stats(include_requests=include_requests)
+
+
+class FileGate:
+    """The gate of an engine process: its steps block while the stall file exists."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def set(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        self.path.touch()
+
+    def is_set(self) -> bool:
+        return not self.path.exists()
+
+
+def inline_engine(core: Any) -> AsyncEngine:
+    return AsyncEngine(InprocClient(core))
+
+
+async def spawn_engine(config: EngineConfig, stall_file: Path | None = None) -> AsyncEngine:
+    """An AsyncEngine over a real engine process (started); `stall_file` arms its gate."""
+    from appliance.engine.core_process import ProcessClient
+
+    saved = os.environ.get(TEST_STALL_FILE_ENV)
+    if stall_file is not None:
+        os.environ[TEST_STALL_FILE_ENV] = str(stall_file)  # the child reads it once, at start-up
+    try:
+        client = await ProcessClient.spawn(config)
+    finally:
+        if saved is None:
+            os.environ.pop(TEST_STALL_FILE_ENV, None)
+        else:
+            os.environ[TEST_STALL_FILE_ENV] = saved
+    engine = AsyncEngine(client)
+    await engine.start()
+    return engine
 
 
 class ServerLoop:
@@ -139,48 +183,71 @@ def gated_core(default_model_dir: Path) -> GatedCore:
     return GatedCore(core)
 
 
-@pytest.fixture(scope="session")
-def engine(server_loop: ServerLoop, gated_core: GatedCore) -> Iterator[AsyncEngine]:
-    async def start() -> AsyncEngine:
-        eng = AsyncEngine(gated_core)
-        await eng.start()
-        return eng
+@pytest.fixture(scope="session", params=["inline", "separate"])
+def engine_and_gate(request, server_loop: ServerLoop, default_model_dir: Path,
+                    tmp_path_factory) -> Iterator[tuple[AsyncEngine, Any]]:
+    if request.param == "inline":
+        core = request.getfixturevalue("gated_core")
 
-    eng = server_loop.call(start())
-    yield eng
-    gated_core.gate.set()
+        async def start() -> AsyncEngine:
+            eng = inline_engine(core)
+            await eng.start()
+            return eng
+
+        eng, gate = server_loop.call(start()), core.gate
+    else:
+        gate = FileGate(tmp_path_factory.mktemp("gate") / "stall")
+        eng = server_loop.call(spawn_engine(engine_config(default_model_dir), gate.path), timeout_s=600)
+    yield eng, gate
+    gate.set()
     server_loop.call(eng.shutdown())
 
 
+@pytest.fixture(scope="session")
+def engine(engine_and_gate: tuple[AsyncEngine, Any]) -> AsyncEngine:
+    return engine_and_gate[0]
+
+
 @pytest.fixture
-def gate(gated_core: GatedCore) -> Iterator[threading.Event]:
+def gate(engine_and_gate: tuple[AsyncEngine, Any]) -> Iterator[Any]:
     """The shared engine's gate; always reopened after the test."""
-    yield gated_core.gate
-    gated_core.gate.set()
+    gate = engine_and_gate[1]
+    yield gate
+    gate.set()
 
 
 @pytest.fixture
-def serve(server_loop: ServerLoop, engine: AsyncEngine) -> Iterator[Callable[..., Served]]:
-    """serve(config=AppConfig(), engine=shared, state=None) -> Served, torn down after the test."""
+def serve_own(server_loop: ServerLoop) -> Iterator[Callable[..., Served]]:
+    """serve_own(engine, config=AppConfig(), state=None) -> Served: an app around an engine of the
+    test's own (not the shared, parametrized one), torn down after the test."""
     runners = []
 
-    def start(config: AppConfig | None = None, engine_: AsyncEngine | None = None,
-              state: ServiceState | None = None) -> Served:
+    def start(engine: AsyncEngine, config: AppConfig | None = None, state: ServiceState | None = None) -> Served:
         config = config or AppConfig()
-        eng = engine_ or engine
 
         async def up() -> Served:
             st = state or ServiceState("ready")
-            app = make_app(config, eng, st)
+            app = make_app(config, engine, st)
             runner, port = await start_site(app, "127.0.0.1", 0)
             runners.append(runner)
-            return Served(f"http://127.0.0.1:{port}", app, st, eng, config)
+            return Served(f"http://127.0.0.1:{port}", app, st, engine, config)
 
         return server_loop.call(up())
 
     yield start
     for runner in runners:
         server_loop.call(runner.cleanup())
+
+
+@pytest.fixture
+def serve(serve_own: Callable[..., Served], engine: AsyncEngine) -> Iterator[Callable[..., Served]]:
+    """serve(config=AppConfig(), engine=shared, state=None) -> Served, torn down after the test."""
+
+    def start(config: AppConfig | None = None, engine_: AsyncEngine | None = None,
+              state: ServiceState | None = None) -> Served:
+        return serve_own(engine_ or engine, config, state)
+
+    yield start
     # Every test leaves the shared engine idle, with every block back in the pool.
     wait_until(lambda: not engine.stats().num_running and not engine.stats().num_waiting
                and engine.stats().num_kv_blocks_used == 0, what="the shared engine to be idle")

@@ -1,4 +1,5 @@
-"""AsyncEngine on its own: outputs, rejection before the first item, abort on close, stats."""
+"""AsyncEngine on its own (with both clients): deltas, rejection before the first item, abort
+on close, merged deltas for a consumer slower than the engine."""
 
 from __future__ import annotations
 
@@ -12,18 +13,17 @@ from appliance.errors import PromptTooLongError
 from .conftest import MAX_MODEL_LEN, wait_until
 
 
-def test_generate_yields_cumulative_outputs_to_the_end(server_loop, engine):
+def test_generate_yields_one_delta_per_step_to_the_end(server_loop, engine):
     async def run() -> list:
-        outs = []
         params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
-        async for out in engine.generate("ae-1", [1, 2, 3, 4], params):
-            outs.append(out)
-        return outs
+        return [out async for out in engine.generate("ae-1", [1, 2, 3, 4], params)]
 
     outs = server_loop.call(run())
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
-    lengths = [len(o.outputs[0].token_ids) for o in outs]
-    assert lengths == sorted(lengths) and lengths[-1] == 5
+    assert all(not o.finished for o in outs[:-1]) and outs[-1].metrics is not None
+    tokens = [t for o in outs for t in o.outputs[0].token_ids]
+    assert len(tokens) == 5  # deltas: every token exactly once
+    assert all(len(o.outputs[0].token_ids) >= 1 for o in outs)
     assert engine.is_progressing(60.0) and not engine.dead
 
 
@@ -39,9 +39,11 @@ def test_engine_rejection_raises_before_the_first_item(server_loop, engine):
 def test_closing_the_iterator_aborts(server_loop, engine):
     async def run() -> int:
         params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+        seen = 0
         async with aclosing(engine.generate("ae-3", list(range(10, 60)), params)) as outputs:
             async for out in outputs:
-                if len(out.outputs[0].token_ids) >= 2:
+                seen += len(out.outputs[0].token_ids)
+                if seen >= 2:
                     return engine.stats().num_kv_blocks_used
         raise AssertionError("unreachable")
 
@@ -51,23 +53,35 @@ def test_closing_the_iterator_aborts(server_loop, engine):
                what="blocks to return to the pool")
 
 
-def test_paced_and_final_only_deliveries_lose_nothing(server_loop, engine):
-    """Skipped intermediate outputs are cumulative, so the consumer still sees every token."""
+def test_a_slow_consumer_gets_the_missed_steps_merged_and_final_only_one_delta(server_loop, engine):
+    """Deltas are never dropped: a consumer that did not read while the engine ran gets every
+    token it missed in its next delta; final_only gets everything in one."""
 
-    async def run(final_only: bool) -> list:
+    async def slow() -> list:
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-        return [out async for out in engine.generate(f"ae-pace-{final_only}", [5, 6, 7, 8], params,
-                                                     final_only=final_only)]
+        outs = []
+        async with aclosing(engine.generate("ae-slow", [5, 6, 7, 8], params)) as outputs:
+            async for out in outputs:
+                outs.append(out)
+                if len(outs) == 1:  # stop reading until the engine has finished the request
+                    await wait_idle()
+        return outs
 
-    budget = engine.delivery_budget_s
-    engine.delivery_budget_s = 60.0  # one stream: at most one intermediate delivery a minute
-    try:
-        paced = server_loop.call(run(False))
-    finally:
-        engine.delivery_budget_s = budget
-    final_only = server_loop.call(run(True))
-    for outs in (paced, final_only):
-        assert len(outs) == 2  # the first output, then the final one
-        assert len(outs[0].outputs[0].token_ids) == 1 and outs[1].finished
-        assert len(outs[1].outputs[0].token_ids) == 6
-    assert paced[1].outputs[0].token_ids == final_only[1].outputs[0].token_ids  # greedy: the same tokens
+    async def wait_idle() -> None:
+        import asyncio
+
+        while engine.stats().num_running or engine.stats().num_waiting:
+            await asyncio.sleep(0.01)
+
+    async def final_only() -> list:
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        return [out async for out in engine.generate("ae-final", [5, 6, 7, 8], params, final_only=True)]
+
+    outs = server_loop.call(slow())
+    # Everything after the first read comes merged in one more delta (none when the engine was
+    # done before the first read).
+    assert len(outs) <= 2 and outs[-1].finished
+    tokens = [t for out in outs for t in out.outputs[0].token_ids]
+    assert len(tokens) == 6
+    whole = server_loop.call(final_only())
+    assert len(whole) == 1 and whole[0].finished and whole[0].outputs[0].token_ids == tokens  # greedy: same

@@ -11,7 +11,7 @@ from appliance.config import AppConfig, ClientConfig, ServerConfig
 from appliance.engine.async_engine import AsyncEngine
 from appliance.server.state import ServiceState
 
-from .conftest import MAX_MODEL_LEN, MODEL, GatedCore, engine_config, http_request, wait_until
+from .conftest import MAX_MODEL_LEN, MODEL, GatedCore, engine_config, http_request, inline_engine, wait_until
 
 USER = [{"role": "user", "content": "Hello"}]
 
@@ -176,7 +176,7 @@ def doomed(server_loop, default_model_dir):
     core = GatedCore(EngineCore(engine_config(default_model_dir, kv_bytes=16 << 20)))
 
     async def start() -> AsyncEngine:
-        eng = AsyncEngine(core)
+        eng = inline_engine(core)
         await eng.start()
         return eng
 
@@ -185,9 +185,9 @@ def doomed(server_loop, default_model_dir):
     server_loop.call(eng.shutdown())
 
 
-def test_500_engine_failure_mid_stream_and_after(serve, doomed, server_loop):
+def test_500_engine_failure_mid_stream_and_after(serve_own, doomed, server_loop):
     core, eng = doomed
-    served = serve(engine_=eng)
+    served = serve_own(eng)
     client = served.client()
     assert client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).choices  # healthy
     core.fail_after_steps = 4  # prefill + a few decode steps, then the engine dies
