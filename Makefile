@@ -26,8 +26,10 @@ run: model
 test: model
 	$(BIN)/pytest -q -ra tests
 
+# ruff, then the layering contracts of docs/ARCHITECTURE.md (import-linter, pyproject.toml).
 lint: setup
 	$(BIN)/ruff check appliance kernels bench tests
+	$(BIN)/lint-imports
 
 deb:
 	bash packaging/build-deb.sh
