@@ -63,6 +63,17 @@ DUMMY_CONFIGS: dict[str, dict[str, Any]] = {
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
         "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
     },
+    "gemma3-270m": {  # Gemma 3 270M's shape: 5 local (512-token window) to 1 global layer, head_dim 256
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "sliding_window": 512,
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)],
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+        "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": [1, 106],
+        "hidden_activation": "gelu_pytorch_tanh",
+    },
     "tiny-qwen2": {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
         "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -1,7 +1,8 @@
 """The models on a GPU (Triton kernels in every layer). Skipped without CUDA.
 
-- A tiny model gives the same logits on CUDA (Triton norm/rotary/SiLU/attention) as on CPU
-  (torch references) with the same weights, through a mixed prefill + decode batch.
+- A tiny model (and the Gemma 3 270M shape) gives the same logits on CUDA (Triton
+  norm/rotary/activation/attention) as on CPU (torch references) with the same weights, through a
+  mixed prefill + decode batch.
 - The 8B Llama-3.1 shape with dummy bf16 weights builds on the GPU and agrees with HF
   transformers (sharing our weight storage, no copy) on the last-token logits.
 """
@@ -48,13 +49,14 @@ def _batch(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, pro
     return ids.to(device), torch.tensor(positions, device=device), caches, meta
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "gemma3-270m"])
 def test_cuda_matches_cpu(name: str) -> None:
     cpu = load_model(ModelConfig(model=name, load_format="dummy", seed=3), torch.device("cpu"), torch.float32)
     cuda = torch.device("cuda")
     gpu = load_model(ModelConfig(model=name, load_format="dummy"), cuda, torch.float32)
     gpu.load_weights(cpu.hf_state_dict().items())
-    lens = [1, 7, 33, 64]
+    # Gemma 3 (head_dim 256, GeGLU, sliding layers): one prompt past its 512-token window.
+    lens = [1, 7, 33, 64] + ([700] if name.startswith("gemma3") else [])
     with torch.no_grad():
         want = cpu.compute_logits(cpu(*_batch(cpu, torch.device("cpu"), torch.float32, lens)))
         got = gpu.compute_logits(gpu(*_batch(gpu, cuda, torch.float32, lens))).cpu()
