@@ -11,7 +11,11 @@ rate. For chunked prefill of long prompts this kernel:
   of the sliding window (masked), keys every row sees (no mask at all: the bulk of a long
   context), and the diagonal, where causality cuts through the tile (masked). Only the first and
   last cost mask work, a few tiles per program;
-- reads the block table once per key tile (one gather of block ids), like the mixed kernel.
+- reads the block table once per key tile (one gather of block ids), like the mixed kernel;
+- launches the heaviest programs first: the grid is (kv head, sequence, query tile) with the
+  query tiles in reverse, so the last tiles of a long causal chunk (which see the most keys) start
+  in the first wave instead of trailing alone in the last, and the programs running together
+  share their heads' K/V in L2.
 
 Not used: TMA descriptors. A paged cache's key tile is a gather of `block_size`-row pages, and
 Hopper's TMA loads boxes from one tensor map (its row gather is Blackwell's). A 16-row box per
@@ -109,7 +113,7 @@ def _prefill_attention_kernel(
     stride_o_t,
     stride_o_h,
     stride_bt,
-    seq_offset,  # program_id(0) + seq_offset = the sequence
+    seq_offset,  # program_id(1) + seq_offset = the sequence
     window,  # SLIDING: keys per query, itself included
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -124,9 +128,9 @@ def _prefill_attention_kernel(
     IS_FP8: tl.constexpr,
     SLIDING: tl.constexpr,
 ):
-    seq = tl.program_id(0) + seq_offset
-    q_tile = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1) + seq_offset
+    q_tile = tl.num_programs(2) - 1 - tl.program_id(2)  # heaviest (last) tiles first
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     tile_first = q_tile * BLOCK_Q
@@ -211,7 +215,7 @@ def launch_prefill(
     block_m = max(16, block_q * group_pad)
     block_n = tile["block_n"] if head_dim <= 128 else max(16, tile["block_n"] // 2)
     scale_log2 = float(scale) * float(k_scale) * 1.4426950408889634
-    grid = (seq_end - seq_start, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    grid = (num_kv_heads, seq_end - seq_start, triton.cdiv(max_query_len, block_q))
     _prefill_attention_kernel[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale_log2, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), seq_start,
