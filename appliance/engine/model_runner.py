@@ -134,6 +134,14 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.cache.block_size
         self.max_model_len = max_model_len
+        max_positions = getattr(model, "max_positions", None)
+        if max_positions is not None and max_model_len > max_positions:
+            from appliance.errors import ConfigError
+
+            # Past its rope table a position would read another row's cos/sin: refuse, never guess.
+            raise ConfigError(f"engine.max_model_len = {max_model_len} exceeds the {max_positions} positions this "
+                              "model's rope scaling covers (max_position_embeddings, or the YaRN / dynamic NTK "
+                              "extension); lower it")
         self.max_blocks_per_seq = (max_model_len + self.block_size - 1) // self.block_size
         self.sampler = Sampler(model.vocab_size, eos_token_ids)
         self.num_kv_blocks = self._decide_num_blocks()

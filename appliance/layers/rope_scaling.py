@@ -27,9 +27,15 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longr
 
 
 def table_positions(max_position_embeddings: int, params: dict[str, Any]) -> int:
-    """Rows of the cos/sin table: the model's limit, or what dynamic NTK stretches it to."""
-    if params["rope_type"] == "dynamic":
+    """Rows of the cos/sin table: the model's limit, or what the rule stretches it to. Dynamic NTK
+    multiplies max_position_embeddings by `factor`; YaRN reaches original_max_position_embeddings x
+    `factor` (Qwen2.5 keeps max_position_embeddings 32768 in config.json and enables 128k by adding
+    a YaRN factor of 4)."""
+    rope_type = params["rope_type"]
+    if rope_type == "dynamic":
         return int(max_position_embeddings * float(params["factor"]))
+    if rope_type == "yarn" and params.get("factor") is not None:
+        return max(max_position_embeddings, int(params["original_max_position_embeddings"] * float(params["factor"])))
     return max_position_embeddings
 
 

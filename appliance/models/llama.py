@@ -11,6 +11,7 @@ Model contract (the model runner relies on it):
 kv_caches[i] = (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim].
     sliding_windows: list[int | None], one per layer (None: full attention); the block manager
         frees blocks that fall out of every layer's window.
+    max_positions: positions the rope tables cover (the longest sequence the model can take).
 
 Sliding windows (Mistral v0.1, Qwen2/3 with use_sliding_window) come from `sliding_windows`.
 """
@@ -173,6 +174,8 @@ class LlamaForCausalLM(nn.Module):
         self.head_dim: int = attn.head_dim
         self.vocab_size: int = hf_config.vocab_size
         self.sliding_windows: list[int | None] = [layer.self_attn.attn.sliding_window for layer in self.model.layers]
+        # The most positions the rope tables cover: max_model_len may not exceed it.
+        self.max_positions: int = min(m.max_positions for m in self.modules() if isinstance(m, RotaryEmbedding))
 
     @classmethod
     def build_decoder(cls, hf_config: Any) -> nn.Module:
