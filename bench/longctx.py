@@ -143,6 +143,16 @@ def _decode_case(num_seqs: int, ctx: int, window: int | None, device: torch.devi
            "rel_err": err}
     print(f"decode B={num_seqs:3d} ctx={ctx:6d} window={window} splits={splits}: {us:9.1f} us "
           f"{row['tb_s']:5.2f} TB/s ({row['of_copy']:.0%} of copy) err {err:.1e}", flush=True)
+    # Few long rows: would more partitions than choose_num_splits allows (_MAX_SPLITS) read faster?
+    row["splits_sweep"] = {}
+    for num_splits in (4, 16, 32, 64) if num_seqs <= 8 and device.type == "cuda" else ():
+        run_n = functools.partial(attention.paged_attention_with_splits, *args, scale, max_query_len=1,
+                                  num_splits=num_splits, sliding_window=window)
+        err_n = _rel_err(run_n(), want)
+        us_n = _time_us(run_n, device)
+        row["splits_sweep"][num_splits] = {"us": us_n, "tb_s": kv_bytes / us_n / 1e6, "rel_err": err_n}
+        print(f"    num_splits={num_splits:3d}: {us_n:9.1f} us {kv_bytes / us_n / 1e6:5.2f} TB/s err {err_n:.1e}",
+              flush=True)
     return row
 
 
