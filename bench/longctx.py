@@ -236,17 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the long-context benchmark needs a CUDA GPU (or --smoke on CPU)")
     device = torch.device("cpu" if args.smoke else "cuda")
     payload: dict[str, Any] = {"benchmark": "long context (issue 13)"}
+    kind = "longctx" + ("-smoke" if args.smoke else "") + ("" if args.phase == "all" else f"-{args.phase}")
     if args.phase in ("kernels", "all"):
         matmul = 1e12 if args.smoke else measure_matmul_flops_per_s(device)
         copy = 1e9 if args.smoke else measure_copy_bytes_per_s(device)
         payload["ceilings"] = {"matmul_tflop_s": matmul / 1e12, "copy_tb_s": copy / 1e12}
         print(f"ceilings: bf16 matmul {matmul / 1e12:.0f} TFLOP/s, copy {copy / 1e12:.2f} TB/s", flush=True)
+        # NOTE: the JSON is rewritten after each phase: a run cut short still returns its numbers.
         payload["prefill"] = bench_prefill(device, args.smoke, matmul)
+        write_result(payload, kind, args.results_dir)
         payload["decode"] = bench_decode(device, args.smoke, copy)
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        write_result(payload, kind, args.results_dir)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if args.phase in ("engine", "all"):
         payload["engine"] = bench_engine(args.smoke)
-    kind = "longctx" + ("-smoke" if args.smoke else "") + ("" if args.phase == "all" else f"-{args.phase}")
     print("wrote", write_result(payload, kind, args.results_dir))
     return 0
 
