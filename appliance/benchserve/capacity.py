@@ -89,4 +89,5 @@ def answer_line(result: dict[str, Any], slos: Sequence[Slo], workload: str) -> s
         return (f"does not meet {limits} even at {failing:.3g} req/s ({workload})")
     bound = f", not at {failing:.3g}" if failing is not None else ""
     prefix = "serves at least" if result["status"] == "at_least_max_rate" else "serves"
-    return f"{prefix} {rate:.3g} req/s with {limits} at these lengths ({workload}){bound}"
+    note = " (probe budget spent before the bracket narrowed)" if result["status"] == "probe_budget_spent" else ""
+    return f"{prefix} {rate:.3g} req/s with {limits} at these lengths ({workload}){bound}{note}"
