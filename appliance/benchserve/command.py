@@ -124,6 +124,14 @@ class Bench:
             raise ValueError("--capacity needs at least one --slo (e.g. --slo p99-ttft:500,p99-itl:50)")
         if args.workload == "chat" and args.endpoint != "chat":
             raise ValueError("the chat workload sends conversations: use --endpoint chat")
+        if args.rate is not None and args.rates:
+            raise ValueError("give --rate or --rates, not both")
+        if args.capacity and (args.rate is not None or args.rates or args.concurrency):
+            raise ValueError("--capacity chooses the rates itself: drop --rate/--rates/--concurrency")
+        if args.prefix_len and args.workload != "shared-prefix":
+            raise ValueError("--prefix-len is for --workload shared-prefix")
+        if args.dataset and args.workload != "chat":
+            raise ValueError("--dataset is for --workload chat")
         self.points = load_points(args)
         output_default = None if args.workload == "chat" else "256"
         output = args.output_len or output_default
