@@ -27,9 +27,10 @@ OUR_ARGS[rate24]="--rate 24 --input-len 512 --output-len 256 --num-prompts 960 -
 VLLM_ARGS[c1]="--max-concurrency 1 --random-input-len 256 --random-output-len 128 --num-prompts 16"
 OUR_ARGS[c1]="--concurrency 1 --input-len 256 --output-len 128 --num-prompts 16"
 
+# Our client sends the body vLLM's does (its completions client adds repetition_penalty 1.0).
 ours() {  # workload round
   PYTHONPATH=$OURPP python3 -m appliance.cli bench serve --base-url "http://127.0.0.1:$P" --model m \
-    --tokenizer "$TOK" --ignore-eos ${OUR_ARGS[$1]} --result-dir "$O" --result-name "$1_ours_r$2_$L" \
+    --tokenizer "$TOK" --ignore-eos --extra-body '{"repetition_penalty": 1.0}' ${OUR_ARGS[$1]} --result-dir "$O" --result-name "$1_ours_r$2_$L" \
     --no-plots --no-progress >"$O/$1_ours_r$2_$L.log" 2>&1
   grep -E "^rate|^concurrency" "$O/$1_ours_r$2_$L.log" | sed "s/^/$1 ours r$2: /"
 }
