@@ -26,12 +26,16 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])  # the kernels take [T, H]; q/k norms pass [T, heads, D]
+        scale = self.kernel_weight()
         if residual is None:
-            normed, _ = dispatch.rms_norm(x2d, self.weight, self.eps)
+            normed, _ = dispatch.rms_norm(x2d, scale, self.eps)
             return normed.view(shape)
-        normed, summed = dispatch.rms_norm(x2d, self.weight, self.eps, residual.reshape(-1, shape[-1]))
+        normed, summed = dispatch.rms_norm(x2d, scale, self.eps, residual.reshape(-1, shape[-1]))
         assert summed is not None
         return normed.view(shape), summed.view(shape)
+
+    def kernel_weight(self) -> torch.Tensor:  # [H]: what the normalized rows are multiplied by
+        return self.weight
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -47,15 +51,5 @@ class GemmaRMSNorm(RMSNorm):
         with torch.no_grad():
             self.weight.zero_()
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1])
-        scale = 1.0 + self.weight.float()
-        if residual is None:
-            normed, _ = dispatch.rms_norm(x2d, scale, self.eps)
-            return normed.view(shape)
-        normed, summed = dispatch.rms_norm(x2d, scale, self.eps, residual.reshape(-1, shape[-1]))
-        assert summed is not None
-        return normed.view(shape), summed.view(shape)
+    def kernel_weight(self) -> torch.Tensor:
+        return 1.0 + self.weight.float()
