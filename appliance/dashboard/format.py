@@ -40,11 +40,12 @@ def size(num_bytes: float | None) -> str:
     if num_bytes is None:
         return NA
     value = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
+    for unit in ("B", "KiB", "MiB"):
         if value < 1024:
-            return f"{value:.0f} {unit}" if unit in ("B", "KiB") or value >= 100 else f"{value:.1f} {unit}"
+            return f"{value:.0f} {unit}" if unit != "MiB" or value >= 100 else f"{value:.1f} {unit}"
         value /= 1024
-    return f"{value:.1f} TiB"
+    # GiB keep a decimal: 79.6 of 80 GiB is a different story from 79.0.
+    return f"{value:.1f} GiB" if value < 1024 else f"{value / 1024:.1f} TiB"
 
 
 def percent(ratio_or_percent: float | None, *, ratio: bool = False) -> str:

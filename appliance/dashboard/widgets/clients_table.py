@@ -7,6 +7,7 @@ from textual.reactive import reactive
 from textual.widgets import DataTable
 
 from appliance.dashboard import format as fmt
+from appliance.dashboard.widgets.panel import ALARM
 from appliance.status import ClientUsage, StatusSnapshot
 
 COLUMNS = (("CLIENT", "name"), ("REQS", "requests"), ("429", "rejected"), ("TOKENS", "tokens"),
@@ -17,7 +18,7 @@ def quota(used: int, limit: int) -> Text:
     """`used/limit` (bold past 90% of the limit), or just `used` when unlimited."""
     if not limit:
         return Text(fmt.count(used), justify="right")
-    style = "bold red" if used >= 0.9 * limit else ""
+    style = ALARM if used >= 0.9 * limit else ""
     return Text(f"{fmt.count(used)}/{fmt.count(limit)}", style=style, justify="right")
 
 

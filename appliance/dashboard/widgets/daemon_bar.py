@@ -7,7 +7,7 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 
 from appliance.dashboard import format as fmt
-from appliance.dashboard.widgets.panel import StatusPanel
+from appliance.dashboard.widgets.panel import ALARM, StatusPanel
 from appliance.status import StatusSnapshot
 
 PHASE_STYLES = {"ready": "bold green", "draining": "bold yellow", "loading": "bold cyan",
@@ -30,7 +30,7 @@ class DaemonBar(StatusPanel):
 
     def render_status(self, status: StatusSnapshot | None) -> RenderableType:
         if status is None:
-            return Group(Text.assemble(("● DISCONNECTED", "bold red"), ("  llm-appliance", "dim")),
+            return Group(Text.assemble(("● DISCONNECTED", ALARM), ("  llm-appliance", "dim")),
                          Text.assemble(("socket ", "dim"), self.socket_path))
         phase = status.phase.upper()
         engine = status.engine
@@ -40,7 +40,7 @@ class DaemonBar(StatusPanel):
         elif engine is not None and not engine.progressing:
             health = "  ENGINE STALLED"
         line1 = Text.assemble(
-            (f"● {phase}", PHASE_STYLES.get(status.phase, "bold")), (health, "bold red"),
+            (f"● {phase}", PHASE_STYLES.get(status.phase, "bold")), (health, ALARM if health else ""),
             "  ", (status.model or "(loading)", "bold"),
             ("  up ", "dim"), fmt.duration(status.uptime_s),
             ("  in flight ", "dim"), str(status.inflight),

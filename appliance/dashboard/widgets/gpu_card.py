@@ -10,7 +10,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from appliance.dashboard import format as fmt
-from appliance.dashboard.widgets.panel import bar
+from appliance.dashboard.widgets.panel import ALARM, WARN, bar
 from appliance.status import GpuReading
 
 _CARD_CSS = """
@@ -51,20 +51,20 @@ def gpu_card_lines(g: GpuReading, width: int, lines: int = 4) -> list[Text]:
              else fmt.unit(g.power_w, "W"))
     hot = g.temperature_c is not None and g.temperature_c >= 85
     temp_power = Text.assemble(
-        ("temp ", "dim"), (fmt.unit(g.temperature_c, "°C"), "bold red" if hot else ""),
-        ("  power ", "dim"), (power, "bold yellow" if power_ratio and power_ratio >= 0.95 else ""))
+        ("temp ", "dim"), (fmt.unit(g.temperature_c, "°C"), ALARM if hot else ""),
+        ("  power ", "dim"), (power, WARN if power_ratio and power_ratio >= 0.95 else ""))
     clocks = Text.assemble(("SM ", "dim"), _clock(g.sm_clock_mhz, g.sm_clock_max_mhz),
                            ("  mem ", "dim"), _clock(g.memory_clock_mhz, g.memory_clock_max_mhz))
     ecc = Text.assemble(("ECC ", "dim"),
                         (f"{fmt.count(g.ecc_errors_corrected)} corr {fmt.count(g.ecc_errors_uncorrected)} uncorr",
-                         "bold red" if g.ecc_errors_uncorrected else ""))
+                         ALARM if g.ecc_errors_uncorrected else ""))
     if g.throttle_reasons is None:
         throttle = fmt.NA
     else:
         slowdowns = [r for r in g.throttle_reasons if r != "idle"]
         throttle = ", ".join(slowdowns) if slowdowns else ("idle" if g.throttle_reasons else "none")
     throttle_text = Text.assemble(("throttle ", "dim"),
-                                  (throttle, "" if throttle in ("none", "idle", fmt.NA) else "bold yellow"))
+                                  (throttle, "" if throttle in ("none", "idle", fmt.NA) else WARN))
     if g.processes is None:
         procs = fmt.NA
     elif not g.processes:

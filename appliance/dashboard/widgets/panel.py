@@ -10,6 +10,10 @@ from textual.widgets import Static
 from appliance.status import StatusSnapshot
 
 DASH = "—"  # no daemon data (disconnected, or the engine is still loading)
+# A figure that needs the operator: white on red, so it still stands out under NO_COLOR (where
+# Textual turns colours to greys and red text alone would fade).
+ALARM = "bold white on red"
+WARN = "bold yellow"
 
 
 def bar(fraction: float | None, width: int) -> Text:

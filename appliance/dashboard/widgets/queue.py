@@ -6,7 +6,7 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 
 from appliance.dashboard import format as fmt
-from appliance.dashboard.widgets.panel import DASH, StatusPanel, row
+from appliance.dashboard.widgets.panel import ALARM, DASH, StatusPanel, row
 from appliance.status import StatusSnapshot
 
 
@@ -14,16 +14,17 @@ class QueuePanel(StatusPanel):
     TITLE = "Queue"
 
     def render_status(self, status: StatusSnapshot | None) -> RenderableType:
-        labels = ("running", "waiting", "queued", "429s")
+        labels = ("running", "waiting", "queued", "429/1m")
         if status is None or status.engine is None:
             return Group(*(row(label, DASH, 8) for label in labels))
         q = status.queue
-        rejected_style = "bold red" if q.rejected_last_minute else ""
+        rejected_style = ALARM if q.rejected_last_minute else ""
         lines = [
             row("running", Text(fmt.count(q.running), style="bold"), 8),
             row("waiting", fmt.count(q.waiting), 8),
             row("queued", fmt.count(q.admission_queued), 8),
-            row("429s", Text.assemble(fmt.count(q.rejected_total),
-                                      (f" {fmt.count(q.rejected_last_minute)}/min", rejected_style)), 8),
+            row("429/1m", Text(fmt.count(q.rejected_last_minute), style=rejected_style), 8),
         ]
+        if self.content_region.height >= 5:
+            lines.append(row("429s", fmt.count(q.rejected_total), 8))
         return Group(*lines)

@@ -51,7 +51,8 @@ class RequestsTable(DataTable[str | Text]):
             self.remove_row(key)
         existing = set(self.request_ids())
         # Narrow terminals see the start of each id (c cancels by the full id, the row's key).
-        id_width = 40 if self.size.width >= 90 else 20
+        # The other columns and the cell padding take ~50 cells; ids are 41 ("chatcmpl-" + 32 hex).
+        id_width = min(max(self.size.width - 50, 13), 41)
         for r in rows:
             cells = _cells(r, id_width)
             if r.id in existing:
@@ -59,6 +60,9 @@ class RequestsTable(DataTable[str | Text]):
                     self.update_cell(r.id, column, value)
             else:
                 self.add_row(*cells, key=r.id)
+
+    def on_resize(self) -> None:
+        self.watch_requests(self.requests)  # ids as wide as the new width allows
 
     def request_ids(self) -> list[str]:
         return [key.value for key in self.rows if key.value is not None]
