@@ -219,3 +219,18 @@ def test_a_dead_engine_fails_its_request_and_exits_non_zero(daemon: DaemonProces
     assert daemon.proc.wait(60) == EX_SOFTWARE
     assert "engine died" in daemon.stderr()
     assert not os.path.exists(daemon.control_socket)
+
+
+def test_latency_quantiles_interpolate_inside_histogram_buckets() -> None:
+    """The control socket's p50/p99 come from /metrics histogram buckets (as histogram_quantile)."""
+    from appliance.server.control_history import bucket_delta, quantile
+
+    inf = float("inf")
+    buckets = ((0.1, 0.0), (0.5, 50.0), (1.0, 100.0), (inf, 100.0))
+    assert quantile(0.5, buckets) == 0.5
+    assert quantile(0.99, buckets) == pytest.approx(0.99)
+    assert quantile(0.5, ((1.0, 0.0), (inf, 10.0))) == 1.0  # beyond the last bound: that bound
+    assert quantile(0.5, ((1.0, 0.0), (inf, 0.0))) is None and quantile(0.5, ()) is None
+    # A window is a difference of cumulative counts: only what happened inside it.
+    later = ((0.1, 5.0), (0.5, 55.0), (1.0, 105.0), (inf, 105.0))
+    assert bucket_delta(later, buckets) == ((0.1, 5.0), (0.5, 5.0), (1.0, 5.0), (inf, 5.0))
