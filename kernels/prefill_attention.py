@@ -20,8 +20,8 @@ rate. For chunked prefill of long prompts this kernel:
 Not used: TMA descriptors. A paged cache's key tile is a gather of `block_size`-row pages, and
 Hopper's TMA loads boxes from one tensor map (its row gather is Blackwell's). A 16-row box per
 page would make 4 loads and an in-register concat per 64-key tile; plain loads with pipelining
-are the first thing to measure (bench/longctx.py). Warp specialization likewise waits for a
-measurement of this one.
+are the first thing to measure (bench/longctx.py). Triton's automatic warp specialization
+(`tl.range(..., warp_specialize=True)`) is Blackwell-only by its own documentation (3.6/3.7).
 
 The kernel handles sequences [seq_start, seq_end) of a batch whose rows are all prefill chunks
 (q_len >= 1, any context before them); the launcher in attention.py sends it the prefill part of
