@@ -22,14 +22,8 @@ start_daemon = daemon_conftest.start_daemon
 BATCH_KEY = "sk-batch-client"
 # "app" (the key file's key) with per-minute quotas; "batch" allowed one request at a time, so a
 # second concurrent one is a real 429.
-CONFIG = f"""
-[engine]
-cpu_kv_cache_bytes = 67108864
-max_model_len = 512
-
-[[clients]]
-name = "app"
-api_key_file = "@KEY_FILE@"
+# The daemon tests' config (its last table is the "app" client) plus quotas and a second client.
+CONFIG = daemon_conftest.DEFAULT_CONFIG.rstrip("\n") + f"""
 requests_per_minute = 600
 tokens_per_minute = 200000
 
