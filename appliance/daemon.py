@@ -111,7 +111,15 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"llm-appliance: config error: {e}", file=sys.stderr)
         return EX_CONFIG
     daemon = Daemon(config, config_path=args.config, overrides=overrides_from_args(args))
-    return asyncio.run(daemon.run())
+    status = asyncio.run(daemon.run())
+    if status == EX_SOFTWARE:
+        # The engine died: exit now. The interpreter's own teardown (garbage-collecting every
+        # object of torch, transformers and the app) takes seconds, and a minute on a crowded
+        # machine; nothing of it matters once the engine process is gone and the logs are flushed.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def add_arguments_config(parser: argparse.ArgumentParser) -> None:
