@@ -55,6 +55,22 @@ def _batch(num_seqs: int, q_len: int, ctx: int, device: torch.device, heads: tup
     return q, k, v, tables.to(torch.int32).contiguous(), seq_lens, qsl
 
 
+def _repage(args: tuple[torch.Tensor, ...], block_size: int) -> tuple[torch.Tensor, ...]:
+    """The same one-sequence batch over pages of `block_size` tokens (for TMA tiles: whole key tiles
+    per page)."""
+    q, k, v, tables, seq_lens, qsl = args
+    seq_len, old = int(seq_lens[0]), k.shape[1]
+    pages = -(-seq_len // block_size)
+    new = []
+    for cache in (k, v):
+        rows = cache[tables[0, : -(-seq_len // old)].long()].reshape(-1, *cache.shape[2:])[:seq_len]
+        paged = torch.zeros((pages + 1, block_size, *cache.shape[2:]), dtype=cache.dtype, device=cache.device)
+        paged.view(-1, *cache.shape[2:])[:seq_len] = rows
+        new.append(paged)
+    new_tables = torch.arange(pages, dtype=torch.int32, device=q.device).view(1, pages)
+    return q, new[0], new[1], new_tables, seq_lens, qsl
+
+
 def _time_us(fn: Any, device: torch.device, launches: int = 10) -> float:
     if device.type != "cuda":
         t0 = time.perf_counter()
@@ -92,6 +108,14 @@ def _prefill_case(q_len: int, ctx: int, device: torch.device, heads: tuple[int, 
         attention.paged_attention, *args, scale, max_query_len=q_len, max_seq_len=ctx + q_len))]
     runs += [("prefill kernel", tile, functools.partial(attention.paged_prefill_attention, *args, scale,
                                                         max_query_len=q_len, tile=tile)) for tile in tiles]
+    # 64-token pages: the gather path and TMA boxes (`cache.block_size = 64` in the engine).
+    paged64 = _repage(args, 64 if not smoke_tiles(tiles) else 16)
+    for tile in tma_tiles(tiles):
+        for use_tma in (0, 1):
+            t = {**tile, "tma": use_tma, "block_size": paged64[1].shape[1]}
+            runs.append(("prefill kernel", t, functools.partial(
+                attention.paged_prefill_attention, *paged64, scale, max_query_len=q_len,
+                tile={key: val for key, val in t.items() if key != "block_size"})))
     # NOTE: the torch reference materialises [Hq, q, ctx + q] fp32 scores (GQA runs SDPA's math
     # path): 8.6 GB at 8k x 8k, 34 GB at 8k x 32k. Past 8k x 8k the mixed-batch kernel, checked
     # against the reference by gpu_check and the GPU test suite, is the reference instead.
@@ -118,6 +142,15 @@ def _prefill_case(q_len: int, ctx: int, device: torch.device, heads: tuple[int, 
         print(f"prefill q={q_len:5d} ctx={ctx:6d} {kernel:18s} {tile}: {us:10.1f} us "
               f"{row['tflop_s']:6.1f} TFLOP/s ({row['of_matmul']:.0%} of matmul) err {err:.1e}", flush=True)
     return rows
+
+
+def smoke_tiles(tiles: list[dict[str, int]]) -> bool:
+    return all(tile["rows"] <= 16 for tile in tiles)
+
+
+def tma_tiles(tiles: list[dict[str, int]]) -> list[dict[str, int]]:
+    """The tiles tried with 64-token pages, with and without TMA (the first two of the sweep)."""
+    return [{k: v for k, v in tile.items() if k != "tma"} for tile in tiles[:2]]
 
 
 def bench_prefill(device: torch.device, smoke: bool, matmul_flops_per_s: float) -> list[dict[str, Any]]:

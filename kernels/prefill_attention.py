@@ -17,10 +17,13 @@ rate. For chunked prefill of long prompts this kernel:
   in the first wave instead of trailing alone in the last, and the programs running together
   share their heads' K/V in L2.
 
-Not used: TMA descriptors. A paged cache's key tile is a gather of `block_size`-row pages, and
-Hopper's TMA loads boxes from one tensor map (its row gather is Blackwell's). A 16-row box per
-page would make 4 loads and an in-register concat per 64-key tile; plain loads with pipelining
-are the first thing to measure (bench/longctx.py). Triton's automatic warp specialization
+TMA (tile option "tma"): a paged cache's key tile is a gather of `block_size`-row pages, and
+Hopper's TMA loads boxes from one tensor map (its row gather is Blackwell's). When a page holds
+whole key tiles (block_size a multiple of BLOCK_N, e.g. `cache.block_size = 64`), each K and V
+tile is one box of a device-side tensor descriptor over the cache viewed as [slots, Hkv * D];
+key ranges then start on tile boundaries (a tile never straddles two pages, and the page of a
+window's first key is never a released one). With 16-token pages the gather path runs; the sweep
+(bench/longctx.py) measures both. Triton's automatic warp specialization
 (`tl.range(..., warp_specialize=True)`) is Blackwell-only by its own documentation (3.6/3.7).
 
 The kernel handles sequences [seq_start, seq_end) of a batch whose rows are all prefill chunks
@@ -52,21 +55,28 @@ SWEEP_TILES = [
 @triton.jit
 def _attend_keys(
     acc, l_i, m_i, q, q_pos, lo, hi, window,
-    k_cache_ptr, v_cache_ptr, block_table_row, kv_head, scale_log2,
+    k_cache_ptr, v_cache_ptr, k_desc, v_desc, block_table_row, kv_head, scale_log2,
     dims, dim_valid,
     HEAD_DIM: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, IEEE_FP32: tl.constexpr, IS_FP8: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Online softmax over keys [lo, hi). MASKED: apply causality (and the window) per element;
-    else every row sees every key of the range (the caller guarantees it)."""
+    else every row sees every key of the range (the caller guarantees it). USE_TMA: lo is a
+    multiple of BLOCK_N and each tile is one box of k_desc / v_desc."""
     row_elems = NUM_KV_HEADS * HEAD_DIM
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_valid = keys < hi
-        block_ids = tl.load(block_table_row + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
-        key_offs = (block_ids * PAGE_SIZE + keys % PAGE_SIZE) * row_elems + kv_head * HEAD_DIM  # [BLOCK_N]
-        kv_mask = key_valid[:, None] & dim_valid[None, :]
-        k = tl.load(k_cache_ptr + key_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        if USE_TMA:
+            page = tl.load(block_table_row + start // PAGE_SIZE)
+            row0 = page * PAGE_SIZE + start % PAGE_SIZE
+            k = k_desc.load([row0, kv_head * HEAD_DIM])  # [N, D]; rows past hi: other slots, masked below
+        else:
+            block_ids = tl.load(block_table_row + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
+            key_offs = (block_ids * PAGE_SIZE + keys % PAGE_SIZE) * row_elems + kv_head * HEAD_DIM  # [BLOCK_N]
+            kv_mask = key_valid[:, None] & dim_valid[None, :]
+            k = tl.load(k_cache_ptr + key_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
         if IS_FP8:
             k = k.to(q.dtype)
         if IEEE_FP32:
@@ -85,7 +95,12 @@ def _attend_keys(
         p = tl.exp2(qk - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + key_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        if USE_TMA:
+            v = v_desc.load([row0, kv_head * HEAD_DIM])
+            if MASKED:  # a slot past hi may hold anything (NaN included): 0 * NaN would poison acc
+                v = tl.where(key_valid[:, None], v, 0.0)
+        else:
+            v = tl.load(v_cache_ptr + key_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
         if IS_FP8:
             v = v.to(q.dtype)
         if IEEE_FP32:
@@ -97,7 +112,7 @@ def _attend_keys(
 
 
 # NOTE: no specialization on the table stride, the sequence offset or the window (see attention.py).
-@triton.jit(do_not_specialize=["stride_bt", "seq_offset", "window"])
+@triton.jit(do_not_specialize=["stride_bt", "seq_offset", "window", "num_slots"])
 def _prefill_attention_kernel(
     out_ptr,  # [T, Hq, D]
     q_ptr,  # [T, Hq, D], dims packed
@@ -115,6 +130,7 @@ def _prefill_attention_kernel(
     stride_bt,
     seq_offset,  # program_id(1) + seq_offset = the sequence
     window,  # SLIDING: keys per query, itself included
+    num_slots,  # N * BS: the rows of the caches viewed as [slots, Hkv * D] (USE_TMA)
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
@@ -127,6 +143,7 @@ def _prefill_attention_kernel(
     IEEE_FP32: tl.constexpr,
     IS_FP8: tl.constexpr,
     SLIDING: tl.constexpr,
+    USE_TMA: tl.constexpr,  # PAGE_SIZE % BLOCK_N == 0 and BLOCK_D == HEAD_DIM: K/V tiles as TMA boxes
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1) + seq_offset
@@ -159,6 +176,8 @@ def _prefill_attention_kernel(
     if SLIDING:
         kv_lo = tl.maximum(ctx_len + tile_first - window + 1, 0)
         seen_by_all_lo = tl.maximum(ctx_len + tile_last - window + 1, 0)
+        if USE_TMA:  # whole tiles: back to the tile start, in the same (live) page as kv_lo
+            kv_lo = kv_lo // BLOCK_N * BLOCK_N
     seen_by_all_hi = ctx_len + tile_first  # causally, every row sees the keys before its first token
     b_lo = kv_lo + tl.cdiv(seen_by_all_lo - kv_lo, BLOCK_N) * BLOCK_N
     b_hi = b_lo + tl.maximum(seen_by_all_hi - b_lo, 0) // BLOCK_N * BLOCK_N
@@ -168,15 +187,24 @@ def _prefill_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, kv_lo, a_hi, window, k_cache_ptr, v_cache_ptr,
-                                 block_table_row, kv_head, scale_log2, dims, dim_valid, HEAD_DIM, NUM_KV_HEADS,
-                                 BLOCK_N, PAGE_SIZE, True, SLIDING, IEEE_FP32, IS_FP8)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, b_lo, b_hi, window, k_cache_ptr, v_cache_ptr,
-                                 block_table_row, kv_head, scale_log2, dims, dim_valid, HEAD_DIM, NUM_KV_HEADS,
-                                 BLOCK_N, PAGE_SIZE, False, SLIDING, IEEE_FP32, IS_FP8)
+    k_desc = None
+    v_desc = None
+    if USE_TMA:
+        row_elems: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
+        k_desc = tl.make_tensor_descriptor(k_cache_ptr, shape=[num_slots, row_elems], strides=[row_elems, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_cache_ptr, shape=[num_slots, row_elems], strides=[row_elems, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, kv_lo, a_hi, window, k_cache_ptr, v_cache_ptr, k_desc,
+                                 v_desc, block_table_row, kv_head, scale_log2, dims, dim_valid, HEAD_DIM,
+                                 NUM_KV_HEADS, BLOCK_N, PAGE_SIZE, True, SLIDING, IEEE_FP32, IS_FP8, USE_TMA)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, b_lo, b_hi, window, k_cache_ptr, v_cache_ptr, k_desc,
+                                 v_desc, block_table_row, kv_head, scale_log2, dims, dim_valid, HEAD_DIM,
+                                 NUM_KV_HEADS, BLOCK_N, PAGE_SIZE, False, SLIDING, IEEE_FP32, IS_FP8, USE_TMA)
     acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, tl.maximum(b_hi, a_hi), kv_hi, window, k_cache_ptr,
-                                 v_cache_ptr, block_table_row, kv_head, scale_log2, dims, dim_valid, HEAD_DIM,
-                                 NUM_KV_HEADS, BLOCK_N, PAGE_SIZE, True, SLIDING, IEEE_FP32, IS_FP8)
+                                 v_cache_ptr, k_desc, v_desc, block_table_row, kv_head, scale_log2, dims, dim_valid,
+                                 HEAD_DIM, NUM_KV_HEADS, BLOCK_N, PAGE_SIZE, True, SLIDING, IEEE_FP32, IS_FP8,
+                                 USE_TMA)
     if IS_FP8:
         acc = acc * v_scale
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -214,14 +242,35 @@ def launch_prefill(
     block_q = max(1, tile["rows"] // group_pad)
     block_m = max(16, block_q * group_pad)
     block_n = tile["block_n"] if head_dim <= 128 else max(16, tile["block_n"] // 2)
+    use_tma = bool(tile.get("tma")) and page_size % block_n == 0 and block_d == head_dim
+    if tile.get("tma") and not use_tma:
+        raise ValueError(f"prefill tile {tile}: TMA needs block_size ({page_size}) a multiple of the key tile "
+                         f"({block_n}) and a power-of-two head size (got {head_dim})")
+    if use_tma and q.is_cuda:
+        _ensure_tma_allocator()
     scale_log2 = float(scale) * float(k_scale) * 1.4426950408889634
     grid = (num_kv_heads, seq_end - seq_start, triton.cdiv(max_query_len, block_q))
     _prefill_attention_kernel[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale_log2, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), seq_start,
-        sliding_window or 0,
+        sliding_window or 0, k_cache.shape[0] * page_size,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, GROUP_PAD=group_pad,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=page_size,
         IEEE_FP32=q.dtype == torch.float32, IS_FP8=is_fp8(k_cache), SLIDING=sliding_window is not None,
-        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        USE_TMA=use_tma, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
+
+
+_tma_allocator_set = False
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need global scratch memory from an allocator Triton calls at
+    launch: torch's caching allocator (graph-capture safe: it draws from the graph's pool)."""
+    global _tma_allocator_set
+    if not _tma_allocator_set:
+        def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+            return torch.empty(size, dtype=torch.int8, device="cuda")
+
+        triton.set_allocator(alloc)
+        _tma_allocator_set = True

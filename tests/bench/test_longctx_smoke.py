@@ -15,6 +15,7 @@ def test_longctx_smoke_checks_and_records_every_case(tmp_path: Path) -> None:
     result = json.loads(path.read_text())
     prefill, decode, engine = result["prefill"], result["decode"], result["engine"]
     assert {row["kernel"] for row in prefill} == {"mixed-batch kernel", "prefill kernel"}
+    assert any(row["tile"].get("tma") for row in prefill)  # the TMA-box variant is swept too
     assert all(row["rel_err"] < 1e-4 and row["us"] > 0 for row in prefill + decode)
     assert any(row["sliding_window"] for row in decode)
     assert engine["max_model_len"] == 2048

@@ -25,6 +25,7 @@ from .test_attention import (
 )
 
 TINY_TILE = {"rows": 16, "block_n": 16, "num_warps": 4, "num_stages": 2}
+TINY_TMA_TILE = {**TINY_TILE, "tma": 1}  # K/V tiles as tensor-descriptor boxes: needs block_size % 16 == 0
 TILES = [TINY_TILE, pytest.param(None, marks=pytest.mark.skipif(not CUDA, reason="production tile: GPU only"))]
 # (new tokens per sequence, context before them): fresh prompts, chunks after long contexts, a
 # one-token chunk, a chunk that is not a multiple of the tile.
@@ -88,3 +89,41 @@ def test_long_chunks_of_a_mixed_batch_take_the_prefill_kernel(monkeypatch: pytes
         sliding_window=50)
     assert calls == [2]  # the two prefill sequences, in one launch
     assert relative_error(out, reference_attention(batch, 0.2, sliding_window=50)) <= 1e-4
+
+
+def poison_unwritten_slots(batch):  # noqa: ANN001, ANN201 (a PagedBatch)
+    """NaN in every slot past each sequence's length in its last block (and in spare blocks): a TMA
+    box reads whole tiles, and nothing of those rows may reach the output."""
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    block_size = k_cache.shape[1]
+    used = set()
+    for b, seq_len in enumerate(batch.seq_lens.tolist()):
+        num_blocks = -(-seq_len // block_size)
+        last = int(batch.block_tables[b, num_blocks - 1])
+        k_cache[last, seq_len - (num_blocks - 1) * block_size:] = float("nan")
+        v_cache[last, seq_len - (num_blocks - 1) * block_size:] = float("nan")
+        used.update(int(x) for x in batch.block_tables[b, :num_blocks])
+    for block in set(range(k_cache.shape[0])) - used:
+        k_cache[block] = v_cache[block] = float("nan")
+    return type(batch)(batch.q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                       batch.max_query_len, batch.max_seq_len)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 7, 40])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_tma_tiles_match_reference_and_never_use_unwritten_slots(dtype: torch.dtype, window: int | None,
+                                                                 block_size: int) -> None:
+    generator = torch.Generator().manual_seed(block_size + (window or 0))
+    full = make_batch(*LONG, 4, 2, 32, block_size, dtype, generator)
+    batch = poison_unwritten_slots(full)
+    if window is not None:
+        batch, _ = free_out_of_window(batch, window)
+    ref = reference_attention(full, 0.2, sliding_window=window)
+    assert relative_error(run(batch, 0.2, TINY_TMA_TILE, sliding_window=window), ref) <= TOLERANCE[dtype]
+
+
+def test_tma_tile_is_refused_when_a_page_does_not_hold_whole_key_tiles() -> None:
+    batch = make_batch([5], [3], 4, 2, 32, 8, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="TMA needs block_size"):
+        run(batch, 0.2, TINY_TMA_TILE)
