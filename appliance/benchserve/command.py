@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send ignore_eos (vLLM, ours, llama.cpp) so answers run to max_tokens")
     target.add_argument("--temperature", type=float, help="sampling temperature (default: the server's)")
     target.add_argument("--extra-body", type=json.loads, help="JSON object merged into every request body")
+    target.add_argument("--request-timeout", type=float, default=6 * 3600.0,
+                        help="seconds one request may take before it counts as a timeout (default: 6 h)")
 
     wl = parser.add_argument_group("workload")
     wl.add_argument("--workload", choices=workload.WORKLOADS, default="random")
@@ -116,7 +118,14 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.percentiles = [float(p) for p in args.percentiles.split(",") if p.strip()]
+        try:
+            self.percentiles = [float(p) for p in args.percentiles.split(",") if p.strip()]
+        except ValueError:
+            raise ValueError(f"--percentiles {args.percentiles!r}: numbers, e.g. 50,90,99") from None
+        if not self.percentiles or not all(0 < p <= 100 for p in self.percentiles):
+            raise ValueError(f"--percentiles {args.percentiles!r}: each in (0, 100]")
+        if args.request_timeout <= 0:
+            raise ValueError("--request-timeout must be positive")
         self.percentile_keys = [metrics.percentile_key(p) for p in self.percentiles]
         self.slos = metrics.parse_slos(args.slo)
         self.goodput = metrics.parse_goodput(args.goodput)
@@ -166,7 +175,8 @@ class Bench:
             self.tokenizer = workload.load_tokenizer(tok_source)
         self.config = ClientConfig(base_url=args.base_url, model=model, endpoint=args.endpoint,
                                    api_key=args.api_key, ignore_eos=args.ignore_eos,
-                                   temperature=args.temperature, extra_body=args.extra_body)
+                                   temperature=args.temperature, extra_body=args.extra_body,
+                                   request_timeout_s=args.request_timeout)
 
     async def warmup(self) -> None:
         assert self.config is not None

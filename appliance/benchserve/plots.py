@@ -24,6 +24,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _values(runs: list[dict[str, Any]], metric: str, stat: str) -> list[float]:
+    """One figure per run; NaN (a gap in the line) where a run has none (every request failed)."""
+    out = []
+    for r in runs:
+        v = r["latency_ms"][metric].get(stat)
+        out.append(float("nan") if v is None else v)
+    return out
+
+
 def _label(run: dict[str, Any]) -> str:
     rate, conc = run["load"]["rate"], run["load"]["concurrency"]
     if conc is not None and rate == "inf":
@@ -45,8 +54,7 @@ def _throughput_latency(plt: Any, stem: Path, runs: list[dict[str, Any]]) -> Pat
     x = [r["output_throughput"] for r in runs]
     for ax, metric, name in ((axes[0], "ttft", "TTFT"), (axes[1], "itl", "ITL")):
         for stat, style in (("p50", "o-"), ("p99", "s--")):
-            y = [r["latency_ms"][metric].get(stat) for r in runs]
-            ax.plot(x, y, style, label=f"{stat} {name}")
+            ax.plot(x, _values(runs, metric, stat), style, label=f"{stat} {name}")
         for xi, r in zip(x, runs, strict=True):
             y = r["latency_ms"][metric].get("p99")
             if y is not None:
@@ -68,12 +76,15 @@ def _percentiles(plt: Any, stem: Path, runs: list[dict[str, Any]], percentiles: 
     labels = [_label(r) for r in runs]
     xs = range(len(runs))
     for ax, metric, name in ((axes[0], "ttft", "TTFT"), (axes[1], "itl", "ITL")):
+        drawn = []
         for stat in percentiles:
-            ax.plot(list(xs), [r["latency_ms"][metric].get(stat) for r in runs], "o-", label=stat)
+            drawn += _values(runs, metric, stat)
+            ax.plot(list(xs), _values(runs, metric, stat), "o-", label=stat)
         ax.set_xticks(list(xs), labels, rotation=30, fontsize=8)
         ax.set_xlabel("load")
         ax.set_ylabel(f"{name} (ms)")
-        ax.set_yscale("log")
+        if any(v > 0 for v in drawn):  # NaN compares False: an all-failed sweep stays linear
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("TTFT and ITL percentiles per load")
@@ -92,6 +103,7 @@ def _capacity(plt: Any, stem: Path, capacity: dict[str, Any]) -> Path:
         ax = axes[0][i]
         rates = [p["rate"] for p in probes]
         measured = [p["run"]["slos"]["checks"][i]["measured_ms"] for p in probes]
+        measured = [float("nan") if m is None else m for m in measured]
         colors = ["tab:green" if p["met"] else "tab:red" for p in probes]
         ax.scatter(rates, measured, c=colors, zorder=3)
         ax.plot(rates, measured, "-", color="gray", alpha=0.5)

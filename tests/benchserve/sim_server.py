@@ -82,6 +82,8 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
         await response.write(_event({"object": "chunk", "model": "sim", "choices": [], "usage": usage}))
         await response.write(_event("[DONE]"))
         await response.write_eof()
+    except ConnectionResetError:  # the client timed out and closed: nothing more to send
+        pass
     finally:
         sim.running = max(sim.running - 1, 0)
         sim.served += 1

@@ -89,3 +89,18 @@ def test_search_brackets_then_bisects_to_the_threshold() -> None:
     assert too_slow["capacity_rate"] is None and too_slow["status"] == "below_min_rate"
     fast = asyncio.run(capacity.search(probe, capacity.CapacitySearch(start_rate=1.0, max_rate=20.0)))
     assert fast["capacity_rate"] == 20.0 and fast["status"] == "at_least_max_rate"
+
+
+def test_timeouts_are_an_error_kind(sim: Any, tmp_path: Path) -> None:
+    """Every answer takes at least S (50 ms): a 10 ms limit times every request out; the result
+    (and its plots, with no latency to draw) is still written, and the exit status says nothing completed."""
+    data = _conversations(tmp_path / "conv.jsonl", 3)
+    status = main(["bench", "serve", "--base-url", sim.url, "--model", "sim", "--endpoint", "chat",
+                   "--workload", "chat", "--dataset", str(data), "--warmup", "0", "--request-timeout", "0.01",
+                   "--result-dir", str(tmp_path), "--result-name", "t", "--no-progress"])
+    assert status == 1
+    doc = json.loads((tmp_path / "t.json").read_text())
+    run = doc["runs"][0]
+    assert run["completed"] == 0 and run["errors"]["timeout"]["count"] == 3
+    assert run["errors"]["timeout"]["messages"] == {"no answer within 0.01 s": 3}
+    assert run["latency_ms"]["ttft"]["p99"] is None and len(doc["plots"]) == 2

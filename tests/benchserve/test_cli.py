@@ -19,6 +19,8 @@ from appliance.cli import main
     (["--goodput", "ttft"], "expected METRIC:MILLISECONDS"),
     (["--input-len", "9:8"], "--input-len '9:8'"),
     (["--concurrency", "0"], "--concurrency values must be >= 1"),
+    (["--percentiles", "50,120"], "each in (0, 100]"),
+    (["--request-timeout", "0"], "--request-timeout must be positive"),
 ])
 def test_bad_flags(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9", *args]) == 2
