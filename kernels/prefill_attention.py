@@ -151,8 +151,9 @@ def _prefill_attention_kernel(
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     tile_first = q_tile * BLOCK_Q
-    if tile_first >= q_len:
-        return  # the grid covers the batch's longest chunk; this one is shorter
+    # The grid covers the batch's longest chunk: a tile past this one's end sees no key (empty
+    # ranges below) and stores nothing (row_valid), like the mixed-batch kernel's empty tiles.
+    tile_valid = tile_first < q_len
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
     tile_last = tl.minimum(q_len, tile_first + BLOCK_Q) - 1
@@ -170,7 +171,7 @@ def _prefill_attention_kernel(
     q_pos = ctx_len + tok
 
     # Key ranges (module docstring): [kv_lo, b_lo) masked, [b_lo, b_hi) unmasked, [b_hi, kv_hi) masked.
-    kv_hi = ctx_len + tile_last + 1
+    kv_hi = tl.where(tile_valid, ctx_len + tile_last + 1, 0)
     kv_lo = 0
     seen_by_all_lo = 0  # the first key every row of the tile sees
     if SLIDING:
@@ -178,7 +179,7 @@ def _prefill_attention_kernel(
         seen_by_all_lo = tl.maximum(ctx_len + tile_last - window + 1, 0)
         if USE_TMA:  # whole tiles: back to the tile start, in the same (live) page as kv_lo
             kv_lo = kv_lo // BLOCK_N * BLOCK_N
-    seen_by_all_hi = ctx_len + tile_first  # causally, every row sees the keys before its first token
+    seen_by_all_hi = tl.minimum(ctx_len + tile_first, kv_hi)  # causally, all rows see the keys before the first
     b_lo = kv_lo + tl.cdiv(seen_by_all_lo - kv_lo, BLOCK_N) * BLOCK_N
     b_hi = b_lo + tl.maximum(seen_by_all_hi - b_lo, 0) // BLOCK_N * BLOCK_N
     a_hi = tl.minimum(b_lo, kv_hi)
