@@ -332,6 +332,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=6)
     parser.add_argument("--max-num-seqs", type=int, default=4)
+    parser.add_argument("--kv-cache-bytes", type=int, default=48 << 20, help="each box's KV cache (CPU)")
     parser.add_argument("--out", help="write the JSON result here too")
     return parser.parse_args(argv)
 
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, boxes, balance in (("affinity", args.boxes, "prefix"), ("roundrobin", args.boxes, "roundrobin"),
                                   ("one_box", 1, "prefix")):
         workdir = Path(tempfile.mkdtemp(prefix="llma-fleet-", dir="/tmp"))
-        fleet = LocalFleet(workdir, boxes, balance=balance, max_num_seqs=args.max_num_seqs)
+        fleet = LocalFleet(workdir, boxes, balance=balance, max_num_seqs=args.max_num_seqs,
+                           kv_cache_bytes=args.kv_cache_bytes)
         try:
             fleet.start()
             # One request per box first, so compile and allocation warm-up is not in the figures.
@@ -365,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "workload": {"prefixes": args.prefixes, "questions_per_prefix": args.questions,
                      "prefix_words": args.prefix_words, "max_tokens": args.max_tokens,
-                     "concurrency": args.concurrency, "max_num_seqs": args.max_num_seqs},
+                     "concurrency": args.concurrency, "max_num_seqs": args.max_num_seqs,
+                     "kv_cache_bytes_per_box": args.kv_cache_bytes},
         "runs": runs,
         "three_vs_one_throughput": round(runs["affinity"]["output_tokens_per_s"]
                                          / runs["one_box"]["output_tokens_per_s"], 3),
