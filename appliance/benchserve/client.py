@@ -124,7 +124,10 @@ def _error_message(body: bytes) -> str:
 async def send(session: aiohttp.ClientSession, config: ClientConfig, request: BenchRequest, due_s: float,
                count_tokens: Callable[[str], int] | None = None) -> RequestRecord:
     """Send one request and time it; never raises for a failed request (the record says why)."""
-    record = RequestRecord(index=request.index, due_s=due_s, prompt_tokens=request.prompt_len)
+    # The client's own prompt count holds for a completions prompt only (a chat template adds
+    # tokens): without the server's usage a chat request's input stays 0, not a wrong figure.
+    record = RequestRecord(index=request.index, due_s=due_s,
+                           prompt_tokens=request.prompt_len if config.endpoint == "completions" else 0)
     payload = build_payload(config, request)
     text_parts: list[str] = []
     record.start_s = time.perf_counter()

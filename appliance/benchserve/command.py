@@ -204,7 +204,7 @@ class Bench:
             "ignore_eos": self.args.ignore_eos, "workload": {**_jsonable(self.spec.__dict__),
                                                               "describe": self.spec.describe()},
             "percentiles": self.percentiles, "slos": [s.describe() for s in self.slos],
-            "goodput_limits_ms": self.goodput or None, "argv": sys.argv[1:], "runs": [],
+            "goodput_limits_ms": self.goodput or None, "args": _args_json(self.args), "runs": [],
         }
         for i, point in enumerate(self.points):
             run = await self.run_point(point, self.args.seed + i, self.args.num_prompts)
@@ -246,6 +246,16 @@ def _f(value: float | None) -> str:
 def _ms(run: dict[str, Any], metric: str, stat: str) -> str:
     value = run["latency_ms"][metric][stat]
     return "-" if value is None else f"{value:.1f} ms"
+
+
+def _args_json(args: argparse.Namespace) -> dict[str, Any]:
+    """The options as given (the API key left out)."""
+    out = {}
+    for k, v in vars(args).items():
+        if k == "api_key":
+            v = "(set)" if v else None
+        out[k] = str(v) if isinstance(v, Path) else v
+    return out
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

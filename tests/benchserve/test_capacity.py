@@ -58,11 +58,15 @@ def test_errors_are_kept_by_kind_with_the_servers_message(sim: Any, tmp_path: Pa
     data = _conversations(tmp_path / "conv.jsonl", 12, fail_every=4)
     status = main(["bench", "serve", "--base-url", sim.url, "--endpoint", "chat", "--workload", "chat",
                    "--dataset", str(data), "--num-prompts", "12", "--concurrency", "3", "--warmup", "0",
+                   "--api-key", "sk-bench-secret",
                    "--goodput", "ttft:1000", "--result-dir", str(tmp_path), "--result-name", "err", "--no-plots",
                    "--no-progress"])
     assert status == 0
     doc = json.loads((tmp_path / "err.json").read_text())
     assert doc["model"] == "sim"  # from GET /v1/models
+    # The key is sent (the simulated server ignores it) but never written down.
+    assert doc["args"]["concurrency"] == "3" and doc["args"]["api_key"] == "(set)"
+    assert "sk-bench-secret" not in (tmp_path / "err.json").read_text()
     run = doc["runs"][0]
     assert (run["completed"], run["failed"]) == (9, 3)
     assert run["errors"] == {"http_400": {"count": 3, "messages": {"simulated failure": 3}, "other_messages": 0}}
