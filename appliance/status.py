@@ -135,6 +135,17 @@ class StatusSnapshot:
 
 
 @dataclass(frozen=True)
+class RateHistory:
+    """GET /history: the `throughput` figures of the last minutes, one per `interval_s`, oldest
+    first, so a dashboard that just connected draws full sparklines."""
+
+    interval_s: float = 1.0
+    generation_tokens_per_s: list[float] = field(default_factory=list)
+    prompt_tokens_per_s: list[float] = field(default_factory=list)
+    requests_per_s: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class RequestRow:
     """One request in flight. NOTE: never any prompt or output text."""
 

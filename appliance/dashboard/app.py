@@ -146,6 +146,7 @@ class DashboardApp(App[None]):
             try:
                 self.status = await self.source.status()
                 self.requests = await self.source.requests()
+                await self._seed_sparklines()
                 self.connection = Connection(True)
                 delay_s, attempt = BACKOFF_MIN_S, 0
                 async for event in self.source.events():
@@ -161,6 +162,13 @@ class DashboardApp(App[None]):
                 self.connection = Connection(False, reason(e, self.source.description), delay_s, attempt)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, BACKOFF_MAX_S)
+
+    async def _seed_sparklines(self) -> None:
+        try:
+            history = await self.source.history()
+        except ControlError:
+            return  # a daemon without /history (older): the sparklines fill as events come
+        self.query_one(ThroughputPanel).seed(history)
 
     def sample_gpus(self) -> None:
         if not self._gpu_sampling:  # a slow NVML call never piles up threads

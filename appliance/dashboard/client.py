@@ -20,6 +20,7 @@ from appliance.status import (
     CancelResult,
     LogLevelResult,
     PhaseResult,
+    RateHistory,
     ReloadResult,
     RequestList,
     RequestRow,
@@ -41,6 +42,7 @@ class DaemonSource(Protocol):
 
     async def status(self) -> StatusSnapshot: ...
     async def requests(self) -> list[RequestRow]: ...
+    async def history(self) -> RateHistory: ...
     def events(self) -> AsyncIterator[StatusSnapshot | RequestList]: ...
     async def cancel(self, request_id: str) -> CancelResult: ...
     async def drain(self) -> PhaseResult: ...
@@ -89,6 +91,9 @@ class ControlSocketClient:
 
     async def requests(self) -> list[RequestRow]:
         return from_json(RequestList, await self._call("GET", "/requests")).requests
+
+    async def history(self) -> RateHistory:
+        return from_json(RateHistory, await self._call("GET", "/history"))
 
     async def cancel(self, request_id: str) -> CancelResult:
         return from_json(CancelResult, await self._call("POST", f"/requests/{quote(request_id, safe='')}/cancel"))

@@ -3,7 +3,8 @@ dashboard.
 
 Routes: GET /status, GET /requests, POST /requests/{id}/cancel, POST /drain, POST /resume,
 POST /reload, PUT /log-level, GET /events (SSE: a `stats` event, the /status body, and a
-`requests` event, the /requests body, once a second). Bodies are the wire types of
+`requests` event, the /requests body, once a second), GET /history (five minutes of throughput
+figures, for sparklines). Bodies are the wire types of
 appliance/status.py. Errors are `{"error": {"message", "type"}}` with a 4xx/5xx status.
 
 Who may connect is decided by the file system: the socket gets `ControlConfig.mode` (0660) and
@@ -24,6 +25,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -33,6 +35,7 @@ from appliance.config import LOG_LEVELS, ControlConfig
 from appliance.errors import ConfigError
 from appliance.server.control_history import (
     MINUTE_S,
+    RATE_HISTORY_S,
     RATE_WINDOW_S,
     History,
     Sample,
@@ -49,6 +52,7 @@ from appliance.status import (
     LogLevelResult,
     PhaseResult,
     QueueStatus,
+    RateHistory,
     ReloadResult,
     RequestList,
     RequestRow,
@@ -118,6 +122,8 @@ class ControlServer:
         self.daemon = daemon
         self.config = config
         self.history = History()
+        self.throughput = Throughput()  # as of the latest sample
+        self.rate_history: deque[Throughput] = deque(maxlen=RATE_HISTORY_S)
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self._sampler: asyncio.Task[None] | None = None
@@ -132,6 +138,7 @@ class ControlServer:
             web.post("/reload", self.post_reload),
             web.put("/log-level", self.put_log_level),
             web.get("/events", self.get_events),
+            web.get("/history", self.get_history),
         ])
 
     # ----- lifecycle -----------------------------------------------------------------------
@@ -195,6 +202,8 @@ class ControlServer:
             sample_metrics(sample, metrics)
         self.history.add(sample)
         self.history.add_requests(now, self.daemon.state.requests())
+        self.throughput = self._throughput()
+        self.rate_history.append(self.throughput)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -227,7 +236,7 @@ class ControlServer:
             inflight=state.inflight_count,
             config_path=os.path.abspath(daemon.config_path) if daemon.config_path else None,
             engine=engine_status,
-            throughput=self._throughput(),
+            throughput=self.throughput,
             latency=self._latency(),
             queue=QueueStatus(
                 running=engine_status.num_running if engine_status else 0,
@@ -309,6 +318,15 @@ class ControlServer:
 
     async def get_status(self, request: web.Request) -> web.Response:
         return _json(self.status())
+
+    async def get_history(self, request: web.Request) -> web.Response:
+        rates = list(self.rate_history)
+        return _json(RateHistory(
+            interval_s=EVENTS_INTERVAL_S,
+            generation_tokens_per_s=[t.generation_tokens_per_s for t in rates],
+            prompt_tokens_per_s=[t.prompt_tokens_per_s for t in rates],
+            requests_per_s=[t.requests_per_s for t in rates],
+        ))
 
     async def get_requests(self, request: web.Request) -> web.Response:
         return _json(self.requests())

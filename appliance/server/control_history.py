@@ -19,6 +19,7 @@ from typing import Any
 RATE_WINDOW_S = 10.0  # tokens/s and requests/s
 MINUTE_S = 60.0  # latency quantiles, 429s and per-client use
 KEEP_S = MINUTE_S + 5.0
+RATE_HISTORY_S = 300  # /history: five minutes of throughput figures, one a second
 
 Buckets = tuple[tuple[float, float], ...]  # (upper bound le, cumulative count), le ascending, +inf last
 

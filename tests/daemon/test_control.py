@@ -18,7 +18,15 @@ import pytest
 from appliance.config import EX_CONFIG
 from appliance.ctl import EX_UNAVAILABLE, ControlClient, ControlError
 from appliance.daemon import EX_SOFTWARE
-from appliance.status import LogLevelResult, PhaseResult, RequestList, StatusSnapshot, parse_event
+from appliance.status import (
+    LogLevelResult,
+    PhaseResult,
+    RateHistory,
+    RequestList,
+    StatusSnapshot,
+    from_json,
+    parse_event,
+)
 
 if TYPE_CHECKING:
     from conftest import DaemonProcess  # type: ignore[import-not-found]
@@ -182,6 +190,17 @@ async def test_events_stream_stats_and_requests_every_second(daemon: DaemonProce
     assert [type(e) for e in events] == [StatusSnapshot, RequestList] * 2
     assert [e.phase for e in stats] == ["ready", "ready"]
     assert stats[1].uptime_s > stats[0].uptime_s
+
+
+def test_history_has_a_throughput_figure_a_second(daemon: DaemonProcess, client: ControlClient) -> None:
+    """GET /history: the figures /status showed over the last minutes, for a new dashboard."""
+    assert daemon.chat().status_code == 200
+    time.sleep(1.2)  # at least one sample after the request
+    history = from_json(RateHistory, client.request("GET", "/history"))
+    assert history.interval_s == 1.0
+    n = len(history.generation_tokens_per_s)
+    assert n >= 2 and len(history.prompt_tokens_per_s) == n and len(history.requests_per_s) == n
+    assert max(history.generation_tokens_per_s) > 0 and max(history.requests_per_s) > 0
 
 
 def test_a_second_daemon_on_the_same_socket_refuses_to_start(daemon: DaemonProcess, short_tmp: Any) -> None:

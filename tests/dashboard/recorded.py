@@ -15,6 +15,7 @@ from appliance.status import (
     GpuSnapshot,
     LogLevelResult,
     PhaseResult,
+    RateHistory,
     ReloadResult,
     RequestList,
     RequestRow,
@@ -50,6 +51,9 @@ class RecordedSource:
 
     async def requests(self) -> list[RequestRow]:
         return []
+
+    async def history(self) -> RateHistory:
+        return RateHistory()  # the sparklines fill from the replayed events alone
 
     async def events(self) -> AsyncIterator[StatusSnapshot | RequestList]:
         for event in self.events_list:

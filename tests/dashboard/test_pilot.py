@@ -22,6 +22,7 @@ from appliance.dashboard.app import DashboardApp
 from appliance.dashboard.client import ControlSocketClient
 from appliance.dashboard.nvml import NvmlSampler
 from appliance.dashboard.widgets.requests_table import RequestsTable
+from appliance.dashboard.widgets.throughput import ThroughputPanel
 
 
 def flat(text: str) -> str:
@@ -36,10 +37,12 @@ def make_app(daemon: Any) -> DashboardApp:
 async def test_panels_fill_with_live_figures_as_requests_run(daemon: Any) -> None:
     app = make_app(daemon)
     async with app.run_test(size=(160, 40)) as pilot:
-        await until(pilot, lambda: app.status is not None, "the first /status")
+        await until(pilot, lambda: app.connection.connected, "connected (/status, /requests, /history read)")
         text = screen_text(app)
         assert "● READY" in text and "SmolLM2-135M-Instruct" in text and "DISCONNECTED" not in text
         assert "no NVIDIA GPU" in text  # this machine has none: the real NVML error path
+        # The sparklines start from the daemon's /history, not empty.
+        assert len(app.query_one(ThroughputPanel).generation_history) > 1
         before = app.status.engine.generation_tokens_total  # type: ignore[union-attr]
         # Four streams: two as "batch", whose quota is one request at a time, so 429s happen.
         with Load(daemon, streams=4, max_tokens=16) as load:

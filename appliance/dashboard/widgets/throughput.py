@@ -9,7 +9,7 @@ from rich.text import Text
 
 from appliance.dashboard import format as fmt
 from appliance.dashboard.widgets.panel import DASH, StatusPanel, row, sparkline
-from appliance.status import StatusSnapshot
+from appliance.status import RateHistory, StatusSnapshot
 
 HISTORY_S = 300  # sparkline span: one value per `stats` event (a second)
 
@@ -22,6 +22,15 @@ class ThroughputPanel(StatusPanel):
         self.generation_history: deque[float] = deque(maxlen=HISTORY_S)
         self.prompt_history: deque[float] = deque(maxlen=HISTORY_S)
         self.requests_history: deque[float] = deque(maxlen=HISTORY_S)
+
+    def seed(self, history: RateHistory) -> None:
+        """Start the sparklines from the daemon's own history (a dashboard that just connected)."""
+        for deq, values in ((self.generation_history, history.generation_tokens_per_s),
+                            (self.prompt_history, history.prompt_tokens_per_s),
+                            (self.requests_history, history.requests_per_s)):
+            deq.clear()
+            deq.extend(values)
+        self.update(self.render_status(self.status))
 
     def watch_status(self, status: StatusSnapshot | None) -> None:
         if status is not None:
