@@ -6,16 +6,31 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from appliance import __version__
 
 
+def client_commit() -> str:
+    """The checkout's short commit ($LLM_APPLIANCE_COMMIT on copies without .git), as bench/results.py."""
+    env = os.environ.get("LLM_APPLIANCE_COMMIT")
+    if env:
+        return env
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def header() -> dict[str, Any]:
-    return {"benchmark": "bench-serve", "llm_appliance": __version__,
+    return {"benchmark": "bench-serve", "llm_appliance": __version__, "commit": client_commit(),
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "client_host": platform.node()}
 
 
