@@ -6,7 +6,7 @@ It only talks HTTP (plus a local tokenizer to build prompts of exact lengths): n
 the engine, the server or torch, so it measures our daemon, vLLM or llama.cpp the same way.
 
 Modules, one noun each: workload (the requests), arrivals (when they are sent), client (one
-streamed request, timed), metrics (the arithmetic), server_metrics (the server's /metrics sampled
-during a run), runner (one load point), capacity (the rate search), report (JSON and text), plots
-(PNGs), command (the CLI).
+streamed request, timed), record (what a request left behind), metrics (the arithmetic),
+server_metrics (the server's /metrics sampled during a run), runner (one load point), progress
+(the bar), capacity (the rate search), report (JSON and text), plots (PNGs), command (the CLI).
 """
