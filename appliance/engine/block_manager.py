@@ -177,7 +177,8 @@ class BlockManager:
         table: list[int] = []
         parent: bytes | None = None
         hits = 0
-        if self.enable_prefix_caching:
+        # [apps] a request that wants its prompt's logprobs runs every prompt token through the model.
+        if self.enable_prefix_caching and seq.sampling_params.prompt_logprobs is None:
             self.prefix_queries_tokens += num_full * self.block_size
             for i in range(min(num_full, max_hit_blocks)):
                 chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])

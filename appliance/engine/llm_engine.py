@@ -302,7 +302,10 @@ class EngineCore:
                 metrics = self._metrics(req)
             if len(outputs) > 1:
                 outputs.sort(key=lambda d: d.index)
-            deltas.append(RequestDelta(request_id, outputs, finished, req.seqs[0].num_cached_tokens, metrics))
+            first = req.seqs[0]
+            prompt_logprobs, first.prompt_logprobs = first.prompt_logprobs, None  # [apps] sent once
+            deltas.append(RequestDelta(request_id, outputs, finished, first.num_cached_tokens, metrics,
+                                       prompt_logprobs))
         return deltas
 
     def _text(self, seq: Sequence, update: SequenceUpdate) -> None:

@@ -18,14 +18,16 @@ import numpy as np
 import torch
 
 from appliance.config import EngineConfig
+from appliance.engine.outputs import TokenLogprob
 from appliance.engine.sampler import PendingSamples, Sampler, SampleResult, SampleRow
 from appliance.engine.scheduler import SchedulerOutput
-from appliance.engine.sequence import PLACEHOLDER_TOKEN_ID
+from appliance.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence
 from appliance.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
 _ALIGN = 16  # int32 elements: 64 bytes (see ModelRunner._upload)
+_PROMPT_LOGPROB_ROWS = 256  # [apps] prompt positions per logits slice ([rows, V] fp32 at a time)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,6 +71,8 @@ class _HostBatch:
     rows: list[SampleRow] = field(default_factory=list)
     gather_dst: list[int] = field(default_factory=list)  # positions in ids fed by the step in flight
     gather_seqs: list[int] = field(default_factory=list)  # their seq ids
+    # [apps] prefill chunks whose prompt logprobs are wanted: (seq, offset in ids, first position, length)
+    prompt_lp: list[tuple[Sequence, int, int, int]] = field(default_factory=list)
 
 
 class _Staging:
@@ -261,9 +265,34 @@ class ModelRunner:
             batch = self._upload_eager(hb, prev)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+            if hb.prompt_lp:
+                self._prompt_logprobs(hidden, hb.prompt_lp)  # [apps]
         if not hb.rows:
             return StepHandle([], None)
         return StepHandle(hb.rows, self.sampler.sample_async(logits, hb.rows))
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, chunks: list[tuple[Sequence, int, int, int]]) -> None:
+        """[apps] Logprob of each prompt token given the ones before it (+ top-k), from this
+        chunk's hidden states, into seq.prompt_logprobs. Waits for the device: only requests
+        that ask for prompt logprobs (echo scoring) pay it."""
+        vocab = self.sampler.vocab_size
+        for seq, offset, start, n in chunks:
+            k = seq.sampling_params.prompt_logprobs or 0
+            if start == 0 or seq.prompt_logprobs is None:
+                seq.prompt_logprobs = [None]  # the first token has no context (a recompute restarts)
+            entries = seq.prompt_logprobs
+            last = min(start + n, seq.num_prompt_tokens - 1)  # position p predicts token p + 1
+            for lo in range(start, last, _PROMPT_LOGPROB_ROWS):
+                hi = min(lo + _PROMPT_LOGPROB_ROWS, last)
+                rows = hidden[offset + lo - start : offset + hi - start]
+                logp = torch.log_softmax(self.model.compute_logits(rows)[:, :vocab].float(), dim=-1)
+                targets = torch.tensor(seq.token_ids[lo + 1 : hi + 1], device=logp.device)
+                chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+                top_vals, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+                tops = zip(top_ids.tolist(), top_vals.tolist(), strict=True)
+                for p, value, (ids_k, vals_k) in zip(range(lo, hi), chosen, tops, strict=True):
+                    if len(entries) == p + 1:  # next expected (a preempted chunk may repeat)
+                        entries.append(TokenLogprob(seq.token_ids[p + 1], value, list(zip(ids_k, vals_k, strict=True))))
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         host = torch.tensor(pairs, dtype=torch.long).T.contiguous()
@@ -302,6 +331,8 @@ class ModelRunner:
                     hb.gather_dst.append(len(ids))
                     hb.gather_seqs.append(seq.seq_id)
                     token = 0
+                if seq.sampling_params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                    hb.prompt_lp.append((seq, len(ids), start, 1))  # [apps] a one-token prompt chunk
                 ids.append(token)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
@@ -310,6 +341,8 @@ class ModelRunner:
                 # NOTE: only a decode may feed a placeholder: a sequence is never (re)prefilled
                 # before its last sampled token has reached the host (it is the last token).
                 assert seq.token_ids[start + n - 1] != PLACEHOLDER_TOKEN_ID, seq
+                if seq.sampling_params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                    hb.prompt_lp.append((seq, len(ids), start, n))  # [apps]
                 ids.extend(seq.token_ids[start : start + n])
                 positions.extend(span)
                 slots.extend([table[p // bs] * bs + p % bs for p in span])

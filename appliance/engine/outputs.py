@@ -60,6 +60,8 @@ class RequestDelta(msgspec.Struct, array_like=True, gc=False):
     finished: bool  # every choice has finished: the request's last delta
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     metrics: RequestMetrics | None = None  # set in the last delta
+    # [apps] SamplingParams.prompt_logprobs: one per prompt token (the first None), in the first delta
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class CompletionOutput(msgspec.Struct, gc=False):
@@ -80,6 +82,7 @@ class RequestOutput(msgspec.Struct, gc=False):
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # [apps]
 
 
 class RequestSnapshot(msgspec.Struct, array_like=True, gc=False):
@@ -160,7 +163,7 @@ class OutputAccumulator:
     """
 
     __slots__ = ("request_id", "prompt_token_ids", "_choices", "_changed", "finished", "num_cached_tokens",
-                 "metrics", "_keep_all")
+                 "metrics", "_keep_all", "prompt_logprobs", "_prompt_logprobs_sent")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int] | None = None, *, keep_all: bool = False) -> None:
         self.request_id = request_id
@@ -171,6 +174,8 @@ class OutputAccumulator:
         self.finished = False
         self.num_cached_tokens = 0
         self.metrics: RequestMetrics | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # [apps]
+        self._prompt_logprobs_sent = False
 
     @property
     def has_news(self) -> bool:
@@ -186,6 +191,8 @@ class OutputAccumulator:
                 self._changed.append(choice)
             choice.add(out)
         self.num_cached_tokens = delta.num_cached_tokens
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.finished:
             self.finished = True
             self.metrics = delta.metrics
@@ -209,8 +216,11 @@ class OutputAccumulator:
                                            choice.finish_reason, choice.stop_reason))
             choice.token_ids, choice.texts, choice.logprobs, choice.pending = [], [], None, False
         self._changed = []
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self._prompt_logprobs_sent:
+            prompt_logprobs, self._prompt_logprobs_sent = self.prompt_logprobs, True
         return RequestDelta(self.request_id, outputs, self.finished, self.num_cached_tokens,
-                            self.metrics if self.finished else None)
+                            self.metrics if self.finished else None, prompt_logprobs)
 
     def output(self) -> RequestOutput:
         assert self._keep_all, "OutputAccumulator(keep_all=True) keeps the whole output"
@@ -220,4 +230,4 @@ class OutputAccumulator:
             for c in sorted(self._choices.values(), key=lambda c: c.index)
         ]
         return RequestOutput(self.request_id, self.prompt_token_ids, outputs, self.finished,
-                             self.num_cached_tokens, self.metrics)
+                             self.num_cached_tokens, self.metrics, self.prompt_logprobs)

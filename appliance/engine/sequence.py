@@ -48,6 +48,8 @@ class SamplingParams:
     # [apps] constrained decoding (appliance/structured/) and OpenAI's logit_bias (token id -> bias)
     structured: GrammarSpec | None = None
     logit_bias: dict[int, float] | None = None
+    # [apps] logprobs of the prompt's tokens (+ top-k alternatives), for echo/scoring; None: off
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the parameter when a value is impossible."""
@@ -86,6 +88,9 @@ class SamplingParams:
             for k, v in self.logit_bias.items()
         ):
             raise bad("logit_bias", "a map of token ids to numbers in [-100, 100]", self.logit_bias)
+        if self.prompt_logprobs is not None and (
+                not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20):
+            raise bad("prompt_logprobs", "an integer in [0, 20]", self.prompt_logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -165,6 +170,9 @@ class Sequence:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        # [apps] SamplingParams.prompt_logprobs: one entry per prompt token (the first None), filled
+        # by the model runner as prefill chunks run; handed out once with the request's first delta.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.num_preemptions = 0
         # Text state: the detokenizer owns output_text and detok_state; the core's output stage
         # owns num_text_sent (how much of output_text has gone out in deltas).

@@ -85,7 +85,9 @@ _COMPLETION_REQUEST = {"type": "object", "required": ["prompt"], "properties": {
     "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
     "best_of": {"type": "integer", "description": "must equal n"},
     "suffix": {"type": "null", "description": "not supported: a non-empty suffix is a 400"},
-    **_SAMPLING}}
+    **_SAMPLING,
+    "max_tokens": {"type": ["integer", "null"], "minimum": 0, "default": 16,
+                   "description": "0 with echo (not streamed): score the prompt, generate nothing"}}}
 
 
 _RESPONSES_REQUEST = {"type": "object", "required": ["input"], "properties": {

@@ -104,9 +104,12 @@ class ChoiceTracker:
         self.last_token_monotonic: float | None = None
         self.finished_metrics: list[Any] = []
         self._completion_tokens = 0
+        self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}  # [apps] prompt index -> entries
 
     def update(self, prompt_index: int, output: RequestDelta) -> list[ChoiceDelta]:
         deltas = []
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs[prompt_index] = output.prompt_logprobs
         for out in output.outputs:
             index = prompt_index * self.n + out.index
             state = self.choices[index]
@@ -175,19 +178,21 @@ def chat_logprobs(texts: TokenTexts, logprobs: list[TokenLogprob]) -> dict[str, 
 
 def completion_logprobs(
     texts: TokenTexts, logprobs: list[TokenLogprob], *, text_offset_start: int,
-    echo_prompt_ids: list[int] | None = None,
+    echo_prompt_ids: list[int] | None = None, prompt_logprobs: list[TokenLogprob | None] | None = None,
 ) -> dict[str, Any]:
-    """Legacy completions logprobs. Echoed prompt tokens carry no logprob (None)."""
+    """Legacy completions logprobs. Echoed prompt tokens carry their prompt logprobs when the engine
+    computed them (the first token has none: None), else None."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     offsets: list[int] = []
     offset = text_offset_start
-    for tid in echo_prompt_ids or []:
+    for i, tid in enumerate(echo_prompt_ids or []):
         text = texts.text(tid)
         tokens.append(text)
-        token_logprobs.append(None)
-        top_logprobs.append(None)
+        entry = prompt_logprobs[i] if prompt_logprobs is not None and i < len(prompt_logprobs) else None
+        token_logprobs.append(None if entry is None else entry.logprob)
+        top_logprobs.append(None if entry is None else {texts.text(t): v for t, v in entry.top})
         offsets.append(offset)
         offset += len(text)
     for lp in logprobs:

@@ -221,7 +221,8 @@ async def _stream(
     else:
         builder = CompletionChunks(completion_id, model, created, texts, logprobs=parsed.logprobs,
                                    include_usage=parsed.include_usage, echo_texts=_echo_texts(request, parsed),
-                                   echo_ids=parsed.prompts if parsed.echo else None, n=parsed.params.n)
+                                   echo_ids=parsed.prompts if parsed.echo else None, n=parsed.params.n,
+                                   prompt_logprobs=run.tracker.prompt_logprobs)
     # The first output comes before the 200, so a request the engine rejects gets a 4xx.
     item = await anext(outputs, None)
     writer = SSEWriter(request)
@@ -282,14 +283,20 @@ def _completion_body(request: web.Request, run: _Run, completion_id: str) -> dic
     for index, choice in enumerate(run.tracker.choices):
         prompt_index = index // parsed.params.n
         prefix = echo_texts[prompt_index] if echo_texts is not None else ""
+        # max_tokens 0: the prompt only (the engine's one sampled token is not part of the answer)
+        generated, generated_logprobs = ("", []) if parsed.score_only else (choice.text, choice.logprobs)
         logprobs = None
         if parsed.logprobs:
-            logprobs = completion_logprobs(texts, choice.logprobs, text_offset_start=0,
-                                           echo_prompt_ids=parsed.prompts[prompt_index] if parsed.echo else None)
-        choices.append({"index": index, "text": prefix + choice.text, "logprobs": logprobs,
-                        "finish_reason": choice.finish_reason})
+            logprobs = completion_logprobs(texts, generated_logprobs, text_offset_start=0,
+                                           echo_prompt_ids=parsed.prompts[prompt_index] if parsed.echo else None,
+                                           prompt_logprobs=run.tracker.prompt_logprobs.get(prompt_index))
+        choices.append({"index": index, "text": prefix + generated, "logprobs": logprobs,
+                        "finish_reason": "length" if parsed.score_only else choice.finish_reason})
+    usage = run.tracker.usage()
+    if parsed.score_only:
+        usage = {**usage, "completion_tokens": 0, "total_tokens": usage["prompt_tokens"]}
     return {"id": completion_id, "object": "text_completion", "created": now_s(), "model": parsed.model,
-            "system_fingerprint": None, "choices": choices, "usage": run.tracker.usage()}
+            "system_fingerprint": None, "choices": choices, "usage": usage}
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -47,6 +47,7 @@ class ParsedRequest:
     echo: bool
     user: str | None
     tools: tool_calls.ToolConfig | None = None  # chat with tools (not 'none'): parse/force calls
+    score_only: bool = False  # completions max_tokens 0 with echo: the one sampled token is dropped
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -348,14 +349,23 @@ def parse_completion(
     if best_of is not None and best_of != n:
         raise _bad("best_of", "equal to n (best_of > n is not supported)", best_of)
     max_tokens = _opt(body, "max_tokens", int, default_max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS,
-                      "a positive integer")
+                      "a positive integer (0: score the prompt, with echo)")
     logprobs = _opt(body, "logprobs", int, None, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise _bad("logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]", logprobs)
     echo = _opt(body, "echo", bool, False, "a boolean")
+    # max_tokens 0 (lm-eval's loglikelihood): the prompt is scored, nothing is generated. The
+    # engine samples one token (its step computes the last prompt position), which is dropped.
+    score_only = max_tokens == 0
+    if score_only and not echo:
+        raise _bad("max_tokens", "positive unless 'echo' is true (max_tokens 0 scores the echoed prompt)", 0)
+    if score_only and stream:
+        raise _bad("max_tokens", "positive when streaming", 0)
     vocab_size = len(tokenizer)
-    params = _sampling_params(body, max_tokens=max_tokens, n=n, logprobs=logprobs,
+    params = _sampling_params(body, max_tokens=1 if score_only else max_tokens, n=n, logprobs=logprobs,
                               structured=structured_spec(body), vocab_size=vocab_size)
+    if echo and logprobs is not None:
+        params.prompt_logprobs = logprobs  # the echoed prompt's tokens get their logprobs
     prompts, texts = _prompts(body, tokenizer)
     for i, prompt in enumerate(prompts):
         _check_length(prompt, params, max_model_len, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
@@ -364,5 +374,5 @@ def parse_completion(
     return ParsedRequest(
         model=model, prompts=prompts, prompt_texts=texts, params=params, stream=stream,
         include_usage=include_usage, logprobs=logprobs is not None, top_logprobs=logprobs or 0, echo=echo,
-        user=_opt(body, "user", str, None, "a string"),
+        user=_opt(body, "user", str, None, "a string"), score_only=score_only,
     )

@@ -109,7 +109,8 @@ class CompletionChunks:
 
     def __init__(self, completion_id: str, model: str, created: int, texts: TokenTexts, *,
                  logprobs: bool, include_usage: bool, echo_texts: list[str] | None,
-                 echo_ids: list[list[int]] | None, n: int) -> None:
+                 echo_ids: list[list[int]] | None, n: int,
+                 prompt_logprobs: dict[int, list[Any]] | None = None) -> None:
         self._base = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
                       "system_fingerprint": None}
         self._texts = texts
@@ -118,6 +119,7 @@ class CompletionChunks:
         self._echo_texts = echo_texts
         self._echo_ids = echo_ids
         self._n = n
+        self._prompt_logprobs = prompt_logprobs if prompt_logprobs is not None else {}  # [apps] tracker's
         self._offsets: dict[int, int] = {}
 
     def chunks(self, deltas: list[ChoiceDelta]) -> list[dict[str, Any]]:
@@ -132,8 +134,9 @@ class CompletionChunks:
             logprobs = None
             if self._logprobs:
                 start = self._offsets.get(d.index, 0)
-                logprobs = completion_logprobs(self._texts, d.logprobs, text_offset_start=start,
-                                               echo_prompt_ids=echo_ids)
+                logprobs = completion_logprobs(
+                    self._texts, d.logprobs, text_offset_start=start, echo_prompt_ids=echo_ids,
+                    prompt_logprobs=self._prompt_logprobs.get(prompt_index) if echo_ids is not None else None)
                 self._offsets[d.index] = start + len(text)
             if not (text or d.token_ids or d.finish_reason or logprobs and logprobs["tokens"]):
                 continue

@@ -15,6 +15,10 @@ from pydantic import BaseModel, Field
 from tests.server.apps_server import apps_served  # noqa: F401 - the shared server fixture
 from tests.server.conftest import MODEL, http_request
 
+# the libraries see one HTTP API: the in-process engine is enough.
+INLINE_ONLY = pytest.mark.parametrize("engine_and_gate", ["inline"], indirect=True)
+pytestmark = [INLINE_ONLY]
+
 
 class City(BaseModel):
     name: str = Field(max_length=12)

@@ -17,7 +17,9 @@ from pydantic import BaseModel, Field
 from tests.server.apps_server import apps_served  # noqa: F401 - the shared server fixture
 from tests.server.conftest import MODEL, http_request
 
-pytestmark = pytest.mark.usefixtures("default_model_dir")
+# test_structured_separate.py runs constrained requests through the engine process.
+pytestmark = [pytest.mark.usefixtures("default_model_dir"),
+              pytest.mark.parametrize("engine_and_gate", ["inline"], indirect=True)]
 
 
 class Person(BaseModel):

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.server.apps_server import apps_served  # noqa: F401 - the shared server fixture
 from tests.server.conftest import MODEL
 
+# the front end's bookkeeping: the in-process engine is enough.
+INLINE_ONLY = pytest.mark.parametrize("engine_and_gate", ["inline"], indirect=True)
 
+
+@INLINE_ONLY
 def test_partial_character_bytes_and_no_trailing_replacement_char(apps_served: Any, tokenizer: Any) -> None:  # noqa: F811
     first, second = tokenizer.encode("🙂", add_special_tokens=False)[:2]
     assert "\ufffd" in tokenizer.decode([first])  # the premise: a token holding part of the emoji

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.apps_server import apps_served  # noqa: F401 - the shared server fixture
 from tests.server.conftest import MODEL, http_request
+
+# metrics are the front end's: the in-process engine is enough.
+INLINE_ONLY = pytest.mark.parametrize("engine_and_gate", ["inline"], indirect=True)
+pytestmark = [INLINE_ONLY]
 
 # (family, type) as vLLM's Prometheus logger exports them; every one carries model_name.
 VLLM_FAMILIES = [
