@@ -239,8 +239,10 @@ def launch_prefill(
     group = num_q_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # A GQA group never spans two programs; past 128 dims the key tile halves (registers).
-    block_q = max(1, tile["rows"] // group_pad)
+    # A GQA group never spans two programs; past 128 dims (Gemma 3: 256) the row and key tiles
+    # halve, so the fp32 accumulator (rows x head_dim) stays within the registers of 128 x 128.
+    rows = tile["rows"] if head_dim <= 128 else max(16, tile["rows"] // 2)
+    block_q = max(1, rows // group_pad)
     block_m = max(16, block_q * group_pad)
     block_n = tile["block_n"] if head_dim <= 128 else max(16, tile["block_n"] // 2)
     use_tma = bool(tile.get("tma")) and page_size % block_n == 0 and block_d == head_dim
