@@ -42,7 +42,7 @@ def run(batch, scale: float, tile: dict[str, int] | None, **kwargs: object) -> t
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tile", TILES)
-@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim"), [(8, 2, 32), (6, 2, 48), (2, 2, 64)])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim"), [(8, 2, 32), (6, 2, 48), (2, 2, 64), (4, 1, 160)])
 def test_prefill_kernel_matches_reference(dtype: torch.dtype, tile: dict[str, int] | None, num_q_heads: int,
                                           num_kv_heads: int, head_dim: int) -> None:
     generator = torch.Generator().manual_seed(zlib.crc32(repr((num_q_heads, head_dim)).encode()))
