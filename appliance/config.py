@@ -116,6 +116,8 @@ class ServerConfig:
     # for this long.
     stall_timeout_s: float = 30.0
     default_max_tokens: int | None = None  # None: up to max_model_len
+    # The model's tool-call format: "auto" reads it from the chat template (server/tool_parsers.py).
+    tool_call_parser: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,8 @@ _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "server.load_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "server.stall_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "server.default_max_tokens": (_positive, "an integer >= 1 (or leave it unset)"),
+    "server.tool_call_parser": (lambda v: v in ("auto", "hermes", "llama3_json", "mistral"),
+                                "one of \"auto\", \"hermes\", \"llama3_json\", \"mistral\""),
     "logging.level": (lambda v: v.upper() in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
     "logging.request_log_path": (bool, "a file path (or leave it unset)"),
     # sun_path is 108 bytes including the terminating NUL.

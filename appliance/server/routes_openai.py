@@ -165,6 +165,7 @@ async def _parse(request: web.Request, chat: bool) -> schema.ParsedRequest:
         kwargs["render_chat"] = functools.partial(engine.render_chat, no_template_hint=NO_CHAT_TEMPLATE_HINT)
         kwargs["chat_template"] = getattr(engine.tokenizer, "chat_template", None)
         kwargs["vocab_size"] = len(engine.tokenizer)
+        kwargs["tool_call_parser"] = request.app[CONFIG_KEY].server.tool_call_parser
     else:
         kwargs["tokenizer"] = engine.tokenizer
     if request.content_length is not None and request.content_length > _OFFLOAD_BODY_BYTES:

@@ -227,7 +227,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         chat_body, render_chat=functools.partial(engine.render_chat, no_template_hint=NO_CHAT_TEMPLATE_HINT),
         served_model_name=engine.model_name, max_model_len=engine.max_model_len,
         default_max_tokens=app[CONFIG_KEY].server.default_max_tokens,
-        chat_template=getattr(engine.tokenizer, "chat_template", None), vocab_size=len(engine.tokenizer))
+        chat_template=getattr(engine.tokenizer, "chat_template", None), vocab_size=len(engine.tokenizer),
+        tool_call_parser=app[CONFIG_KEY].server.tool_call_parser)
     if parsed.params.n != 1:
         raise _bad("n", "must be 1")
     response_id = "resp_" + uuid.uuid4().hex

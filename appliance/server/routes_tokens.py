@@ -11,7 +11,7 @@ from appliance import __version__
 from appliance.errors import InvalidRequestError
 from appliance.server import schema
 from appliance.server import tools as tool_calls
-from appliance.server.context import ENGINE_KEY
+from appliance.server.context import CONFIG_KEY, ENGINE_KEY
 
 
 async def _body(request: web.Request, known: frozenset[str]) -> dict[str, Any]:
@@ -40,7 +40,8 @@ async def tokenize(request: web.Request) -> web.Response:
     if "messages" in body:
         if body.get("add_generation_prompt", True) is not True:
             raise InvalidRequestError("'add_generation_prompt' false is not supported", param="add_generation_prompt")
-        config = tool_calls.parse_tools(body, getattr(tokenizer, "chat_template", None))
+        config = tool_calls.parse_tools(body, getattr(tokenizer, "chat_template", None),
+                                        request.app[CONFIG_KEY].server.tool_call_parser)
         messages, tools = tool_calls.template_messages(schema.chat_messages(body), config)
         render = functools.partial(engine.render_chat, no_template_hint="tokenize a 'prompt' instead")
         ids = render(messages, tools=tools)

@@ -266,7 +266,7 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
 def parse_chat(
     body: dict[str, Any], *, render_chat: Callable[..., list[int]], served_model_name: str,
     max_model_len: int, default_max_tokens: int | None, chat_template: str | None = None,
-    vocab_size: int | None = None,
+    vocab_size: int | None = None, tool_call_parser: str = "auto",
 ) -> ParsedRequest:
     """render_chat: the engine's chat rendering (`AsyncEngine.render_chat`), (messages, tools=) ->
     prompt ids. chat_template: its text, which picks the tool-call format (server/tools.py)."""
@@ -274,7 +274,7 @@ def parse_chat(
         raise InvalidRequestError("the request body must be a JSON object")
     check_fields(body, CHAT_FIELDS)
     model = check_model(body, served_model_name)
-    tools = tool_calls.parse_tools(body, chat_template)
+    tools = tool_calls.parse_tools(body, chat_template, tool_call_parser)
     messages = chat_messages(body)
     stream = _opt(body, "stream", bool, False, "a boolean")
     include_usage = _stream_options(body, stream)

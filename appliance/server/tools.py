@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.errors import InvalidRequestError
-from appliance.server.tool_parsers import ToolCall, parser_for_template, template_renders_tools
+from appliance.server.tool_parsers import PARSERS, ToolCall, parser_for_template, template_renders_tools
 from appliance.structured.spec import GrammarSpec, json_schema_spec
 
 DEFAULT_FORMAT_DOC = (
@@ -55,7 +55,8 @@ class ToolConfig:
         return next(t["function"] for t in self.tools if t["function"]["name"] == name)
 
 
-def parse_tools(body: dict[str, Any], chat_template: str | None) -> ToolConfig | None:
+def parse_tools(body: dict[str, Any], chat_template: str | None, parser: str = "auto") -> ToolConfig | None:
+    """parser: server.tool_call_parser ("auto": from the template)."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
     if tools is None:
@@ -94,7 +95,8 @@ def parse_tools(body: dict[str, Any], chat_template: str | None) -> ToolConfig |
         raise _bad("tool_choice", f"must be 'auto', 'none', 'required' or a function, got {choice!r}")
     if choice in ("required", "named") and not tools:
         raise _bad("tool_choice", "needs at least one tool")
-    return ToolConfig(tools, choice, named, parallel, parser_for_template(chat_template),
+    return ToolConfig(tools, choice, named, parallel,
+                      parser_for_template(chat_template) if parser == "auto" else PARSERS[parser],
                       template_renders_tools(chat_template))
 
 

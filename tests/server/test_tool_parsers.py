@@ -68,3 +68,19 @@ def test_parser_chosen_from_the_template() -> None:
     assert parser_for_template("{{ '<|python_tag|>' }} ipython").name == "llama3_json"
     assert parser_for_template("[AVAILABLE_TOOLS] [TOOL_CALLS]").name == "mistral"
     assert parser_for_template("<|im_start|>{{ message['content'] }}").name == "hermes"  # our default format
+
+
+def test_config_forces_a_parser_and_names_a_bad_one(tmp_path) -> None:
+    from appliance.config import load_config
+    from appliance.errors import ConfigError
+    from appliance.server.tools import parse_tools
+
+    body = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+    assert parse_tools(body, "<tool_call>", "mistral").parser.name == "mistral"
+    assert parse_tools(body, "<tool_call>", "auto").parser.name == "hermes"
+    path = tmp_path / "appliance.toml"
+    path.write_text('[server]\ntool_call_parser = "llama3_json"\n')
+    assert load_config(str(path)).server.tool_call_parser == "llama3_json"
+    path.write_text('[server]\ntool_call_parser = "qwen"\n')
+    with pytest.raises(ConfigError, match="tool_call_parser"):
+        load_config(str(path))
