@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -155,6 +156,7 @@ class Bench:
                                   metrics_interval_s=args.metrics_interval, progress=not args.no_progress,
                                   keep_requests=not args.no_request_details)
         self.config: ClientConfig | None = None
+        self.ignore_eos_refused: str | None = None  # the server's message, when it refused the field
 
     def requests(self, seed: int, num: int) -> list[workload.BenchRequest]:
         spec = workload.WorkloadSpec(**{**self.spec.__dict__, "seed": seed, "num_prompts": num})
@@ -183,11 +185,26 @@ class Bench:
         if self.args.warmup < 1:
             return
         requests = self.requests(self.args.seed + WARMUP_SEED_OFFSET, self.args.warmup)
-        async with new_session() as session:
-            records = await asyncio.gather(*(send(session, self.config, r, 0.0) for r in requests))
-        failed = [r for r in records if not r.ok]
+        failed = await self._failures(requests, self.config)
+        if failed and self.config.ignore_eos and failed[0].error_kind == "http_400" \
+                and "ignore_eos" in failed[0].error_message:
+            # `ignore_eos` where the server takes it: a server that refuses the field by name
+            # (OpenAI's own API does) is measured without it, and the result says so.
+            plain = dataclasses.replace(self.config, ignore_eos=False)
+            if not await self._failures(requests, plain):
+                self.ignore_eos_refused = failed[0].error_message
+                self.config = plain
+                print(f"note: the server refused ignore_eos ({self.ignore_eos_refused}); measuring without it, "
+                      "so answers may end before max_tokens", file=sys.stderr)
+                return
         if failed:
             raise RuntimeError(f"warm-up request failed ({failed[0].error_kind}): {failed[0].error_message}")
+
+    @staticmethod
+    async def _failures(requests: list[workload.BenchRequest], config: ClientConfig) -> list[Any]:
+        async with new_session() as session:
+            records = await asyncio.gather(*(send(session, config, r, 0.0) for r in requests))
+        return [r for r in records if not r.ok]
 
     async def run_point(self, point: LoadPoint, seed: int, num: int) -> dict[str, Any]:
         assert self.config is not None
@@ -201,7 +218,7 @@ class Bench:
         assert self.config is not None
         payload: dict[str, Any] = {
             "base_url": self.args.base_url, "model": self.config.model, "endpoint": self.args.endpoint,
-            "ignore_eos": self.args.ignore_eos, "workload": {**_jsonable(self.spec.__dict__),
+            "ignore_eos": self.config.ignore_eos, "ignore_eos_refused": self.ignore_eos_refused, "workload": {**_jsonable(self.spec.__dict__),
                                                               "describe": self.spec.describe()},
             "percentiles": self.percentiles, "slos": [s.describe() for s in self.slos],
             "goodput_limits_ms": self.goodput or None, "args": _args_json(self.args), "runs": [],

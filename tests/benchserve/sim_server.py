@@ -7,7 +7,8 @@ it TTFT stays near S, above it the queue (and TTFT) grows without bound. Times a
 absolute schedule, so event-loop overhead does not accumulate into the answer.
 
 It also exposes /metrics (vLLM's names: running, waiting, KV usage, preemptions) and fails, with
-an OpenAI-shaped 400, any request whose last message or prompt contains "please fail".
+an OpenAI-shaped 400, any request whose last message or prompt contains "please fail", and any
+request for model "strict" that carries `ignore_eos` (as OpenAI's own API does).
 
     python sim_server.py --service-ms 20 --itl-ms 2   # prints "PORT <n>" once listening
 """
@@ -64,6 +65,10 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
     if "please fail" in str(prompt):
         return web.json_response({"error": {"message": "simulated failure", "type": "invalid_request_error",
                                              "param": None, "code": None}}, status=400)
+    if body.get("model") == "strict" and "ignore_eos" in body:  # as OpenAI's own API answers
+        return web.json_response({"error": {"message": "Unrecognized request argument supplied: ignore_eos",
+                                             "type": "invalid_request_error", "param": None, "code": None}},
+                                 status=400)
     max_tokens = int(body.get("max_tokens") or 16)
     first = sim.first_token_at(arrival)
     sim.waiting += 1

@@ -108,3 +108,17 @@ def test_timeouts_are_an_error_kind(sim: Any, tmp_path: Path) -> None:
     assert run["completed"] == 0 and run["errors"]["timeout"]["count"] == 3
     assert run["errors"]["timeout"]["messages"] == {"no answer within 0.01 s": 3}
     assert run["latency_ms"]["ttft"]["p99"] is None and len(doc["plots"]) == 2
+
+
+def test_ignore_eos_only_where_the_server_takes_it(sim: Any, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    data = _conversations(tmp_path / "conv.jsonl", 3)
+    status = main(["bench", "serve", "--base-url", sim.url, "--model", "strict", "--endpoint", "chat",
+                   "--workload", "chat", "--dataset", str(data), "--ignore-eos", "--result-dir", str(tmp_path),
+                   "--result-name", "s", "--no-plots", "--no-progress"])
+    assert status == 0
+    assert "the server refused ignore_eos" in capsys.readouterr().err
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["ignore_eos"] is False
+    assert doc["ignore_eos_refused"] == "Unrecognized request argument supplied: ignore_eos"
+    assert doc["runs"][0]["completed"] == 3 and doc["runs"][0]["failed"] == 0

@@ -77,6 +77,7 @@ def test_random_sweep_against_the_daemon(daemon_url: str, tmp_path: Path,
     assert status == 0, out
     doc = json.loads((tmp_path / "w.json").read_text())
     assert doc["model"] == "SmolLM2-135M-Instruct" and doc["endpoint"] == "completions"
+    assert doc["ignore_eos"] is True and doc["ignore_eos_refused"] is None  # our server takes it
     assert [r["load"]["rate"] for r in doc["runs"]] == [4.0, "inf"]
     for run in doc["runs"]:
         assert (run["completed"], run["failed"], run["errors"]) == (4, 0, {})
