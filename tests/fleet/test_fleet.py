@@ -170,13 +170,15 @@ def test_killing_a_box_loses_no_request_that_had_not_started_streaming(
     threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
-    fleet.wait_until(lambda s: s[home]["current"] >= 1, 10, f"a request in flight on {home}")
+    retried_before = fleet.wait_until(lambda s: s[home]["current"] >= 1, 10,
+                                      f"a request in flight on {home}")[home]["retried"]
     box.signal(signal.SIGKILL)
     assert box.proc is not None and box.proc.wait(30) == -signal.SIGKILL
     for t in threads:
         t.join(120)
     assert all(isinstance(r, str) and r != home for r in results.values()), results
     assert len(results) == 3
+    assert fleet.server_states()[home]["retried"] > retried_before  # HAProxy's retry, not luck
 
     fleet.wait_until(lambda s: s[home]["status"].startswith("DOWN"), 10 * CHECK_INTERVAL_S, f"{home} DOWN")
     served = {api.ask(None, f"After the kill {i}: say a number.", max_tokens=1) for i in range(6)}
