@@ -10,8 +10,10 @@ appliance/status.py. Errors are `{"error": {"message", "type"}}` with a 4xx/5xx 
 Who may connect is decided by the file system: the socket gets `ControlConfig.mode` (0660) and
 `ControlConfig.group` when that group exists, inside the daemon's RuntimeDirectory.
 
-One daemon per socket path: `start()` refuses (ControlSocketInUseError) when something answers
-on the path, and replaces a stale socket file nobody listens on.
+One daemon per socket path: `start()` refuses (ControlSocketInUseError) when another daemon holds
+the path's lock file (`<socket>.lock`, flock'ed for the daemon's life, so two daemons starting
+at the same instant cannot both win) or when something answers on the path; it replaces a stale
+socket file nobody listens on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import grp
 import json
 import logging
@@ -128,6 +131,7 @@ class ControlServer:
         self._stopping = asyncio.Event()
         self._sampler: asyncio.Task[None] | None = None
         self._owns_path = False
+        self._lock_file: Any = None
         self.app = web.Application()
         self.app.add_routes([
             web.get("/status", self.get_status),
@@ -146,13 +150,22 @@ class ControlServer:
     async def start(self) -> None:
         path = self.config.socket_path
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
+        in_use = ControlSocketInUseError(
+            f"another daemon is running: it answers on the control socket {path} "
+            f"(`llm-appliance ctl --socket {path} status` shows it); stop it, or give this one "
+            f"another control.socket_path")
         # NOTE: binding a Unix socket replaces whatever file is at the path, so without this a
         # second daemon took the path over from a live one (and unlinked it when it stopped).
-        if await asyncio.to_thread(_socket_answers, path):
-            raise ControlSocketInUseError(
-                f"another daemon is running: it answers on the control socket {path} "
-                f"(`llm-appliance ctl --socket {path} status` shows it); stop it, or give this one "
-                f"another control.socket_path")
+        # The lock is never unlinked: a waiter could otherwise lock a file nobody else sees.
+        lock_file = open(f"{path}.lock", "a")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            raise in_use from None
+        self._lock_file = lock_file
+        if await asyncio.to_thread(_socket_answers, path):  # a daemon of a version without the lock
+            raise in_use
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await self._runner.setup()
         # NOTE: the umask makes the socket appear with its final mode: no window where anyone
@@ -215,6 +228,9 @@ class ControlServer:
         if self._owns_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.socket_path)
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
 
     # ----- snapshots ---------------------------------------------------------------------------
 

@@ -213,6 +213,20 @@ def test_a_second_daemon_on_the_same_socket_refuses_to_start(daemon: DaemonProce
     assert ControlClient(daemon.control_socket).status().pid == daemon.proc.pid
 
 
+def test_a_daemon_starting_at_the_same_instant_is_refused_by_the_lock(short_tmp: Any) -> None:
+    """The lock beside the socket closes the window between probing the path and binding it."""
+    import fcntl
+
+    path = str(short_tmp / "control.sock")
+    with open(f"{path}.lock", "a") as held:  # what a daemon holds for its whole life
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        run = subprocess.run(
+            [sys.executable, "-m", "appliance.cli", "serve", "--port", "0", "--model", "/nonexistent",
+             "--control-socket", path], capture_output=True, text=True, timeout=120)
+    assert run.returncode == EX_CONFIG, run.stderr
+    assert "another daemon is running" in run.stderr and not os.path.exists(path)
+
+
 def test_a_stale_socket_file_is_replaced(short_tmp: Any) -> None:
     """A socket file nobody listens on (a daemon killed with SIGKILL) does not stop a start."""
     import socket as socketlib
