@@ -13,7 +13,8 @@ from .conftest import MAX_MODEL_LEN, MODEL
 
 def _chat(tokenizer, **body):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **body}
-    return parse_chat(body, render_chat=lambda messages: apply_chat_template(tokenizer, messages),
+    return parse_chat(body, render_chat=lambda messages, tools=None: apply_chat_template(tokenizer, messages,
+                                                                                         tools=tools),
                       served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, default_max_tokens=None)
 
 
@@ -43,7 +44,8 @@ def test_chat_maps_every_sampling_parameter(tokenizer):
 @pytest.mark.parametrize(("body", "param"), [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
     ({"temperature": "hot"}, "temperature"),
     ({"temperature": True}, "temperature"),
     ({"n": 1.5}, "n"),
@@ -54,7 +56,11 @@ def test_chat_maps_every_sampling_parameter(tokenizer):
     ({"seed": "x"}, "seed"),
     ({"max_tokens": -3}, "max_tokens"),
     ({"presence_penalty": 3}, "presence_penalty"),
-    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"),
+    ({"tools": [], "tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"logit_bias": {"5": 200}}, "logit_bias"),
+    ({"functions": [{"name": "f"}]}, "functions"),
 ])
 def test_chat_errors_name_the_parameter(tokenizer, body, param):
     with pytest.raises(InvalidRequestError) as info:
