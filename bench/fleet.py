@@ -215,7 +215,7 @@ class LocalFleet:
 
     def server_states(self) -> dict[str, dict[str, Any]]:
         """HAProxy's view of each box: status (UP, DOWN, DRAIN (agent), MAINT, ...), weight,
-        current and total sessions, and how many requests it retried or sent elsewhere after a
+        maxconn, current and total sessions, and how many requests it retried or sent elsewhere after a
         failure on this box."""
         lines = self.admin("show stat").splitlines()
         header = lines[0].lstrip("# ").split(",")
@@ -224,6 +224,7 @@ class LocalFleet:
             row = dict(zip(header, line.split(","), strict=False))
             if row.get("pxname") == "appliances" and row.get("svname", "").startswith("box"):
                 out[row["svname"]] = {"status": row["status"], "weight": int(row["weight"] or 0),
+                                      "maxconn": int(row["slim"] or 0),
                                       "current": int(row["scur"] or 0), "total": int(row["stot"] or 0),
                                       "retried": int(row["wretr"] or 0) + int(row["wredis"] or 0)}
         return out

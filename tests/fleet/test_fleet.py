@@ -114,6 +114,14 @@ def test_requests_sharing_a_system_prompt_land_on_one_box_and_hit_its_prefix_cac
                                              messages=[{"role": "user", "content": "hello"}])
 
 
+def test_each_box_limit_comes_from_its_max_num_seqs(fleet: LocalFleet, api: Api) -> None:
+    # `fleet haproxy --query` asked each box's agent check; HAProxy applies the same limit live.
+    config = fleet.config_path.read_text()
+    for box in fleet.boxes:
+        assert f"server {box.name} 127.0.0.1:{box.http_port} agent-port {box.agent_port} maxconn 4 " in config
+    assert {s["maxconn"] for s in fleet.server_states().values()} == {4}
+
+
 def test_different_prompts_spread_over_all_three_boxes(fleet: LocalFleet, api: Api) -> None:
     served = [api.ask(None, f"Topic {i}: name one colour of the {word} sky.", max_tokens=1)
               for i, word in enumerate(["morning", "evening", "winter", "summer", "stormy", "northern"] * 4)]
