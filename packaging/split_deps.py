@@ -2,9 +2,9 @@
 
 Input: pip's installation reports (`pip install --dry-run --report FILE`, JSON, one per resolve).
 The app's report resolves the app together with torch and triton for the target Python; the app
-package gets every distribution reachable from the app WITHOUT passing through torch or triton.
-A runtime's report resolves torch and triton alone; the runtime package gets its distributions
-minus the app's (the app's site-packages comes first on sys.path, so a copy there would be dead).
+package gets every distribution reachable from the app WITHOUT passing through torch, triton or
+numpy. A runtime's report resolves torch, triton and numpy; the runtime package gets its
+distributions minus the app's (the app's site-packages comes first on sys.path, so a copy there would be dead).
 
 Markers are evaluated for the TARGET interpreter (the resolve ran on the host's, with
 --python-version), with the extras each distribution was asked for (by the user or by the
@@ -28,8 +28,10 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-# Stop points: these come from the runtime package, never the app.
-RUNTIME_ROOTS = frozenset({"torch", "triton"})
+# Stop points: these come from the runtime package, never the app. numpy goes with torch: torch's
+# extensions are built against its C API, and at ~13 MB compressed it alone would put the app's
+# package over its 30 MB budget for every upgrade.
+RUNTIME_ROOTS = frozenset({"torch", "triton", "numpy"})
 
 
 @dataclass(frozen=True)
