@@ -304,7 +304,7 @@ def _decode(tp: Any, data: Any, path: str) -> Any:
             raise WireError(f"{path}: expected a list, got {type(data).__name__}")
         (item,) = typing.get_args(tp)
         return [_decode(item, x, f"{path}[{i}]") for i, x in enumerate(data)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise WireError(f"{path}: expected an object, got {type(data).__name__}")
         hints = _hints(tp)
