@@ -5,12 +5,13 @@ stopped box behind a real HAProxy are tests/fleet/test_fleet.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from pathlib import Path
 
 import pytest
 
-from appliance.config import load_config
+from appliance.config import FleetConfig, load_config
 from appliance.daemon import Daemon
 from appliance.errors import ConfigError
 from appliance.fleet.agent_check import (
@@ -81,6 +82,16 @@ def test_fleet_keys_are_checked_naming_file_and_key(tmp_path: Path) -> None:
     path.write_text("[fleet]\nenabled = true\nhost = \"127.0.0.2\"\nport = 8000\n")
     assert load_config(str(path)).fleet.port == 8000
     assert load_config(None).fleet.enabled is False
+
+
+def test_shipped_config_documents_every_fleet_key_at_its_default() -> None:
+    shipped = Path(__file__).resolve().parents[2] / "etc" / "appliance.toml"
+    text = shipped.read_text()
+    section = text[text.index("\n[fleet]\n"):]
+    section = section[:section.index("\n[", 1)] if "\n[" in section[1:] else section
+    for f in dataclasses.fields(FleetConfig):
+        assert f"\n{f.name} = " in section or f"\n# {f.name} = " in section, f"fleet.{f.name} not documented"
+    assert load_config(str(shipped)).fleet == FleetConfig()
 
 
 def _free_port() -> int:
