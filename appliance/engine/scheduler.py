@@ -115,6 +115,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def deferred_frees(self) -> list[Sequence]:
+        """Async: finished sequences whose blocks wait for a step in flight to resolve."""
+        return [seq for out in self._unresolved for seq in out.free_after]
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Mark finished and free its blocks (once no step in flight can write them). Safe to
         call once per sequence, in any state; a second call does nothing."""

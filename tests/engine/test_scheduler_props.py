@@ -1,8 +1,10 @@
 """Scheduler + block manager properties under random add / step / abort traffic (hypothesis).
 
 The real Scheduler and BlockManager run, through the production update path (`schedule`,
-`after_launch`, `update_from_output`: forks, stop checks and finishing are the scheduler's own);
-the model is simulated without torch. The simulated
+`after_launch`, `update_from_output`: forks, stop checks and finishing are the scheduler's own),
+synchronously or with async scheduling (the next step scheduled and launched before the previous
+one's tokens are applied: placeholders fed "from the device", finished sequences' blocks kept
+until the step in flight resolves); the model is simulated without torch. The simulated
 forward writes each computed token id into a paged "KV cache" (one slot per position, addressed
 through the block table) and then reads the whole prefix back through the table, so a block
 that holds the wrong tokens (a bad prefix hit, a missed copy-on-write, a write into a shared or
@@ -17,13 +19,20 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from appliance.engine.block_manager import BlockManager, chain_hash
 from appliance.engine.scheduler import Scheduler, SchedulerOutput
-from appliance.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from appliance.engine.sequence import (
+    PLACEHOLDER_TOKEN_ID,
+    FinishReason,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+)
 
 VOCAB = 13
 # Prompts are drawn from a few shared prefixes so prefix-cache hits are frequent.
@@ -77,8 +86,12 @@ class SimEngine:
         max_seqs: int,
         prefix_caching: bool,
         chunked_prefill: bool = True,
+        async_scheduling: bool = False,
     ) -> None:
         self.block_size = block_size
+        self.async_scheduling = async_scheduling
+        # Async: the step launched last, with what its rows sampled ("still on the device").
+        self.in_flight: tuple[SchedulerOutput, dict[int, Sampled]] | None = None
         self.max_model_len = num_blocks * block_size  # any single sequence fits the whole cache
         self.bm = BlockManager(num_blocks, block_size, prefix_caching)
         self.sched = Scheduler(
@@ -88,6 +101,7 @@ class SimEngine:
             max_model_len=self.max_model_len,
             enable_chunked_prefill=chunked_prefill,
             eos_token_ids=[EOS],
+            async_scheduling=async_scheduling,
         )
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.requests: dict[str, list[Sequence]] = {}
@@ -111,15 +125,19 @@ class SimEngine:
             if not seq.is_finished:
                 self.sched.finish(seq, FinishReason.ABORT)
                 self.aborted.append(seq)
-            assert seq.block_table == []
+            assert seq.block_table == [] or seq in self.deferred(), "blocks kept past the step in flight"
+
+    def deferred(self) -> list[Sequence]:
+        """Async: finished sequences whose blocks wait for a step in flight."""
+        return self.sched.deferred_frees()
 
     def live(self) -> list[Sequence]:
         return [s for seqs in self.requests.values() for s in seqs if not s.is_finished]
 
     # -- one step ---------------------------------------------------------------------------
     def step(self, abort_midway: str | None = None) -> SchedulerOutput:
-        """EngineCore.step's production path: schedule → (simulated) launch → after_launch →
-        update_from_output; the scheduler forks, checks stops and finishes."""
+        """EngineCore.step's production path: schedule → (simulated) launch → update_from_output
+        → after_launch (async: the update is the previous step's, as in EngineCore)."""
         waiting_before = list(self.sched.waiting)
         running_before = list(self.sched.running)
         out = self.sched.schedule()
@@ -127,6 +145,7 @@ class SimEngine:
 
         for src, dst in out.blocks_to_copy:  # before the forward, as the model runner does
             self.kv[dst] = list(self.kv[src])
+        on_device = self.in_flight[1] if self.in_flight is not None else {}
         sampled: dict[int, Sampled] = {}
         for item in out.scheduled:
             seq, bs = item.seq, self.block_size
@@ -139,17 +158,31 @@ class SimEngine:
                 block = self.bm.blocks[seq.block_table[pos // bs]]
                 assert block.ref_count == 1, f"write into shared block {block}"
                 assert block.block_hash is None, f"write into a cached (hashed) block {block}"
-                self.kv[block.block_id][pos % bs] = seq.token_ids[pos]
+                token = seq.token_ids[pos]
+                if token == PLACEHOLDER_TOKEN_ID:  # fed from the step in flight, as on the GPU
+                    assert pos == end - 1 == len(seq) - 1, "only a decode feeds a placeholder"
+                    token = on_device[seq.seq_id].token_ids[0]
+                self.kv[block.block_id][pos % bs] = token
             # Attention reads the whole prefix back through the block table.
             seen = [self.kv[seq.block_table[p // bs]][p % bs] for p in range(end)]
-            assert seen == seq.token_ids[:end], f"{seq}: KV cache holds {seen}, tokens {seq.token_ids[:end]}"
+            real = [t for t in seq.token_ids[:end] if t != PLACEHOLDER_TOKEN_ID]
+            assert seen[: len(real)] == real, f"{seq}: KV cache holds {seen}, tokens {seq.token_ids[:end]}"
             if item.sample:  # the lead of an n > 1 request draws every choice's first token
                 sampled[seq.seq_id] = Sampled([next_token(seen, k) for k in range(1 + seq.pending_forks)])
-        self.sched.after_launch(out)
 
         if abort_midway is not None:  # a client disconnect while the forward runs
             self.abort(abort_midway)
-        for update in self.sched.update_from_output(out, sampled):
+        if self.async_scheduling:
+            prev, self.in_flight = self.in_flight, (out, sampled)
+            updates = self.sched.update_from_output(*prev) if prev is not None else []
+            self.sched.after_launch(out)  # after the update, as EngineCore does
+            if all(item.seq.is_finished for item in out.scheduled):  # EngineCore._retire_if_dead
+                self.sched.resolve(out, sampled)
+                self.in_flight = None
+        else:
+            self.sched.after_launch(out)
+            updates = self.sched.update_from_output(out, sampled)
+        for update in updates:
             seq = update.seq
             if update.forked:
                 self.requests[seq.request_id].append(seq)
@@ -165,6 +198,9 @@ class SimEngine:
         self.num_preempted += len(out.preempted)
         return out
 
+    def busy(self) -> bool:
+        return self.sched.has_unfinished() or self.in_flight is not None
+
     def _check_schedule(
         self, out: SchedulerOutput, waiting_before: list[Sequence], running_before: list[Sequence]
     ) -> None:
@@ -177,17 +213,19 @@ class SimEngine:
         admitted = [i.seq for i in out.scheduled if i.seq in waiting_before]
         assert admitted == waiting_before[: len(admitted)]
         if admitted:
-            assert len(self.sched.running) <= self.sched.max_num_seqs
+            # (async: a sequence whose last token is in flight leaves on its update; it counts not)
+            assert len([s for s in self.sched.running if not s.finish_pending]) <= self.sched.max_num_seqs
             assert not out.preempted  # nothing is admitted in a step that had to preempt
 
     # -- invariants -------------------------------------------------------------------------
     def check(self) -> None:
         bm, bs = self.bm, self.block_size
         live = self.live()
-        bm.check_invariants([s.block_table for s in live])  # refcounts == table membership, pools
+        deferred = self.deferred()
+        bm.check_invariants([s.block_table for s in live + deferred])  # refcounts == table membership
         usage = bm.usage()
         assert usage.num_used + usage.num_cached_free + usage.num_free == usage.num_total
-        assert usage.num_used == len({b for s in live for b in s.block_table})
+        assert usage.num_used == len({b for s in live + deferred for b in s.block_table})
         running, waiting = self.sched.running, list(self.sched.waiting)
         assert len(set(map(id, running))) == len(running) and not set(map(id, running)) & set(
             map(id, waiting)
@@ -215,19 +253,21 @@ class SimEngine:
             if block.block_hash is not None:
                 assert tuple(self.kv[block.block_id]) == block.token_ids
         for seq in self.done:
-            assert seq.block_table == []
-        if not self.sched.has_unfinished():
+            assert seq.block_table == [] or seq in deferred
+        if not self.busy():
             assert usage.num_used == 0 and not self.requests
 
     def drain(self, max_steps: int = 5000) -> None:
         """Every sequence finishes (each fits the cache alone), then nothing is held."""
         for _ in range(max_steps):
-            if not self.sched.has_unfinished():
+            if not self.busy():
                 break
+            in_flight = self.in_flight
             out = self.step()
-            assert not out.is_empty, f"no progress: running={self.sched.running} waiting={self.sched.waiting}"
+            assert not out.is_empty or in_flight is not None, (
+                f"no progress: running={self.sched.running} waiting={self.sched.waiting}")
             self.check()
-        assert not self.sched.has_unfinished(), "sequences never finished"
+        assert not self.busy(), "sequences never finished"
         usage = self.bm.usage()
         assert usage.num_used == 0 and usage.num_free + usage.num_cached_free == usage.num_total
         assert all(b.ref_count == 0 for b in self.bm.blocks)
@@ -251,6 +291,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_seqs=st.integers(1, 4),
         prefix_caching=st.booleans(),
         chunked_prefill=st.booleans(),
+        async_scheduling=st.booleans(),
     )
     def setup(
         self,
@@ -260,8 +301,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_seqs: int,
         prefix_caching: bool,
         chunked_prefill: bool,
+        async_scheduling: bool,
     ) -> None:
-        self.engine = SimEngine(num_blocks, block_size, budget, max_seqs, prefix_caching, chunked_prefill)
+        self.engine = SimEngine(num_blocks, block_size, budget, max_seqs, prefix_caching, chunked_prefill,
+                                async_scheduling)
 
     @rule(
         base=st.integers(0, len(BASES) - 1),
@@ -314,10 +357,12 @@ TestSchedulerProperties.settings = settings(
 )
 
 
-def test_tiny_cache_preempts_and_still_matches_cold_runs() -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_tiny_cache_preempts_and_still_matches_cold_runs(async_scheduling: bool) -> None:
     """A fixed heavy workload: preemption must happen, prefix hits must happen, outputs stay exact."""
     rng = random.Random(0)
-    engine = SimEngine(num_blocks=6, block_size=2, budget=8, max_seqs=4, prefix_caching=True)
+    engine = SimEngine(num_blocks=6, block_size=2, budget=8, max_seqs=4, prefix_caching=True,
+                       async_scheduling=async_scheduling)
     for i in range(40):
         base = BASES[rng.randrange(len(BASES))]
         prompt = base[: rng.randint(2, 7)] + [rng.randrange(VOCAB) for _ in range(rng.randint(0, 2))]
