@@ -240,43 +240,6 @@ build_app() {
   copyright_for "$root$site" "llm-appliance $UPSTREAM (commit $COMMIT) and the Python packages it bundles in $site" \
     > "$doc/copyright"
   changelog "$root" "$pkg" "$version" "Build of $UPSTREAM at commit $COMMIT for $SUITE (python$PYVER)."
-# An add-on appliance outside the Debian archive: FHS 3.0 puts add-on software in /opt.
-$pkg: dir-or-file-in-opt *
-# Its bundled Python packages ship their own docs, licenses and data next to the code, as pip lays
-# them out; the venv's interpreter links are part of the venv layout.
-$pkg: package-contains-documentation-outside-usr-share-doc *
-$pkg: extra-license-file *
-$pkg: executable-not-elf-or-script *
-$pkg: script-not-executable *
-$pkg: shell-script-fails-syntax-check *
-$pkg: python-script-but-no-python-dep *
-$pkg: unusual-interpreter *
-$pkg: interpreter-in-usr-local *
-$pkg: embedded-javascript-library *
-$pkg: font-in-non-font-package *
-$pkg: package-contains-vcs-control-file *
-$pkg: package-contains-empty-directory *
-$pkg: repeated-path-segment *
-$pkg: privacy-breach-generic *
-$pkg: embedded-library *
-# Compiled extensions (aiohttp, numpy, tokenizers, ...) come as the upstream manylinux wheels,
-# built and linked by their projects, not by this build.
-$pkg: unstripped-binary-or-object *
-$pkg: hardening-no-fortify-functions *
-$pkg: hardening-no-bindnow *
-$pkg: hardening-no-relro *
-$pkg: shared-library-lacks-prerequisites *
-$pkg: shared-library-lacks-version *
-$pkg: binary-or-shlib-defines-rpath *
-$pkg: custom-library-search-path *
-$pkg: library-not-linked-against-libc *
-$pkg: missing-dependency-on-libc *
-$pkg: spelling-error-in-binary *
-# The unit is started by the operator (`systemctl enable --now`), never by the package: postinst
-# does not enable it, by design (the model and config need a look first).
-$pkg: maintainer-script-calls-systemctl *
-$pkg: systemd-service-file-missing-documentation-key *
-EOF
   mkdir -p "$root/DEBIAN"
   cat > "$root/DEBIAN/control" <<EOF
 Package: $pkg
