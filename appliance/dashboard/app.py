@@ -70,13 +70,11 @@ class DashboardApp(App[None]):
     #bottom > RequestsTable { height: 1fr; }
     #bottom > ClientsTable { height: auto; max-height: 5; }
     GpuPanel { max-height: 5; }
-    GpuPanel > GpuCard { height: 5; }
     Screen.-wide #stats { height: 8; }
     Screen.-wide #bottom { layout: horizontal; }
     Screen.-wide #bottom > RequestsTable { width: 3fr; }
     Screen.-wide #bottom > ClientsTable { width: 2fr; height: 1fr; max-height: 100%; }
     Screen.-wide GpuPanel { grid-size: 2; max-height: 18; }
-    Screen.-wide GpuPanel > GpuCard { height: 6; }
     """
     BINDINGS = [
         Binding("d", "drain", "Drain"),

@@ -80,6 +80,22 @@ def test_card_text_of_a_busy_gpu() -> None:
     assert len(gpu_card_lines(BUSY, 76)) == 4 and all(len(line.plain) <= 76 for line in gpu_card_lines(BUSY, 76))
 
 
+def test_card_text_of_a_recorded_h200() -> None:
+    """Readings NVML gave on an H200 under a matmul load (bench/gpu_dashboard_card.py)."""
+    from recorded import recorded_gpus
+
+    snapshot = recorded_gpus("gpu_h200")
+    (h200,) = snapshot.gpus
+    text = _text(gpu_card_lines(h200, 96))
+    assert gpu_title(h200) == "GPU 0 · NVIDIA H200" and snapshot.driver_version == "580.159.04"
+    assert "100%" in text and "1.6 GiB / 140.4 GiB" in text
+    assert "temp 57 °C" in text and "power 690 / 700 W" in text
+    assert "fan N/A" in text  # an SXM board has no fan: NVML answers NOT_SUPPORTED
+    assert "SM 1455/1980 MHz" in text and "mem 3201/3201 MHz" in text
+    assert "throttle power cap" in text and "ECC 0 corr 0 uncorr" in text
+    assert "procs 555 python3 1002 MiB" in text
+
+
 def test_card_text_in_three_lines_keeps_the_alarms() -> None:
     lines = gpu_card_lines(BUSY, 76, lines=3)
     text = _text(lines)

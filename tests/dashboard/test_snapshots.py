@@ -1,27 +1,33 @@
 """Snapshot tests at 80x24 (an SSH terminal) and 160x48: busy, idle, no GPU, daemon down.
 
 Deterministic: the daemon's side is replayed from events recorded off a real daemon
-(data/*.json, `record.py`), the GPU side is a fixed snapshot, and "daemon down" is the real
+(data/*.json, `record.py`), the GPU side is a fixed snapshot (data/gpu_h200.json, recorded
+on an H200), and "daemon down" is the real
 client on a socket path where nothing exists. Update with `pytest --snapshot-update` and look at
 the SVGs in __snapshots__/ before committing them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
-from recorded import FixedGpus, RecordedSource, recorded_events
+from recorded import FixedGpus, RecordedSource, recorded_events, recorded_gpus
 from test_nvml import BUSY
 
 from appliance.dashboard.app import DashboardApp
 from appliance.dashboard.client import ControlSocketClient
 from appliance.dashboard.widgets.banner import Banner
-from appliance.status import GpuReading, GpuSnapshot
+from appliance.status import GpuSnapshot
 
 SIZES = [(80, 24), (160, 48)]
-ONE_GPU = GpuSnapshot(gpus=[BUSY], driver_version="570.86.15")
-TWO_GPUS = GpuSnapshot(gpus=[BUSY, GpuReading(index=1, name="NVIDIA H200")], driver_version="570.86.15")
+# Real NVML readings of an H200 under a matmul load (bench/gpu_dashboard_card.py on the lent GPU).
+H200 = recorded_gpus("gpu_h200")
+ONE_GPU = H200
+# Two cards: the H200 as recorded, and the test's constructed reading of a busier one.
+TWO_GPUS = GpuSnapshot(gpus=[H200.gpus[0], dataclasses.replace(BUSY, index=1)],
+                       driver_version=H200.driver_version)
 NO_GPU = GpuSnapshot(error="no NVIDIA GPU: NVML Shared Library Not Found")
 
 

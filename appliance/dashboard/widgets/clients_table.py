@@ -59,4 +59,4 @@ class ClientsTable(DataTable[str | Text]):
             return
         for c in clients:
             for (_, column), value in zip(COLUMNS, _cells(c), strict=True):
-                self.update_cell(c.name, column, value)
+                self.update_cell(c.name, column, value, update_width=True)

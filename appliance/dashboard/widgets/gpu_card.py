@@ -17,9 +17,9 @@ _CARD_CSS = """
     border: round $secondary;
     border-title-style: bold;
     padding: 0 1;
-    height: 6;
+    height: auto;
 """
-# NOTE: the app makes cards 5 rows high (3 lines) on narrow terminals.
+# NOTE: cards draw 3 lines on narrow terminals (the app's "-narrow" breakpoint), else 4.
 
 
 def _ratio(used: float | None, total: float | None) -> float | None:
@@ -114,8 +114,10 @@ class GpuCard(Static):
 
     def _render_card(self) -> RenderableType:
         assert self.reading is not None
-        return Group(*gpu_card_lines(self.reading, max(self.content_region.width, 20),
-                                     lines=max(self.content_region.height, 3)))
+        # NOTE: by the screen's breakpoint, not the card's height: the GPU grid sizes its rows to
+        # the cards' content, so a card would only ever see the height of what it drew last.
+        narrow = self.screen.has_class("-narrow")
+        return Group(*gpu_card_lines(self.reading, max(self.content_region.width, 20), lines=3 if narrow else 4))
 
 
 class NoGpuCard(Static):

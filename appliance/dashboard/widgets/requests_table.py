@@ -57,7 +57,7 @@ class RequestsTable(DataTable[str | Text]):
             cells = _cells(r, id_width)
             if r.id in existing:
                 for (_, column), value in zip(COLUMNS, cells, strict=True):
-                    self.update_cell(r.id, column, value)
+                    self.update_cell(r.id, column, value, update_width=True)
             else:
                 self.add_row(*cells, key=r.id)
 
