@@ -2,6 +2,7 @@
 sampler) while the GPU works, and the cards rendered headless by Textual.
 
     PYTHONPATH=build/dashboard-deps python3 bench/gpu_dashboard_card.py --out "$OUT"
+    .venv/bin/python bench/gpu_dashboard_card.py --render-only tests/dashboard/data/gpu_h200.json --out /tmp/card
 
 Writes to --out:
 - gpu_snapshot.json: the last GpuSnapshot, as the wire type's JSON (for tests/dashboard/data/);
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from appliance.dashboard.nvml import NvmlSampler  # noqa: E402
-from appliance.status import GpuSnapshot, to_json  # noqa: E402
+from appliance.status import GpuSnapshot, loads, to_json  # noqa: E402
 
 
 def _commit() -> str:
@@ -149,8 +150,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--seconds", type=float, default=8.0, help="sampling window under load")
+    parser.add_argument("--render-only", type=Path, metavar="GPU_SNAPSHOT_JSON",
+                        help="no sampling: draw the cards of a recorded gpu_snapshot.json (e.g. after a "
+                             "change to the card, from tests/dashboard/data/gpu_h200.json)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.render_only is not None:
+        _render(loads(GpuSnapshot, args.render_only.read_text()), args.out)
+        print((args.out / "gpu_card.txt").read_text())
+        return 0
 
     sampler = NvmlSampler()
     stop = threading.Event()
