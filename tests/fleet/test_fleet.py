@@ -159,6 +159,33 @@ def test_drain_moves_new_requests_off_a_box_while_its_stream_finishes(
     assert api.ask(SYSTEM_A, "After the resume: where are the maps?") == home  # its prefixes come back
 
 
+def test_a_loaded_box_gets_less_weight_and_its_weight_back_when_idle(fleet: LocalFleet, api: Api) -> None:
+    box = fleet.boxes[2]
+    words = "river stone market lantern orbit violet cedar harbor signal meadow copper thunder".split()
+
+    def long_stream(seed: int) -> None:
+        # Sent to the box itself (not through HAProxy): the load is the box's, HAProxy only hears
+        # of it from the agent check. ~440 prompt tokens + 40 generated: ~30 of the 68 KV blocks.
+        prompt = " ".join(words[(seed * 7 + i * 5) % len(words)] + str(i % 10) for i in range(210))
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{box.http_port}/v1", api_key=API_KEY,
+                           max_retries=0, timeout=600) as direct:
+            stream = direct.completions.create(model=api.model, prompt=prompt, max_tokens=40, stream=True,
+                                               extra_body={"ignore_eos": True})
+            assert sum(1 for _ in stream) > 0
+
+    threads = [threading.Thread(target=long_stream, args=(seed,)) for seed in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        # Two such sequences hold most of the cache: the agent lowers the weight it reports.
+        loaded = fleet.wait_until(lambda s: s[box.name]["weight"] < 100, 120, f"{box.name} weighted down")
+        assert loaded[box.name]["status"] == "UP"
+    finally:
+        for t in threads:
+            t.join(600)
+    fleet.wait_until(lambda s: s[box.name]["weight"] == 100, 10 * CHECK_INTERVAL_S, f"{box.name} at full weight")
+
+
 def test_killing_a_box_loses_no_request_that_had_not_started_streaming(
         fleet: LocalFleet, api: Api) -> None:
     home = api.ask(SYSTEM_B, "How do I fix a flat tyre?")
