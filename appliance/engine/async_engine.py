@@ -34,12 +34,13 @@ logger = logging.getLogger(__name__)
 class _Stream:
     """The loop-side end of one request."""
 
-    __slots__ = ("acc", "n", "final_only", "wakeup", "error", "finished", "aborted")
+    __slots__ = ("acc", "n", "final_only", "woken", "wakeup", "error", "finished", "aborted")
 
     def __init__(self, request_id: str, n: int, final_only: bool) -> None:
         self.acc = OutputAccumulator(request_id)
         self.n = n
         self.final_only = final_only
+        self.woken = False  # final_only: the first delta has woken the consumer
         self.wakeup = asyncio.Event()
         self.error: BaseException | None = None
         self.finished = False  # the consumer has had the last delta
@@ -132,7 +133,8 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestDelta]:
         """Yield deltas until the last one (finished=True); see the module docstring.
 
-        `final_only` (non-streaming consumers): a single delta, everything, at the end.
+        `final_only` (non-streaming consumers): the first delta (its time is the request's time to
+        first token), then everything else merged into one at the end.
         Raises before the first item when the request is invalid (InvalidRequestError,
         PromptTooLongError, …), and EngineDeadError whenever the core dies.
         """
@@ -193,7 +195,8 @@ class AsyncEngine:
             if stream is None or stream.aborted:
                 continue  # its consumer is gone
             stream.acc.add(delta)
-            if not stream.final_only or delta.finished:
+            if not stream.final_only or delta.finished or not stream.woken:
+                stream.woken = True
                 stream.wakeup.set()
         for request_id, error in outputs.rejected:
             stream = streams.get(request_id)
