@@ -78,7 +78,6 @@ class _InFlight:
     out: SchedulerOutput
     handle: StepHandle
     needs_host_ids: bool = False  # a sampling row has penalties: the next launch needs real token ids
-    has_grammar: bool = False  # [apps] a sampling row is constrained: the next launch's masks need its tokens
 
 
 def _has_penalty(params: SamplingParams) -> bool:
@@ -204,23 +203,25 @@ class EngineCore:
         """
         sched = self.scheduler
         failed = self._admit_compiled() if self.structured is not None and self.structured.num_held else []
-        # [apps] the grammar advance: this step's masks need the constrained tokens of the step in
-        # flight accepted, so that step is updated first (before schedule: what it finishes is gone).
-        early = None
-        if self._in_flight is not None and self._in_flight.has_grammar:
-            early, self._in_flight = self._update(self._in_flight), None
         out = sched.schedule()
         prev, self._in_flight = self._in_flight, None
         if out.is_empty and prev is None and self.structured is not None and self.structured.num_held:
             self.structured.wait_any(_GRAMMAR_WAIT_S)  # [apps] only compiles pending: nothing to launch
-            return failed + (early or [])
+            return failed
+        # [apps] the grammar advance: constrained rows' masks need the step in flight's tokens
+        # accepted (in its update), so their sampling is enqueued after that update; the forward
+        # still overlaps the host work.
+        has_grammar = self.structured is not None and any(
+            item.sample and item.seq.sampling_params.structured is not None for item in out.scheduled)
+        defer = self.async_scheduling and has_grammar and prev is not None
         if prev is not None and prev.needs_host_ids:
             sched.resolve(prev.out, prev.handle.results())  # penalties read every token id on the host
-        handle = self.runner.launch(out, prev.handle if prev is not None else None)
+        handle = self.runner.launch(out, prev.handle if prev is not None else None, defer_sampling=defer)
         if self.async_scheduling:
-            self._in_flight = _InFlight(out, handle, any(_has_penalty(row.seq.sampling_params) for row in handle.rows),
-                                        any(row.seq.sampling_params.structured is not None for row in handle.rows))
+            self._in_flight = _InFlight(out, handle, any(_has_penalty(row.seq.sampling_params) for row in handle.rows))
             deltas = self._update(prev) if prev is not None else []
+            if defer:
+                self.runner.sample_deferred(handle)  # [apps] prev's tokens are accepted now
             sched.after_launch(out)  # NOTE: after the update: its placeholders stay out of it
             self._retire_if_dead()
         else:
@@ -228,8 +229,6 @@ class EngineCore:
             deltas = self._update(_InFlight(out, handle))
         self._num_steps += 1
         self._last_step_time = time.monotonic()
-        if early:
-            deltas = early + deltas
         return failed + deltas if failed else deltas
 
     def _admit_compiled(self) -> list[RequestDelta]:

@@ -114,6 +114,9 @@ class StepHandle:
     rows: list[SampleRow]
     pending: PendingSamples | None
     _results: dict[int, SampleResult] | None = None
+    # [apps] launch(defer_sampling=True): the forward is enqueued, its sampling waits for
+    # `ModelRunner.sample_deferred` (grammar masks that need the previous step's tokens first).
+    deferred_logits: torch.Tensor | None = None
 
     def draw_index(self) -> dict[int, int]:
         """seq_id -> index of the row's (first) sampled id in `pending.token_ids`."""
@@ -243,7 +246,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+    def launch(self, out: SchedulerOutput, prev: StepHandle | None = None, *,
+               defer_sampling: bool = False) -> StepHandle:
         """Enqueue the step (copies, forward, sampling) without waiting for the device.
 
         `prev`: the step launched before this one, whose sampled ids may still be on the device;
@@ -269,7 +273,16 @@ class ModelRunner:
                 self._prompt_logprobs(hidden, hb.prompt_lp)  # [apps]
         if not hb.rows:
             return StepHandle([], None)
+        if defer_sampling:  # [apps] see StepHandle.deferred_logits
+            return StepHandle(hb.rows, None, deferred_logits=logits)
         return StepHandle(hb.rows, self.sampler.sample_async(logits, hb.rows))
+
+    def sample_deferred(self, handle: StepHandle) -> None:
+        """[apps] Enqueue the sampling of a step launched with defer_sampling=True.
+        NOTE: before the next launch (a graph's logits buffer is reused by its next replay)."""
+        if handle.deferred_logits is not None:
+            handle.pending = self.sampler.sample_async(handle.deferred_logits, handle.rows)
+            handle.deferred_logits = None
 
     def _prompt_logprobs(self, hidden: torch.Tensor, chunks: list[tuple[Sequence, int, int, int]]) -> None:
         """[apps] Logprob of each prompt token given the ones before it (+ top-k), from this

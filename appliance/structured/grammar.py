@@ -187,7 +187,9 @@ class StructuredOutputs:
     def bitmask(self, rows: list[SampleRow]) -> tuple[list[int], torch.Tensor] | None:
         """Called by the sampler for a step's rows: (row indices, int32 bitmask [R, ceil(V/32)])
         for the rows with a grammar, or None when no row has one."""
-        indices = [i for i, row in enumerate(rows) if row.seq.sampling_params.structured is not None]
+        # A row finished meanwhile (async: its result will be dropped) gets no mask, and no matcher.
+        indices = [i for i, row in enumerate(rows)
+                   if row.seq.sampling_params.structured is not None and not row.seq.is_finished]
         if not indices:
             return None
         host = self._host_mask
