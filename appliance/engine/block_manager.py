@@ -156,50 +156,68 @@ class BlockManager:
         return block_hash, block_id
 
     # ------------------------------------------------------------------ admission
-    def num_blocks_to_allocate(self, seq: Sequence) -> int:
-        """Fresh blocks `allocate(seq)` would take (prefix hits on free-cached blocks count too)."""
-        return self.blocks_needed(len(seq))
+    def num_blocks_to_allocate(self, seq: Sequence, max_new_tokens: int | None = None) -> int:
+        """Fresh blocks `allocate(seq, max_new_tokens)` would take (prefix hits on free-cached
+        blocks count too)."""
+        return self.blocks_needed(self._tokens_to_cover(seq, max_new_tokens, None))
 
-    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
-        return self.num_allocatable - reserve >= self.num_blocks_to_allocate(seq)
+    def can_allocate(self, seq: Sequence, reserve: int = 0, max_new_tokens: int | None = None) -> bool:
+        return self.num_allocatable - reserve >= self.num_blocks_to_allocate(seq, max_new_tokens)
 
-    def allocate(self, seq: Sequence) -> None:
+    def _tokens_to_cover(self, seq: Sequence, max_new_tokens: int | None, num_hit_blocks: int | None) -> int:
+        """Positions an admission covers: every known token; with a sliding window and a chunk bound,
+        only the cached prefix and the first chunk (later chunks `grow`, releasing as they go)."""
+        if self.sliding_window is None or max_new_tokens is None:
+            return len(seq)
+        if num_hit_blocks is None:  # admission check: count the hits without taking them
+            num_hit_blocks = len(self._prefix_hits(seq))
+        return min(len(seq), num_hit_blocks * self.block_size + max_new_tokens)
+
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        """The cached blocks that hold seq's leading full blocks (looked up, not referenced)."""
+        tokens = seq.token_ids
+        # [apps] a request that wants its prompt's logprobs runs every prompt token through the model.
+        if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
+            return []
+        # Never serve the whole sequence from cache: the last token must run through the model.
+        max_hit_blocks = (len(tokens) - 1) // self.block_size
+        hits: list[int] = []
+        parent: bytes | None = None
+        for i in range(min(len(tokens) // self.block_size, max_hit_blocks)):
+            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
+            parent, block_id = self._lookup(parent, chunk)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def allocate(self, seq: Sequence, max_new_tokens: int | None = None) -> None:
         """Give a waiting sequence blocks for all its known tokens, reusing cached prefix blocks.
 
         Sets seq.num_computed_tokens to the number of tokens found in the cache. NOTE: at least
         one token is always left to compute, so the step produces logits to sample from.
+        max_new_tokens (the step's budget): with a sliding window, cover only the cached prefix and
+        this many tokens more, so a long prompt never holds more than its window and a chunk.
         """
         assert not seq.block_table, f"{seq} already has blocks"
-        tokens = seq.token_ids
-        num_full = len(tokens) // self.block_size
-        # Never serve the whole sequence from cache: the last token must run through the model.
-        max_hit_blocks = (len(tokens) - 1) // self.block_size
-        table: list[int] = []
-        parent: bytes | None = None
-        hits = 0
-        # [apps] a request that wants its prompt's logprobs runs every prompt token through the model.
+        hits = self._prefix_hits(seq)
         if self.enable_prefix_caching and seq.sampling_params.prompt_logprobs is None:
-            self.prefix_queries_tokens += num_full * self.block_size
-            for i in range(min(num_full, max_hit_blocks)):
-                chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
-                parent, block_id = self._lookup(parent, chunk)
-                if block_id is None:
-                    break
-                self._incref(block_id)
-                table.append(block_id)
-                hits += 1
-            self.prefix_hits_tokens += hits * self.block_size
+            self.prefix_queries_tokens += len(seq.token_ids) // self.block_size * self.block_size
+            self.prefix_hits_tokens += len(hits) * self.block_size
+        for block_id in hits:  # referenced before any fresh block is taken: never evicted by it
+            self._incref(block_id)
+        table = list(hits)
         try:
-            for _ in range(self.blocks_needed(len(tokens)) - hits):
+            for _ in range(self.blocks_needed(self._tokens_to_cover(seq, max_new_tokens, len(hits))) - len(hits)):
                 table.append(self._take_fresh())
         except NoFreeBlocksError:
             for block_id in table:
                 self._decref(block_id)
             raise
         seq.block_table = table
-        seq.num_hashed_blocks = hits
-        seq.num_cached_tokens = hits * self.block_size
-        seq.num_computed_tokens = hits * self.block_size
+        seq.num_hashed_blocks = len(hits)
+        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = len(hits) * self.block_size
 
     # ------------------------------------------------------------------ growth
     def slots_needed(self, seq: Sequence, num_tokens: int) -> int:

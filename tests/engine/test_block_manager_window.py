@@ -123,3 +123,39 @@ def test_free_window_is_the_widest_and_none_with_any_global_layer() -> None:
     assert kv_free_window([512, None, 512]) is None  # Gemma 3: a global layer keeps everything
     assert kv_free_window([None, None]) is None
     assert kv_free_window([]) is None
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_admission_with_a_chunk_bound_holds_window_plus_chunk_not_the_prompt(prefix_caching: bool) -> None:
+    """allocate(seq, max_new_tokens=budget): a 200-token prompt with a 10-token window and 16-token
+    chunks never holds more than the window and one chunk, from admission on."""
+    window, budget = 10, 16
+    bm = BlockManager(64, BLOCK_SIZE, prefix_caching, sliding_window=window)
+    cache = SimulatedCache(bm)
+    prompt = list(range(200))
+    seq = Sequence("r", prompt, SamplingParams())
+    assert bm.num_blocks_to_allocate(seq, budget) == budget // BLOCK_SIZE < bm.num_blocks_to_allocate(seq)
+    assert bm.can_allocate(seq, max_new_tokens=budget)
+    bm.allocate(seq, budget)
+    assert len(seq.block_table) == budget // BLOCK_SIZE
+    bound = -(-(window - 1) // BLOCK_SIZE) + 1 + budget // BLOCK_SIZE + (1 if prefix_caching else 0)
+    while seq.num_computed_tokens < len(prompt):
+        cache.step(seq, min(budget, len(prompt) - seq.num_computed_tokens))
+        assert bm.usage().num_used <= bound
+        assert cache.window_reads_back(seq, window)
+        bm.check_invariants([seq.block_table])
+    if prefix_caching:  # a second identical prompt: its cached prefix plus one chunk
+        again = Sequence("r2", prompt, SamplingParams())
+        hits = (len(prompt) - 1) // BLOCK_SIZE
+        assert bm.num_blocks_to_allocate(again, budget) == min(50, hits + budget // BLOCK_SIZE)
+        bm.allocate(again, budget)
+        assert again.num_computed_tokens == hits * BLOCK_SIZE
+        bm.check_invariants([seq.block_table, again.block_table])
+
+
+def test_without_a_window_the_chunk_bound_changes_nothing() -> None:
+    bm = BlockManager(64, BLOCK_SIZE, True, sliding_window=None)
+    seq = Sequence("r", list(range(100)), SamplingParams())
+    assert bm.num_blocks_to_allocate(seq, 16) == bm.num_blocks_to_allocate(seq) == 25
+    bm.allocate(seq, 16)
+    assert len(seq.block_table) == 25
