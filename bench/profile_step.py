@@ -53,8 +53,21 @@ def instrument(engine: Any) -> _PhaseClock:
     host blocked on a step's sampled ids."""
     clock = _PhaseClock()
     engine.scheduler.schedule = clock.wrap("schedule", engine.scheduler.schedule)
-    engine._process = clock.wrap("process", engine._process)
-    engine._collect_outputs = clock.wrap("outputs", engine._collect_outputs)
+    # process: Scheduler.update_from_output (placeholders, hashes, forks, stop checks);
+    # outputs: the rest of EngineCore._update (detokenization, stop strings, the deltas).
+    engine.scheduler.update_from_output = clock.wrap("process", engine.scheduler.update_from_output)
+    update = engine._update
+
+    def timed_update(*args: Any, **kwargs: Any) -> Any:
+        nested = clock.current["process"] + clock.current["wait"]
+        t0 = time.perf_counter()
+        try:
+            return update(*args, **kwargs)
+        finally:
+            inside = clock.current["process"] + clock.current["wait"] - nested
+            clock.current["outputs"] += time.perf_counter() - t0 - inside
+
+    engine._update = timed_update
     timed_launch = clock.wrap("launch", engine.runner.launch)
 
     def launch(*args: Any, **kwargs: Any) -> Any:
