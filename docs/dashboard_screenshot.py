@@ -6,7 +6,8 @@ two clients, one of them over its concurrency quota, so 429s show), then:
   (docs/dashboard.txt): what an operator sees over SSH;
 - the same app headless (Textual's `save_screenshot`) as SVG (docs/dashboard.svg).
 
-    .venv/bin/python docs/dashboard_screenshot.py [--width 120 --height 36 --seconds 60]
+    .venv/bin/python docs/dashboard_screenshot.py [--width 120 --height 36 --seconds 90]
+    .venv/bin/python docs/dashboard_screenshot.py --width 80 --height 24 --name dashboard-80x24
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=120)
     parser.add_argument("--height", type=int, default=36)
     parser.add_argument("--seconds", type=float, default=90.0, help="load before the captures")
+    parser.add_argument("--name", default="dashboard", help="docs/NAME.txt and docs/NAME.svg")
     args = parser.parse_args()
     if shutil.which("tmux") is None:
         print("tmux is not installed", file=sys.stderr)
@@ -71,12 +73,12 @@ def main() -> int:
             # Both dashboards watch the whole busy minute, so their sparklines have a history.
             session = tmux_start(daemon.control_socket, args.width, args.height)
             asyncio.run(svg(daemon.control_socket, args.width, args.height, args.seconds,
-                            REPO / "docs" / "dashboard.svg"))
+                            REPO / "docs" / f"{args.name}.svg"))
             text = tmux_capture(session)
     finally:
         daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    (REPO / "docs" / "dashboard.txt").write_text(text.rstrip("\n") + "\n")
+    (REPO / "docs" / f"{args.name}.txt").write_text(text.rstrip("\n") + "\n")
     print(text)
     return 0
 
