@@ -9,6 +9,7 @@ from torch import nn
 from appliance.errors import ModelLoadError
 from appliance.models.gemma3 import Gemma3ForCausalLM
 from appliance.models.llama import LlamaForCausalLM, MistralForCausalLM
+from appliance.models.phi3 import Phi3ForCausalLM
 from appliance.models.qwen2 import Qwen2ForCausalLM
 from appliance.models.qwen3 import Qwen3ForCausalLM
 
@@ -16,11 +17,12 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 # config.json files without `architectures` still name their model_type.
-_MODEL_TYPES = {"gemma3_text": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+_MODEL_TYPES = {"gemma3_text": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM"}
 
 

@@ -64,6 +64,12 @@ FAMILIES = {
                                   "original_max_position_embeddings": 12,
                                   "short_factor": [1.0 + 0.1 * i for i in range(8)],
                                   "long_factor": [1.0 + 0.9 * i for i in range(8)]})),
+    "phi3-longrope-sliding": (transformers.Phi3Config, dict(
+        _COMMON, tie_word_embeddings=False, sliding_window=7, original_max_position_embeddings=12, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                         "long_factor": [1.0 + 0.9 * i for i in range(8)]})),
     "gemma3": (transformers.Gemma3TextConfig, dict(
         _COMMON, num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=24, sliding_window=5,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
@@ -72,7 +78,7 @@ FAMILIES = {
                          "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}})),
 }
 # Families compared against HF decoding token by token (see the module docstring).
-INCREMENTAL_HF = {"llama-dynamic-ntk", "phi3-longrope"}
+INCREMENTAL_HF = {"llama-dynamic-ntk", "phi3-longrope", "phi3-longrope-sliding"}
 
 
 def _build_pair(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
