@@ -1,7 +1,10 @@
 """Phi-3 (and Phi-3.5 mini): the Llama decoder, with q/k/v and gate/up already packed in the
 checkpoint (`qkv_proj`, `gate_up_proj`) and LongRoPE for its 128k variants (rope_scaling.py).
 A `sliding_window` in the config slides every layer, as HF's Phi3 attention does. Partial rotary
-(Phi-4-mini's partial_rotary_factor 0.75) is refused by the rope check."""
+(Phi-4-mini's partial_rotary_factor 0.75) is refused by the rope check.
+
+NOTE: `hf_state_dict()` names the projections Llama's way (q_proj/k_proj/v_proj, gate_proj/up_proj);
+`load_weights` takes those as well as Phi-3's packed ones."""
 
 from __future__ import annotations
 
