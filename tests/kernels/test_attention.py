@@ -366,3 +366,25 @@ def test_decode_attention_replays_in_a_cuda_graph() -> None:
     shorter = PagedBatch(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, seq_lens,
                          batch.query_start_loc, 1, 150)
     assert relative_error(out, reference_attention(shorter, 0.1)) <= 1e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_sliding_window_decode_replays_in_a_cuda_graph() -> None:
+    # As above, with a window: the split count comes from the window, never from live lengths.
+    generator = torch.Generator().manual_seed(12)
+    batch = make_batch([1, 1], [300, 900], 8, 2, 128, 16, torch.bfloat16, generator)
+    seq_lens = batch.seq_lens.clone()
+    out = torch.empty_like(batch.q)
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, seq_lens, batch.query_start_loc, 0.1)
+    kwargs = {"max_query_len": 1, "max_seq_len": 1024, "is_decode_only": True, "out": out, "sliding_window": 256}
+    attention.paged_attention(*args, **kwargs)  # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attention.paged_attention(*args, **kwargs)
+    seq_lens.copy_(torch.tensor([180, 700], dtype=torch.int32))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    shorter = PagedBatch(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, seq_lens,
+                         batch.query_start_loc, 1, 700)
+    assert relative_error(out, reference_attention(shorter, 0.1, sliding_window=256)) <= 1e-2
