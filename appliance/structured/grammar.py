@@ -116,6 +116,11 @@ class StructuredOutputs:
         self.compiler = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
         self._matchers: dict[int, Any] = {}  # seq_id -> xgrammar.GrammarMatcher
         self._held: list[tuple[Sequence, concurrent.futures.Future[Any]]] = []  # compiling
+        # Mask fill of a step's rows: 0 = one after another on the engine thread; N > 0 = xgrammar's
+        # BatchGrammarMatcher on N threads (worth it on a many-core GPU host with large batches;
+        # slower on 2 cores: bench/results/grammar_backends_cpu.json). bench/structured.py measures both.
+        self.fill_threads = 0
+        self._batch_matcher: Any = None
         self._host_mask: torch.Tensor | None = None  # int32 [rows, ceil(V/32)], reused
 
     def submit(self, seq: Sequence) -> concurrent.futures.Future[Any]:
@@ -197,8 +202,16 @@ class StructuredOutputs:
             import xgrammar as xgr
 
             host = self._host_mask = xgr.allocate_token_bitmask(max(len(indices), 64), self.vocab_size)
-        for k, i in enumerate(indices):
-            self._matcher(rows[i].seq).fill_next_token_bitmask(host, k)
+        matchers = [self._matcher(rows[i].seq) for i in indices]
+        if self.fill_threads > 0 and len(matchers) > 1:
+            if self._batch_matcher is None:
+                import xgrammar as xgr
+
+                self._batch_matcher = xgr.BatchGrammarMatcher(max_threads=self.fill_threads)
+            self._batch_matcher.batch_fill_next_token_bitmask(matchers, host)
+        else:
+            for k, matcher in enumerate(matchers):
+                matcher.fill_next_token_bitmask(host, k)
         # NOTE: a copy, so the host buffer can be refilled while the device still reads this one.
         return indices, host[: len(indices)].clone()
 

@@ -14,7 +14,7 @@ def test_structured_bench_smoke_writes_both_runs_and_compile_times(tmp_path: Pat
     assert structured.main(["--smoke", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["batch"] == 4 and record["commit"]
-    for kind in ("unconstrained", "json_schema"):
+    for kind in ("unconstrained", "json_schema", "json_schema_threaded_fill"):
         [run] = record["runs"][kind]
         assert run["output_tokens"] == 4 * 6 and run["tpot_ms_mean"] > 0
     compile_times = record["compile"]

@@ -52,13 +52,14 @@ def test_a_compiling_grammar_holds_only_its_own_request(engine) -> None:
     jsonschema.validate(json.loads(accs["held"].output().outputs[0].text), SCHEMA)
 
 
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_constrained_rows_beside_free_ones(default_model_dir, async_scheduling: bool) -> None:
+@pytest.mark.parametrize(("async_scheduling", "fill_threads"), [(True, 0), (False, 0), (True, 2)])
+def test_constrained_rows_beside_free_ones(default_model_dir, async_scheduling: bool, fill_threads: int) -> None:
     from dataclasses import replace
 
     from appliance.engine.llm_engine import EngineCore
 
     core = EngineCore(replace(engine_config(default_model_dir, max_num_seqs=8), async_scheduling=async_scheduling))
+    core.structured.fill_threads = fill_threads  # 2: masks filled by xgrammar's batch matcher
     prompt = chat_ids(core.tokenizer, "Tell me about a person.")
     regex = GrammarSpec("regex", r"[A-Z][a-z]{2,8} is [0-9]{2}\.")
     out = run_to_completion(core, {
