@@ -182,15 +182,26 @@ class ProcessClient:
                               daemon=False)
         process.start()
         child.close()
+        # A tokenizer named in the config loads here while the child loads the model (seconds of
+        # start-up); otherwise the child's resolution of the model names it in `Ready`.
+        early_tokenizer = None
+        if config.model.tokenizer:
+            from appliance.models.tokenizer import load_tokenizer
+
+            early_tokenizer = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, config.model.tokenizer))
         try:
             ready = await asyncio.to_thread(_wait_ready, parent, process, timeout_s, on_progress)
         except BaseException:
             if process.is_alive():
                 process.kill()
             parent.close()
+            if early_tokenizer is not None:
+                early_tokenizer.cancel()
             raise
         tokenizer = None
-        if ready.tokenizer_path is not None:
+        if early_tokenizer is not None and ready.tokenizer_path == str(config.model.tokenizer):
+            tokenizer = await early_tokenizer
+        elif ready.tokenizer_path is not None:
             from appliance.models.tokenizer import load_tokenizer
 
             tokenizer = await asyncio.to_thread(load_tokenizer, ready.tokenizer_path)
