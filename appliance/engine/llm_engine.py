@@ -263,18 +263,24 @@ class EngineCore:
         updates = self.scheduler.update_from_output(step.out, step.handle.results())
         changed: dict[str, list[CompletionDelta]] = {}
         stream = self.stream_outputs
+        structured = self.structured
+        detok = self.detokenizer
+        finished_status = SequenceStatus.FINISHED
+        # NOTE: this loop runs for every token of every sequence: final-only (offline) requests
+        # without stop strings skip the text until they finish.
         for update in updates:
             seq = update.seq
-            req = self.requests[seq.request_id]
+            params = seq.sampling_params
             if update.forked:
-                req.seqs.append(seq)
-            if self.structured is not None and seq.sampling_params.structured is not None:
-                self.structured.accept(seq, update.token_id)  # [apps] the grammar advance
-            self._text(seq, update)
-            finished = seq.is_finished
+                self.requests[seq.request_id].seqs.append(seq)
+            if structured is not None and params.structured is not None:
+                structured.accept(seq, update.token_id)  # [apps] the grammar advance
+            finished = seq.status is finished_status
+            if detok is not None and (stream or finished or params.stop):
+                self._text(seq, update)
+                finished = seq.status is finished_status
             if finished:
                 self.runner.sampler.forget(seq.seq_id)
-            params = seq.sampling_params
             if stream:
                 text = seq.output_text[seq.num_text_sent:]
                 seq.num_text_sent = len(seq.output_text)
