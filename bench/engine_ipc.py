@@ -10,7 +10,7 @@
    (in the engine core today) against the cost per event of the front end's SSE chunk (a dict and
    msgspec.json), the work the server's process does per token anyway.
 
-    python -m appliance_bench.engine_ipc [--batch 256] [--steps 400] [--out FILE]
+    python -m appliance_bench.engine_ipc [--batch 256] [--steps 400] [--tokenizer DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ async def _asyncio_reader(conn: Any, decoder: Any) -> tuple[float, int]:
     return state["start"], state["count"]
 
 
-def detokenize_vs_event(num_tokens: int) -> dict[str, float]:
+def detokenize_vs_event(num_tokens: int, tokenizer_dir: str | None) -> dict[str, float]:
     from appliance.engine.detokenizer import IncrementalDetokenizer
     from appliance.engine.sequence import SamplingParams, Sequence
     from appliance.models.fetch import ensure_default_model
@@ -161,7 +161,7 @@ def detokenize_vs_event(num_tokens: int) -> dict[str, float]:
     from appliance.server.responses import ChoiceDelta, TokenTexts
     from appliance.server.streaming import CompletionChunks, _event
 
-    tokenizer = load_tokenizer(str(ensure_default_model(progress=False)))
+    tokenizer = load_tokenizer(tokenizer_dir or str(ensure_default_model(progress=False)))
     text = "The quick brown fox jumps over the lazy dog, and then it runs far away. " * 40
     ids = tokenizer.encode(text)[:num_tokens]
     out: dict[str, float] = {}
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m appliance_bench.engine_ipc", description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=256, help="requests per step message")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--tokenizer", help="tokenizer dir (default: the embedded default model's)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     result: dict[str, Any] = {"bench": "engine-ipc", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     result["transport_us_per_step"] = {kind: round(transport(args.batch, args.steps, kind), 1) for kind in kinds}
-    result["text"] = {k: round(v, 2) for k, v in detokenize_vs_event(512).items()}
+    result["text"] = {k: round(v, 2) for k, v in detokenize_vs_event(512, args.tokenizer).items()}
     result["codec"] = {k: round(v, 1) for k, v in result["codec"].items()}
     print(json.dumps(result, indent=2))
     if args.out:
