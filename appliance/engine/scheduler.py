@@ -173,9 +173,10 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) - num_finishing < self.max_num_seqs
                and not out.preempted):
             seq = self.waiting[0]
-            if not bm.can_allocate(seq):
+            # (with a sliding window, an admission covers the cached prefix and this step's chunk)
+            if not bm.can_allocate(seq, max_new_tokens=budget):
                 break
-            bm.allocate(seq)
+            bm.allocate(seq, budget)
             num_new = seq.num_uncomputed_tokens
             if num_new > budget:
                 if not self.enable_chunked_prefill and out.scheduled:
