@@ -341,49 +341,33 @@ print(next(i["metadata"]["version"] for i in json.load(open(sys.argv[1]))["insta
   copyright_for "$root$site" "torch $TORCH_VERSION ($flavor build), triton $TRITON_VERSION and their dependencies, as their upstream wheels" \
     > "$doc/copyright"
   changelog "$root" "$pkg" "$version" "torch $TORCH_VERSION ($flavor) + triton $TRITON_VERSION for $SUITE (python$PYVER)."
+  # The tags lintian 2.116 (bookworm) flags on runtime-cpu, each with its reason.
   overrides "$root" "$pkg" <<EOF
 # An add-on appliance outside the Debian archive: FHS 3.0 puts add-on software in /opt.
 $pkg: dir-or-file-in-opt *
-# torch, triton and the CUDA libraries are the upstream manylinux wheels as PyPI ships them: their
-# binaries, bundled libraries, RPATHs and build flags are those projects' choices, and rebuilding
-# them is out of scope (the point of this package is the tested upstream build).
+# torch, triton, numpy and the CUDA libraries are the upstream manylinux wheels as PyPI ships them:
+# their binaries, RPATHs and build flags are those projects' choices; stripping objects that
+# auditwheel patched can break them, and rebuilding them is out of scope (the point of this
+# package is the tested upstream build).
 $pkg: unstripped-binary-or-object *
 $pkg: hardening-no-fortify-functions *
 $pkg: hardening-no-bindnow *
-$pkg: hardening-no-relro *
 $pkg: hardening-no-pie *
 $pkg: shared-library-lacks-prerequisites *
-$pkg: shared-library-lacks-version *
-$pkg: binary-or-shlib-defines-rpath *
 $pkg: custom-library-search-path *
 $pkg: library-not-linked-against-libc *
-$pkg: missing-dependency-on-libc *
-$pkg: embedded-library *
-$pkg: statically-linked-binary *
 $pkg: spelling-error-in-binary *
-$pkg: executable-in-usr-lib *
-$pkg: lib-recommends-documentation *
-$pkg: arch-dependent-file-not-in-arch-specific-directory *
-$pkg: binary-compiled-with-profiling-enabled *
-$pkg: shlib-calls-exit *
 $pkg: exit-in-shared-library *
+# Modules with a #! line (some upstream ones misspelled, /usr/bin/env/python3) are imported, not
+# run; their modes and #! lines are upstream's.
 $pkg: executable-not-elf-or-script *
 $pkg: script-not-executable *
-$pkg: shell-script-fails-syntax-check *
-$pkg: python-script-but-no-python-dep *
 $pkg: unusual-interpreter *
+$pkg: wrong-path-for-interpreter *
 $pkg: package-contains-documentation-outside-usr-share-doc *
 $pkg: extra-license-file *
 $pkg: package-installs-python-pycache-dir *
-$pkg: package-contains-empty-directory *
-$pkg: package-contains-vcs-control-file *
 $pkg: repeated-path-segment *
-$pkg: embedded-javascript-library *
-$pkg: privacy-breach-generic *
-$pkg: font-in-non-font-package *
-$pkg: file-references-package-build-path *
-# Several GB of libraries: no further split makes sense for a runtime that is always used whole.
-$pkg: package-is-co-installable-with-conflicting-package *
 EOF
   mkdir -p "$root/DEBIAN"
   local size; size=$(installed_size "$root")
@@ -393,7 +377,7 @@ Version: $version
 Architecture: $ARCH
 Maintainer: $MAINT
 Installed-Size: $size
-Depends: python$PYVER, $(shlib_depends "$root")
+Depends: python$PYVER, python3, $(shlib_depends "$root")
 Provides: llm-appliance-runtime (= $TORCH_VERSION)
 Conflicts: $other
 Replaces: $other

@@ -9,7 +9,9 @@ Usage: copyright.py SITE_PACKAGES "what this package is" > copyright
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from email.parser import Parser
 from pathlib import Path
 
@@ -27,8 +29,11 @@ def license_of(meta: dict[str, str], classifiers: list[str]) -> str:
 
 def main(argv: list[str]) -> int:
     site, what = Path(argv[1]), argv[2]
+    year = time.gmtime(int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))).tm_year
     out = ["Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/",
-           "Upstream-Name: " + what.split(" ")[0], f"Comment: {what}.", ""]
+           "Upstream-Name: " + what.split(" ")[0], f"Comment: {what}.", "",
+           "Files: usr/share/doc/* usr/share/lintian/*",
+           f"Copyright: {year} llm-appliance maintainers (the packaging)", "License: Apache-2.0", ""]
     for info in sorted(site.glob("*.dist-info")):
         msg = Parser().parsestr((info / "METADATA").read_text(errors="replace"), headersonly=True)
         meta = {k: v for k, v in msg.items()}
