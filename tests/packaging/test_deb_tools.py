@@ -72,27 +72,28 @@ def test_split_keeps_torch_and_its_own_dependencies_out_of_the_app(tmp_path: Pat
                                           "tomli>=1; python_version < '3.11'"], requested=True),
         _item("torch", "2.13.0", ["sympy", "filelock", "triton==3.7.1; platform_system == 'Linux'"], requested=True),
         _item("triton", "3.7.1", [], requested=True),
-        _item("transformers", "5.17", ["filelock", "tqdm[notebook]"]),
+        _item("transformers", "5.17", ["filelock", "numpy", "tqdm[notebook]"]), _item("numpy", "2.4", []),
         _item("accelerate", "1.0", ["torch", "psutil"]),
         _item("filelock", "3.0", []), _item("sympy", "1.14", ["mpmath"]), _item("mpmath", "1.3", []),
         _item("psutil", "7.0", []), _item("tqdm", "4.67", ["ipywidgets; extra == 'notebook'"]),
         _item("ipywidgets", "8.0", []), _item("tomli", "2.0", []),
     ]
+    # numpy rides with torch (its C API), although transformers needs it too.
     # tomli is only for Python < 3.11: not in the app for 3.11, but in it for 3.10.
     assert _split(tmp_path, "app", app, "3.11") == {"llm", "transformers", "accelerate", "filelock", "psutil",
                                                      "tqdm", "ipywidgets"}
     assert "tomli" in _split(tmp_path, "app", app, "3.10")
     runtime = [_item("torch", "2.13.0", ["sympy", "filelock", "triton"], requested=True),
                _item("triton", "3.7.1", [], requested=True), _item("sympy", "1.14", ["mpmath"]),
-               _item("mpmath", "1.3", []), _item("filelock", "3.0", [])]
+               _item("mpmath", "1.3", []), _item("filelock", "3.0", []), _item("numpy", "2.4", [], requested=True)]
     # filelock is the app's already: the runtime ships only what the app lacks.
-    assert _split(tmp_path, "runtime", runtime, app, "3.11") == {"torch", "triton", "sympy", "mpmath"}
+    assert _split(tmp_path, "runtime", runtime, app, "3.11") == {"torch", "triton", "sympy", "mpmath", "numpy"}
 
 
 def test_split_refuses_a_runtime_resolved_against_other_versions(tmp_path: Path) -> None:
     app = [_item("llm-appliance", "0.1.0", ["filelock"], requested=True), _item("filelock", "3.0", [])]
     runtime = [_item("torch", "2.13.0", ["filelock"], requested=True), _item("triton", "3.7.1", [], requested=True),
-               _item("filelock", "3.1", [])]
+               _item("numpy", "2.4", [], requested=True), _item("filelock", "3.1", [])]
     for i, report in enumerate((runtime, app)):
         (tmp_path / f"r{i}.json").write_text(json.dumps({"install": report}))
     out = subprocess.run([sys.executable, str(PACKAGING / "split_deps.py"), "runtime", str(tmp_path / "r0.json"),
