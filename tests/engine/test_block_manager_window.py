@@ -47,7 +47,7 @@ def grow_by_decoding(bm: BlockManager, prompt: list[int], total: int, window: in
 
     NOTE: admission (`allocate`) still takes blocks for the whole prompt at once; its chunks then
     release them as the window passes. Bounding admission too needs the scheduler to allocate
-    chunk by chunk (/work/notes/longctx-to-serving.md)."""
+    chunk by chunk (the scheduler passes its step budget to allocate)."""
     cache = SimulatedCache(bm)
     seq = Sequence("r", prompt, SamplingParams())
     bm.allocate(seq)
