@@ -45,9 +45,9 @@ def grow_by_decoding(bm: BlockManager, prompt: list[int], total: int, window: in
     """Prefill `prompt` in chunks of 8, then decode to `total` tokens; returns the sequence and the
     most blocks it held at once while decoding.
 
-    NOTE: admission (`allocate`) still takes blocks for the whole prompt at once; its chunks then
-    release them as the window passes. Bounding admission too needs the scheduler to allocate
-    chunk by chunk (the scheduler passes its step budget to allocate)."""
+    NOTE: this simulation admits the whole prompt at once; its chunks then release blocks as the
+    window passes. The scheduler passes its step budget to `allocate`, so admission in the engine
+    takes only the cached prefix and the first chunk."""
     cache = SimulatedCache(bm)
     seq = Sequence("r", prompt, SamplingParams())
     bm.allocate(seq)
