@@ -109,6 +109,55 @@ def paged_attention_ref(
     return out
 
 
+def cascade_attention_ref(
+    q: torch.Tensor,  # [B, Hq, D]: one new token per sequence
+    k_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    v_cache: torch.Tensor,  # [N, BS, Hkv, D]
+    block_tables: torch.Tensor,  # int32 [B, max_blocks]; each row starts with the prefix's blocks
+    seq_lens: torch.Tensor,  # int32 [B]
+    prefix_blocks: torch.Tensor,  # int32 [P]: the shared prefix's block ids
+    prefix_len: torch.Tensor | int,  # shared tokens (<= P * BS)
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Decode attention split at `prefix_len` (kernels/cascade_attention.py's contract, fp32 math):
+    the shared prefix's keys against all B queries at once (each row sees keys < its seq_len),
+    each sequence's keys [prefix_len, seq_len) alone, and the two softmax parts merged by their
+    log-sum-exp. Equals `paged_attention_ref` of the same decode batch."""
+    num_seqs, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    prefix = int(prefix_len)
+    lens = seq_lens.tolist()
+    qf = q.float().view(num_seqs, num_kv_heads, group, head_dim) * scale
+    num_prefix_blocks = -(-prefix // block_size)
+    blocks = prefix_blocks[:num_prefix_blocks].long()
+    pk = from_cache(k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:prefix], k_scale)  # [L, Hkv, D]
+    pv = from_cache(v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:prefix], v_scale)
+    scores = torch.einsum("bhgd,lhd->bhgl", qf, pk)
+    seen = torch.arange(prefix, device=q.device)[None, :] < seq_lens.to(q.device).long()[:, None]  # [B, L]
+    scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
+    lse_prefix = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]; -inf where a row sees no prefix key
+    out_prefix = torch.einsum("bhgl,lhd->bhgd", torch.softmax(scores, dim=-1).nan_to_num(0.0), pv)
+    out = torch.empty_like(q)
+    for b, seq_len in enumerate(lens):
+        first = min(prefix, seq_len)
+        first_block = first // block_size
+        table = block_tables[b, first_block : -(-seq_len // block_size)].long()
+        rows = slice(first - first_block * block_size, seq_len - first_block * block_size)
+        keys = from_cache(k_cache[table].reshape(-1, num_kv_heads, head_dim)[rows], k_scale)  # [S, Hkv, D]
+        values = from_cache(v_cache[table].reshape(-1, num_kv_heads, head_dim)[rows], v_scale)
+        s = torch.einsum("hgd,shd->hgs", qf[b], keys)
+        lse_suffix = torch.logsumexp(s, dim=-1)  # [Hkv, G]; -inf for an empty suffix
+        out_suffix = torch.einsum("hgs,shd->hgd", torch.softmax(s, dim=-1).nan_to_num(0.0), values)
+        lse = torch.logaddexp(lse_prefix[b], lse_suffix)
+        merged = (out_prefix[b] * torch.exp(lse_prefix[b] - lse)[..., None]
+                  + out_suffix * torch.exp(lse_suffix - lse)[..., None])
+        out[b] = merged.nan_to_num(0.0).reshape(num_q_heads, head_dim).to(q.dtype)
+    return out
+
+
 def rms_norm_ref(
     x: torch.Tensor,  # [T, H]
     weight: torch.Tensor,  # [H]
