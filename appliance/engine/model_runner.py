@@ -2,7 +2,8 @@
 
 CPU: eager forward with the torch reference attention. CUDA: KV cache sized from
 `gpu_memory_utilization` after a profiled peak, decode steps replayed from CUDA graphs captured
-for a ladder of batch sizes (padded), prefill and mixed steps eager. `launch` enqueues a step and
+for a ladder of batch sizes (padded), a step that prefills one sequence alone replayed from a graph
+captured for a ladder of token counts (padded), other prefill and mixed steps eager. `launch` enqueues a step and
 returns at once; the only host<->device synchronisation is `StepHandle.results()` reading back
 the sampled token ids. A decode row whose input token was sampled by the previous, still running
 step (a `PLACEHOLDER_TOKEN_ID` on the host) takes it from that step's device tensor.
@@ -10,8 +11,10 @@ step (a `PLACEHOLDER_TOKEN_ID` on the host) takes it from that step's device ten
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,9 +157,12 @@ class ModelRunner:
         self.num_kv_blocks = self._decide_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
+        self._graph_pool = None
         self._staging = _Staging(device)
         if device.type == "cuda" and not config.enforce_eager:
             self._capture_cuda_graphs()
+            self._setup_prefill_graphs(capture=True)
 
     # ------------------------------------------------------------------ KV cache sizing
     @property
@@ -263,8 +269,11 @@ class ModelRunner:
         # does not reach the prompt's end samples nothing: eager).
         decode = len(hb.ids) == num_seqs == len(hb.logits_rows)
         graph_size = self._graph_size_for(num_seqs) if decode else None
+        prefill_size = None if decode else self._prefill_graph_size_for(hb)
         if graph_size is not None:
             logits = self._replay(hb, graph_size, prev)
+        elif prefill_size is not None:
+            logits = self._replay_prefill(hb, prefill_size)
         else:
             batch = self._upload_eager(hb, prev)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
@@ -468,7 +477,7 @@ class ModelRunner:
         self._g_qsl = self._g_buf[4 * max_bs : 5 * max_bs + 1]
         self._g_block_tables = torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
         self._g_logits: dict[int, torch.Tensor] = {}
-        pool = None
+        pool = self._graph_pool
         stream = torch.cuda.Stream(dev)
         for size in reversed(sizes):
             meta = self._graph_meta(size)
@@ -483,6 +492,7 @@ class ModelRunner:
                 self._g_logits[size] = self.model.compute_logits(hidden)
             pool = graph.pool()
             self.graphs[size] = graph
+        self._graph_pool = pool
         torch.cuda.synchronize(dev)
         log.info("captured %d CUDA graphs (batch %d..%d) in %.1f s", len(sizes), sizes[0], max_bs,
                  time.monotonic() - t0)
@@ -518,3 +528,114 @@ class ModelRunner:
                                       dev[o_src : o_src + len(src)], prev)
         self.graphs[size].replay()
         return self._g_logits[size][: len(hb.logits_rows)]
+
+    # ------------------------------------------------------------------ CUDA graphs (a lone prefill)
+    # A step that prefills one sequence and nothing else (the prompt of a request that arrives at
+    # an idle engine) is all host time when eager: an 8B model launches ~300 kernels from Python
+    # (15 ms of launch against ~3 ms of device time for 256 tokens on an H100). Such steps replay a
+    # graph captured for the next token count of a ladder: padding tokens have slot -1 (no KV
+    # store), lie past query_start_loc[1] (attention leaves them out) and are never sampled; rows are
+    # independent everywhere else, so they cost only their share of the GEMMs.
+    def _prefill_graph_sizes(self) -> list[int]:
+        cap = min(self.config.cuda_graph_prefill_max_tokens, self.config.scheduler.max_num_batched_tokens,
+                  self.max_model_len)
+        if cap < 2:
+            return []
+        sizes, size = [], 16
+        while size < cap:
+            sizes.append(size)
+            size *= 2
+        return [*sizes, cap]
+
+    def _prefill_graph_size_for(self, hb: _HostBatch) -> int | None:
+        if not self.prefill_graphs or len(hb.q_lens) != 1 or hb.prompt_lp or hb.gather_dst:
+            return None
+        n = len(hb.ids)
+        for size in self.prefill_graphs:  # ascending
+            if size >= n:
+                return size
+        return None
+
+    def _setup_prefill_graphs(self, *, capture: bool) -> None:
+        """Static inputs for every size, then a CUDA graph per size (capture=True, on CUDA) or a
+        plain forward over the same static inputs (capture=False: CPU tests of this path).
+
+        One int32 device buffer, one copy per step: [ids | positions | slots] (P each, P the
+        largest size), [0, n, seq_len, logits row], then the sequence's block table."""
+        sizes = self._prefill_graph_sizes()
+        if not sizes:
+            return
+        t0 = time.monotonic()
+        big, dev = sizes[-1], self.device
+        fixed = -(-(3 * big + 4) // _ALIGN) * _ALIGN
+        self._p_host = np.zeros(fixed, dtype=np.int32)
+        self._p_buf = torch.zeros(fixed + self.max_blocks_per_seq + _ALIGN, dtype=torch.int32, device=dev)
+        ids, pos, slots = self._p_buf[: 3 * big].view(3, big)
+        slots.fill_(-1)
+        tail = self._p_buf[3 * big : 3 * big + 4]
+        tail.copy_(torch.tensor([0, big, big, 0], dtype=torch.int32))
+        qsl, seq_lens, logits_row = tail[:2], tail[2:3], tail[3:4]
+        tables = self._p_buf[fixed : fixed + self.max_blocks_per_seq].view(1, -1)
+        self._p_logits: dict[int, torch.Tensor] = {}
+
+        def forward(size: int) -> torch.Tensor:
+            meta = AttentionMetadata(slot_mapping=slots[:size], query_start_loc=qsl, seq_lens=seq_lens,
+                                     block_tables=tables, max_query_len=size, max_seq_len=self.max_model_len)
+            hidden = self.model(ids[:size], pos[:size], self.kv_caches, meta)
+            return self.model.compute_logits(hidden.index_select(0, logits_row))
+
+        graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
+        if not capture:
+            with torch.inference_mode():
+                for size in sizes:
+                    tail[1:3].fill_(size)  # a consistent whole padded chunk (slots -1: no stores)
+                    self._p_logits[size] = forward(size)
+                    graphs[size] = _EagerReplay(functools.partial(forward, size), self._p_logits[size])
+        else:
+            pool = self._graph_pool
+            stream = torch.cuda.Stream(dev)
+            with torch.inference_mode():
+                for size in reversed(sizes):
+                    tail[1:3].fill_(size)  # warm-up/capture values: the whole padded chunk, no stores
+                    with torch.cuda.stream(stream):
+                        for _ in range(2):  # Triton compiles outside the capture
+                            forward(size)
+                    stream.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        self._p_logits[size] = forward(size)
+                    pool = graph.pool()
+                    graphs[size] = graph
+            self._graph_pool = pool
+            torch.cuda.synchronize(dev)
+        self.prefill_graphs = dict(sorted(graphs.items()))
+        log.info("%s %d prefill graphs (%d..%d tokens) in %.1f s", "captured" if capture else "built",
+                 len(sizes), sizes[0], big, time.monotonic() - t0)
+
+    def _replay_prefill(self, hb: _HostBatch, size: int) -> torch.Tensor:
+        """Fill the static inputs of a lone prefill (one copy, padding included) and replay."""
+        n = len(hb.ids)
+        host = self._p_host
+        big = max(self.prefill_graphs)
+        for k, (values, pad) in enumerate(((hb.ids, 0), (hb.positions, 0), (hb.slots, -1))):
+            base = k * big
+            host[base : base + n] = values
+            host[base + n : base + size] = pad
+        host[3 * big + 1] = n
+        host[3 * big + 2] = hb.seq_lens[0]
+        host[3 * big + 3] = hb.logits_rows[0] if hb.logits_rows else n - 1
+        # NOTE: the table lands right after the fixed part (its length is a multiple of _ALIGN).
+        self._upload([host, hb.tables], dst=self._p_buf)
+        self.prefill_graphs[size].replay()
+        return self._p_logits[size][: len(hb.logits_rows)]
+
+
+class _EagerReplay:
+    """A prefill "graph" on the CPU: the same static inputs, run eagerly into the same output."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor], out: torch.Tensor) -> None:
+        self._forward = forward
+        self._out = out
+
+    def replay(self) -> None:
+        self._out.copy_(self._forward())

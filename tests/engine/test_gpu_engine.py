@@ -21,11 +21,11 @@ from appliance.engine.sequence import SamplingParams
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _engine(graphs: bool) -> EngineCore:
+def _engine(graphs: bool, max_num_batched_tokens: int = 256) -> EngineCore:
     config = EngineConfig(
         model=ModelConfig(model="tiny-llama", load_format="dummy", device="cuda", dtype="float32", seed=3),
         cache=CacheConfig(num_kv_blocks=512),
-        scheduler=SchedulerConfig(max_model_len=256, max_num_seqs=24, max_num_batched_tokens=256),
+        scheduler=SchedulerConfig(max_model_len=256, max_num_seqs=24, max_num_batched_tokens=max_num_batched_tokens),
         enforce_eager=not graphs,
         async_scheduling=graphs,
     )
@@ -60,3 +60,26 @@ def test_graphs_and_async_match_eager_sync() -> None:
     assert len(want) == 40 and got.keys() == want.keys()
     diverged = [(r, want[r], got[r]) for r in want if got[r] != want[r]]
     assert not diverged, diverged[:3]
+
+
+def _run_alone(engine: EngineCore) -> dict[str, list[int]]:
+    """Requests one at a time: each prompt is a lone prefill (a prefill graph when captured), in
+    chunks that sample nothing when it is longer than the step's token budget."""
+    rng = random.Random(11)
+    vocab = engine.vocab_size
+    done: dict[str, list[int]] = {}
+    for i in range(12):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(2, 200))]
+        engine.add_request(f"a{i}", prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            for delta in engine.step():
+                done.setdefault(delta.request_id, []).extend(delta.outputs[0].token_ids)
+    return done
+
+
+def test_lone_prefill_graphs_match_eager() -> None:
+    graphs = _engine(graphs=True, max_num_batched_tokens=64)
+    assert sorted(graphs.runner.prefill_graphs) == [16, 32, 64]
+    want = _run_alone(_engine(graphs=False, max_num_batched_tokens=64))
+    got = _run_alone(graphs)
+    assert len(want) == 12 and got == want
