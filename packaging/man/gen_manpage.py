@@ -54,11 +54,11 @@ def subparsers(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Argu
     return found
 
 
-def command_section(name: str, summary: str) -> list[str]:
-    module = importlib.import_module(cli._SUBCOMMANDS[name][0])  # noqa: SLF001
+def command_section(name: str, summary: str, module_name: str | None = None, title: str | None = None) -> list[str]:
+    module = importlib.import_module(module_name or cli._SUBCOMMANDS[name][0])  # noqa: SLF001
     parser = argparse.ArgumentParser(prog=f"llm-appliance {name}", description=summary)
     getattr(module, f"add_arguments_{name}")(parser)
-    lines = [".SS " + esc(f"llm-appliance {name}"), esc(summary), ".PP", f"\\fB{esc(usage(parser))}\\fR"]
+    lines = [".SS " + esc(title or f"llm-appliance {name}"), esc(summary), ".PP", f"\\fB{esc(usage(parser))}\\fR"]
     lines += option_lines(parser)
     for sub_name, sub, sub_help in subparsers(parser):
         if not sub_help:
@@ -145,6 +145,12 @@ def main(argv: list[str]) -> int:
     for name, (_module, summary) in cli._SUBCOMMANDS.items():  # noqa: SLF001
         if not summary:
             raise SystemExit(f"gen_manpage: `llm-appliance {name}` has no help text")
+        if name == "bench":
+            # Each suite of `bench` is its own module with its own options (cli.main routes
+            # `bench SUITE` there): one subsection per suite, or `bench serve` would go unlisted.
+            for suite, module_name in cli._BENCH_SUITES.items():  # noqa: SLF001
+                out += command_section(name, summary, module_name, f"llm-appliance bench {suite}")
+            continue
         out += command_section(name, summary)
     sys.stdout.write("\n".join(out) + STATIC_TAIL)
     return 0

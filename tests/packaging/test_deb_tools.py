@@ -5,6 +5,8 @@ The packages themselves are built and installed in a booted container by `make t
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import shutil
 import subprocess
@@ -36,6 +38,34 @@ def test_manpage_has_a_section_per_command_and_action(manpage: Path) -> None:
     for usage in ("llm\\-appliance ctl status", "llm\\-appliance config check", "llm\\-appliance model fetch"):
         assert usage in text
     assert ".SH FILES" in text and "9.9.9" in text
+
+
+def _command_paths(prefix: str, parser: argparse.ArgumentParser) -> list[str]:
+    """`prefix` and every action below it, at any depth, as the parsers define them."""
+    paths = [prefix]
+    for action in parser._actions:  # noqa: SLF001
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for name, sub in action.choices.items():
+                paths += _command_paths(f"{prefix} {name}", sub)
+    return paths
+
+
+def test_manpage_names_every_command_path_and_bench_suite(manpage: Path) -> None:
+    """Walk the CLI as `llm-appliance` builds it (each command's module adds its own parser; each
+    `bench SUITE` is a module of its own) and find every command path in the page's usage lines."""
+    text = " ".join(manpage.read_text().replace("\\-", "-").replace("\\fB", "").replace("\\fR", "").split())
+    paths = []
+    for name, (module, _help) in cli._SUBCOMMANDS.items():  # noqa: SLF001
+        modules = [cli._BENCH_SUITES[s] for s in cli._BENCH_SUITES] if name == "bench" else [module]  # noqa: SLF001
+        for module_name in modules:
+            parser = argparse.ArgumentParser(prog=f"llm-appliance {name}")
+            getattr(importlib.import_module(module_name), f"add_arguments_{name}")(parser)
+            paths += _command_paths(f"llm-appliance {name}", parser)
+    paths += [f"llm-appliance bench {suite}" for suite in cli._BENCH_SUITES]  # noqa: SLF001
+    assert "llm-appliance bench serve" in paths and "llm-appliance ctl status" in paths
+    assert [p for p in paths if p not in text] == []
+    # bench serve's own options (not bench offline's) are documented.
+    assert "--base-url" in text
 
 
 @pytest.mark.skipif(shutil.which("man") is None, reason="man-db not installed")
