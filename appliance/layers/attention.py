@@ -57,6 +57,19 @@ class AttentionMetadata:
     # The first num_decodes sequences have exactly one new token (decode rows first): in a mixed
     # batch the GPU kernel gives them decode tiles in a launch of their own.
     num_decodes: int = 0
+    # Cascade decode (kernels/cascade_attention.py): every table starts with the blocks
+    # cascade_prefix_blocks, whose first cascade_prefix_len tokens (a device int32 [1], so a CUDA
+    # graph replays any length) are attended once for all queries. A decode-only batch; layers
+    # with a sliding window ignore it (plain decode). use_cascade False: the fields are unused.
+    use_cascade: bool = False
+    cascade_prefix_blocks: torch.Tensor | None = None  # int32 [P], P * block_size >= the prefix
+    cascade_prefix_len: torch.Tensor | None = None  # int32 [1]
+
+    def __post_init__(self) -> None:
+        if self.use_cascade and (self.cascade_prefix_blocks is None or self.cascade_prefix_len is None
+                                 or not self.is_decode_only):
+            raise ValueError("AttentionMetadata: use_cascade needs a decode-only batch, cascade_prefix_blocks and "
+                             "cascade_prefix_len")
 
 
 class Attention(nn.Module):
@@ -107,6 +120,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # [T, Hq, D]
         """Attend only: the caller has written this step's k/v (e.g. `RotaryEmbedding.rotate_and_store`)."""
         k_cache, v_cache = kv_cache
+        if meta.use_cascade and self.sliding_window is None:
+            return self._attend_cascade(q, k_cache, v_cache, meta)
         if q.is_cuda:
             from appliance_kernels import attention as triton_attention
 
@@ -120,3 +135,15 @@ class Attention(nn.Module):
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
             self.k_scale, self.v_scale, self.sliding_window,
         )
+
+    def _attend_cascade(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata) -> torch.Tensor:
+        """Decode attention with the batch's shared prefix attended once (Triton on CUDA, the torch
+        reference on CPU)."""
+        args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cascade_prefix_blocks,
+                meta.cascade_prefix_len, self.scale)
+        if q.is_cuda:
+            from appliance_kernels import cascade_attention
+
+            return cascade_attention.cascade_attention(*args, k_scale=self.k_scale, v_scale=self.v_scale)
+        return reference.cascade_attention_ref(*args, self.k_scale, self.v_scale)
