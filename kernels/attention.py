@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from appliance_kernels.checks import check_out, check_same_device
 from appliance_kernels.fp8 import FP8_DTYPE, check_kv_scales, is_fp8, to_cache
-from appliance_kernels.prefill_attention import launch_prefill
+from appliance_kernels.prefill_attention import launch_prefill, min_query_tokens_from_env
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Split-KV: never give a partition fewer keys than this, and never more partitions than this.
@@ -58,7 +58,8 @@ PREFILL_TILE = {"rows": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
 # Prefill launches whose longest chunk has at least this many tokens go to the Hopper-shaped
 # prefill kernel (kernels/prefill_attention.py). None: never, until bench/longctx.py has measured
 # it against this file's kernel on an H100/H200 (the sweep writes the numbers to set it from).
-LONG_PREFILL_MIN_QUERY_TOKENS: int | None = None
+# $APPLIANCE_LONG_PREFILL_MIN_QUERY_TOKENS (N or "off"), read once at import, overrides it.
+LONG_PREFILL_MIN_QUERY_TOKENS: int | None = min_query_tokens_from_env(default=None)
 
 
 @triton.jit

@@ -8,9 +8,11 @@ rate. For chunked prefill of long prompts this kernel:
   K/V tile feeds twice the MMA work per load and the loads of the next tiles are in flight
   (software pipelining: Triton's num_stages over the key loop);
 - splits the key loop into three ranges per tile: keys some rows of the tile cannot see because
-  of the sliding window (masked), keys every row sees (no mask at all: the bulk of a long
-  context), and the diagonal, where causality cuts through the tile (masked). Only the first and
-  last cost mask work, a few tiles per program;
+  of the sliding window (masked), keys every row sees (the bulk of a long context: whole key
+  tiles, so no causal mask, no bounds check on the loads, no -inf guard, and the softmax scale
+  folded into the exp2's argument), and the diagonal, where causality cuts through the tile
+  (masked). Only the first and last cost mask work, a few tiles per program;
+- accumulates P @ V into the accumulator operand of the dot (one wgmma chain, no extra add);
 - reads the block table once per key tile (one gather of block ids), like the mixed kernel;
 - launches the heaviest programs first: the grid is (kv head, sequence, query tile) with the
   query tiles in reverse, so the last tiles of a long causal chunk (which see the most keys) start
@@ -33,22 +35,92 @@ a mixed batch when the chunk is long (`LONG_PREFILL_MIN_QUERY_TOKENS`).
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import triton
 import triton.language as tl
 from appliance_kernels.fp8 import is_fp8
 
-# The tile sweep (bench/longctx.py --sweep) tries these around TILE; TILE is the starting guess
-# for an H100/H200 with head_dim 128 (FlashAttention-2/3's forward shapes), not yet measured here.
-TILE = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+# Environment overrides, read once at import (the engine captures CUDA graphs with whatever the
+# launcher chooses then, so a later change could not reach them; a bad value fails the import):
+#   APPLIANCE_LONG_PREFILL_MIN_QUERY_TOKENS=N  prefill launches whose longest chunk has >= N tokens
+#       take this kernel (attention.LONG_PREFILL_MIN_QUERY_TOKENS); "off" = never. Unset: the
+#       constant in attention.py.
+#   APPLIANCE_PREFILL_TILE='{"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}'  TILE
+#       (JSON; "tma": 1 as well only where every page holds whole key tiles, engine.block_size 64+).
+# bench/longctx.py's engine phase starts the daemon with them, to serve with the kernel on in the
+# same GPU call that measured it.
+ENV_MIN_QUERY_TOKENS = "APPLIANCE_LONG_PREFILL_MIN_QUERY_TOKENS"
+ENV_TILE = "APPLIANCE_PREFILL_TILE"
+_TILE_KEYS = {"rows", "block_n", "num_warps", "num_stages"}
+
+
+def min_query_tokens_from_env(default: int | None) -> int | None:
+    """$APPLIANCE_LONG_PREFILL_MIN_QUERY_TOKENS as attention.py's switch: an int >= 1, or "off"
+    (None); `default` when unset or empty."""
+    text = os.environ.get(ENV_MIN_QUERY_TOKENS, "").strip()
+    if not text:
+        return default
+    if text.lower() in ("off", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"${ENV_MIN_QUERY_TOKENS}={text!r}: expected an integer >= 1 or 'off'")
+    return value
+
+
+def check_tile(tile: dict[str, int], where: str) -> dict[str, int]:
+    """A tile dict as launch_prefill takes it, or ValueError naming `where`."""
+    if not isinstance(tile, dict) or not _TILE_KEYS <= tile.keys() or not tile.keys() <= _TILE_KEYS | {"tma"}:
+        raise ValueError(f"{where}: a prefill tile is a JSON object with keys {sorted(_TILE_KEYS)} "
+                         f"(and optionally 'tma'), got {tile!r}")
+    for key, value in tile.items():
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if key == "tma":
+            ok = ok and value in (0, 1)
+        elif key == "num_stages":
+            ok = ok and value >= 1
+        else:  # rows, block_n, num_warps: powers of two (tile shapes, warps per program)
+            ok = ok and value >= (1 if key == "num_warps" else 16) and value & (value - 1) == 0
+        if not ok:
+            raise ValueError(f"{where}: tile[{key!r}] = {value!r} is out of range (rows and block_n: powers of "
+                             "two >= 16, num_warps: a power of two, num_stages >= 1, tma: 0 or 1)")
+    return dict(tile)
+
+
+def tile_from_env(default: dict[str, int]) -> dict[str, int]:
+    """$APPLIANCE_PREFILL_TILE (JSON) as TILE; `default` when unset or empty."""
+    text = os.environ.get(ENV_TILE, "").strip()
+    if not text:
+        return dict(default)
+    try:
+        tile = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"${ENV_TILE}: not JSON ({exc}): {text!r}") from None
+    return check_tile(tile, f"${ENV_TILE}")
+
+
+# TILE: the starting guess for an H100/H200 with head_dim 128 (FlashAttention-2/3's forward shape),
+# not yet measured; the sweep (bench/longctx.py) tries SWEEP_TILES around it. Compiled offline for
+# sm_90a with Triton 3.7 (`python -m appliance_bench.longctx --compile-check`, ptxas -v): 128 x 64
+# on 8 warps takes 176-181 registers and 96 KiB of shared memory without spills (3 and 4 stages
+# give the same code: the block-id gather takes a stage of its own); 128 x 128 on 8 warps 255
+# registers, no spill, 160 KiB. 128-row tiles on 4 warps, 64 x 128 on 4 warps and 256-row tiles
+# spill, so the sweep leaves them out.
+DEFAULT_TILE = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+TILE = tile_from_env(DEFAULT_TILE)
 SWEEP_TILES = [
     {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
-    {"rows": 128, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
     {"rows": 128, "block_n": 128, "num_warps": 8, "num_stages": 2},
-    {"rows": 128, "block_n": 32, "num_warps": 4, "num_stages": 4},
+    {"rows": 128, "block_n": 128, "num_warps": 8, "num_stages": 3},
+    {"rows": 128, "block_n": 32, "num_warps": 8, "num_stages": 4},
     {"rows": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
-    {"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 4},
 ]
 
 
@@ -59,11 +131,15 @@ def _attend_keys(
     dims, dim_valid,
     HEAD_DIM: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, IEEE_FP32: tl.constexpr, IS_FP8: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """Online softmax over keys [lo, hi). MASKED: apply causality (and the window) per element;
-    else every row sees every key of the range (the caller guarantees it). USE_TMA: lo is a
-    multiple of BLOCK_N and each tile is one box of k_desc / v_desc."""
+    """Online softmax over keys [lo, hi).
+
+    MASKED: apply causality (and the window) per element, keys past hi included. Else the caller
+    guarantees that hi - lo is a multiple of BLOCK_N and that every row sees every key of the
+    range: no mask, no bounds check and no -inf guard in the loop (the bulk of a long context).
+    USE_TMA: lo is a multiple of BLOCK_N and each tile is one box of k_desc / v_desc.
+    EVEN_D: HEAD_DIM is a power of two (>= 16): no mask on the head dims either."""
     row_elems = NUM_KV_HEADS * HEAD_DIM
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
@@ -73,40 +149,58 @@ def _attend_keys(
             row0 = page * PAGE_SIZE + start % PAGE_SIZE
             k = k_desc.load([row0, kv_head * HEAD_DIM])  # [N, D]; rows past hi: other slots, masked below
         else:
-            block_ids = tl.load(block_table_row + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
+            if MASKED:
+                block_ids = tl.load(block_table_row + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
+            else:
+                block_ids = tl.load(block_table_row + keys // PAGE_SIZE).to(tl.int64)
             key_offs = (block_ids * PAGE_SIZE + keys % PAGE_SIZE) * row_elems + kv_head * HEAD_DIM  # [BLOCK_N]
-            kv_mask = key_valid[:, None] & dim_valid[None, :]
-            k = tl.load(k_cache_ptr + key_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+            kv_ptrs = key_offs[:, None] + dims[None, :]
+            if MASKED:
+                kv_mask = key_valid[:, None] & dim_valid[None, :]
+                k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)  # [N, D]
+            elif EVEN_D:
+                k = tl.load(k_cache_ptr + kv_ptrs)
+            else:
+                k = tl.load(k_cache_ptr + kv_ptrs, mask=dim_valid[None, :], other=0.0)
         if IS_FP8:
             k = k.to(q.dtype)
         if IEEE_FP32:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        qk = qk * scale_log2
         if MASKED:
             visible = key_valid[None, :] & (keys[None, :] <= q_pos[:, None])
             if SLIDING:
                 visible = visible & (keys[None, :] > q_pos[:, None] - window)
-            qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row that has seen no visible key yet keeps m = -inf; shift it by 0 to avoid inf - inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_shift[:, None])
+            qk = tl.where(visible, qk * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no visible key yet keeps m = -inf; shift it by 0 to avoid inf - inf.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(qk - m_shift[:, None])
+        else:
+            # Every row sees a key here, so m_new is finite; scale and shift in one FMA.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            m_shift = m_new
+            p = tl.exp2(qk * scale_log2 - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
         if USE_TMA:
             v = v_desc.load([row0, kv_head * HEAD_DIM])
             if MASKED:  # a slot past hi may hold anything (NaN included): 0 * NaN would poison acc
                 v = tl.where(key_valid[:, None], v, 0.0)
+        elif MASKED:
+            v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)  # [N, D]
+        elif EVEN_D:
+            v = tl.load(v_cache_ptr + kv_ptrs)
         else:
-            v = tl.load(v_cache_ptr + key_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+            v = tl.load(v_cache_ptr + kv_ptrs, mask=dim_valid[None, :], other=0.0)
         if IS_FP8:
             v = v.to(q.dtype)
         if IEEE_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -144,6 +238,7 @@ def _prefill_attention_kernel(
     IS_FP8: tl.constexpr,
     SLIDING: tl.constexpr,
     USE_TMA: tl.constexpr,  # PAGE_SIZE % BLOCK_N == 0 and BLOCK_D == HEAD_DIM: K/V tiles as TMA boxes
+    EVEN_D: tl.constexpr,  # BLOCK_D == HEAD_DIM: no mask on the head dims
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1) + seq_offset
@@ -198,14 +293,14 @@ def _prefill_attention_kernel(
                                            block_shape=[BLOCK_N, HEAD_DIM])
     acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, kv_lo, a_hi, window, k_cache_ptr, v_cache_ptr, k_desc,
                                  v_desc, block_table_row, kv_head, scale_log2, dims, dim_valid, HEAD_DIM,
-                                 NUM_KV_HEADS, BLOCK_N, PAGE_SIZE, True, SLIDING, IEEE_FP32, IS_FP8, USE_TMA)
+                                 NUM_KV_HEADS, BLOCK_N, PAGE_SIZE, True, SLIDING, IEEE_FP32, IS_FP8, USE_TMA, EVEN_D)
     acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, b_lo, b_hi, window, k_cache_ptr, v_cache_ptr, k_desc,
                                  v_desc, block_table_row, kv_head, scale_log2, dims, dim_valid, HEAD_DIM,
-                                 NUM_KV_HEADS, BLOCK_N, PAGE_SIZE, False, SLIDING, IEEE_FP32, IS_FP8, USE_TMA)
+                                 NUM_KV_HEADS, BLOCK_N, PAGE_SIZE, False, SLIDING, IEEE_FP32, IS_FP8, USE_TMA, EVEN_D)
     acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, tl.maximum(b_hi, a_hi), kv_hi, window, k_cache_ptr,
                                  v_cache_ptr, k_desc, v_desc, block_table_row, kv_head, scale_log2, dims, dim_valid,
                                  HEAD_DIM, NUM_KV_HEADS, BLOCK_N, PAGE_SIZE, True, SLIDING, IEEE_FP32, IS_FP8,
-                                 USE_TMA)
+                                 USE_TMA, EVEN_D)
     if IS_FP8:
         acc = acc * v_scale
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -260,7 +355,7 @@ def launch_prefill(
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, GROUP_PAD=group_pad,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=page_size,
         IEEE_FP32=q.dtype == torch.float32, IS_FP8=is_fp8(k_cache), SLIDING=sliding_window is not None,
-        USE_TMA=use_tma, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        USE_TMA=use_tma, EVEN_D=block_d == head_dim, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
 
 

@@ -7,6 +7,10 @@ with CUDA the same cases also run in bfloat16 with the production tile.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -127,3 +131,46 @@ def test_tma_tile_is_refused_when_a_page_does_not_hold_whole_key_tiles() -> None
     batch = make_batch([5], [3], 4, 2, 32, 8, torch.float32, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="TMA needs block_size"):
         run(batch, 0.2, TINY_TMA_TILE)
+
+
+def test_switch_and_tile_come_from_the_environment_at_import() -> None:
+    """The daemon is started with the overrides (bench/longctx.py's engine phase): a fresh import
+    reads them; a bad value fails the import instead of serving with a default."""
+    code = ("from appliance_kernels import attention, prefill_attention as p; "
+            "print(attention.LONG_PREFILL_MIN_QUERY_TOKENS, p.TILE)")
+    tile = '{"rows": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}'
+    env = {**os.environ, "APPLIANCE_LONG_PREFILL_MIN_QUERY_TOKENS": "512", "APPLIANCE_PREFILL_TILE": tile}
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == f"512 {json.loads(tile)}"
+    env["APPLIANCE_LONG_PREFILL_MIN_QUERY_TOKENS"] = "lots"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "APPLIANCE_LONG_PREFILL_MIN_QUERY_TOKENS='lots'" in bad.stderr
+
+
+@pytest.mark.parametrize(("text", "want"), [("", 7), ("  ", 7), ("off", None), ("None", None), ("1024", 1024)])
+def test_min_query_tokens_from_env(monkeypatch: pytest.MonkeyPatch, text: str, want: int | None) -> None:
+    from appliance_kernels import prefill_attention
+
+    monkeypatch.setenv(prefill_attention.ENV_MIN_QUERY_TOKENS, text)
+    assert prefill_attention.min_query_tokens_from_env(default=7) == want
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "1e3", "yes"])
+def test_min_query_tokens_from_env_refuses_nonsense(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    from appliance_kernels import prefill_attention
+
+    monkeypatch.setenv(prefill_attention.ENV_MIN_QUERY_TOKENS, text)
+    with pytest.raises(ValueError, match="integer >= 1 or 'off'"):
+        prefill_attention.min_query_tokens_from_env(default=None)
+
+
+@pytest.mark.parametrize("text", ['{"rows": 128}', '{"rows": 96, "block_n": 64, "num_warps": 8, "num_stages": 3}',
+                                  '{"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 0}',
+                                  '{"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "tma": 2}',
+                                  '{"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "x": 1}', "128x64"])
+def test_tile_from_env_refuses_what_the_launcher_cannot_take(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    from appliance_kernels import prefill_attention
+
+    monkeypatch.setenv(prefill_attention.ENV_TILE, text)
+    with pytest.raises(ValueError, match="APPLIANCE_PREFILL_TILE"):
+        prefill_attention.tile_from_env(prefill_attention.DEFAULT_TILE)
