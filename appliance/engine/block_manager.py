@@ -110,6 +110,19 @@ class BlockManager:
             prefix_hits_tokens=self.prefix_hits_tokens,
         )
 
+    def num_common_prefix_blocks(self, seq: Sequence, num_tables: int) -> int:
+        """Leading blocks of seq's table that all `num_tables` live block tables list (cascade
+        attention's shared prefix). O(the prefix's blocks): a block's ref_count is the number of
+        tables that list it, and a shared block sits at the same index in every table (prefix hits
+        chain from the first block, forks copy the table, copy-on-write keeps the index), so a
+        ref_count equal to the number of live tables means every table starts with it."""
+        num = 0
+        for block_id in seq.block_table:
+            if block_id == FREED_BLOCK or self.blocks[block_id].ref_count != num_tables:
+                break
+            num += 1
+        return num
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """Copy-on-write (src, dst) pairs the model runner must apply before the next forward."""
         copies, self._pending_copies = self._pending_copies, []

@@ -51,6 +51,9 @@ class SchedulerOutput:
     seq_ids: set[int] = field(default_factory=set)
     free_after: list[Sequence] = field(default_factory=list)
     resolved: bool = False  # its sampled ids are in the sequences' token lists
+    # Leading blocks every scheduled sequence's table starts with (cascade attention); computed
+    # for decode-only steps of at least `common_prefix_min_seqs` sequences, else 0.
+    num_common_prefix_blocks: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -87,8 +90,10 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         eos_token_ids: list[int] | tuple[int, ...] = (),
         async_scheduling: bool = False,
+        common_prefix_min_seqs: int = 0,
     ) -> None:
         self.block_manager = block_manager
+        self.common_prefix_min_seqs = common_prefix_min_seqs  # 0: never computed
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -192,6 +197,10 @@ class Scheduler:
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         out.blocks_to_copy = bm.take_pending_copies()
+        if 0 < self.common_prefix_min_seqs <= len(out.scheduled) == out.num_batched_tokens:
+            # Every live table (running, or finished and waiting for the step in flight) counts.
+            num_tables = len(self.running) + sum(len(o.free_after) for o in self._unresolved)
+            out.num_common_prefix_blocks = bm.num_common_prefix_blocks(out.scheduled[0].seq, num_tables)
         self._advance(out)
         return out
 
