@@ -85,6 +85,10 @@ class EngineConfig:
     # of a step (scheduling, inputs, stop checks, outputs) overlaps the device's forward pass.
     # Same tokens either way; False: the plain schedule -> execute -> update loop.
     async_scheduling: bool = True
+    # Decode steps whose sequences all start with the same KV blocks (a shared system prompt, n > 1
+    # choices) attend that prefix once for the whole batch (cascade attention) when it is long and
+    # the batch big enough: "auto"; "off": plain decode always.
+    cascade_attention: str = "auto"
     # Where the engine core runs: "separate" (its own process: its host work and the HTTP side
     # do not share one GIL), "inline" (a thread of the daemon), "auto" (separate on CUDA).
     process: str = "auto"
@@ -214,6 +218,7 @@ _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "engine.max_num_batched_tokens": (_positive, "an integer >= 1"),
     "engine.cuda_graph_batch_sizes": (lambda v: all(x >= 1 for x in v), "a list of integers >= 1"),
     "engine.cuda_graph_prefill_max_tokens": (_non_negative, "an integer >= 0 (0: lone prefills run eager)"),
+    "engine.cascade_attention": (lambda v: v in ("auto", "off"), "one of \"auto\", \"off\""),
     "engine.process": (lambda v: v in ("auto", "inline", "separate"), "one of \"auto\", \"inline\", \"separate\""),
     "server.host": (bool, "a host name or address"),
     "server.port": (lambda v: 0 <= v <= 65535, "a port number from 0 to 65535"),
