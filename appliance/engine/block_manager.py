@@ -110,18 +110,27 @@ class BlockManager:
             prefix_hits_tokens=self.prefix_hits_tokens,
         )
 
-    def num_common_prefix_blocks(self, seq: Sequence, num_tables: int) -> int:
-        """Leading blocks of seq's table that all `num_tables` live block tables list (cascade
-        attention's shared prefix). O(the prefix's blocks): a block's ref_count is the number of
-        tables that list it, and a shared block sits at the same index in every table (prefix hits
-        chain from the first block, forks copy the table, copy-on-write keeps the index), so a
-        ref_count equal to the number of live tables means every table starts with it."""
-        num = 0
-        for block_id in seq.block_table:
-            if block_id == FREED_BLOCK or self.blocks[block_id].ref_count != num_tables:
-                break
-            num += 1
-        return num
+    def common_prefix(self, candidates: tuple[Sequence, ...], min_tables: int) -> list[int]:
+        """The shared prefix for cascade attention: leading blocks of one candidate's table, listed
+        by at least `min_tables` (>= 2) block tables, chosen to maximise the work saved, (tables
+        listing its last block) x (its length). O(the candidates' shared blocks).
+
+        Whether a table starts with the returned blocks is known from its entry at the last
+        index alone: a shared block sits at the same index in every table that lists it, and
+        everything before it holds the same tokens (prefix hits chain their hashes from the first
+        block, forks copy the whole table, copy-on-write replaces only the block being written)."""
+        min_tables = max(2, min_tables)
+        best: list[int] = []
+        best_score = 0
+        for seq in candidates:
+            table = seq.block_table
+            for i, block_id in enumerate(table):
+                if block_id == FREED_BLOCK or self.blocks[block_id].ref_count < min_tables:
+                    break
+                score = self.blocks[block_id].ref_count * (i + 1)
+                if score > best_score:
+                    best, best_score = table[: i + 1], score
+        return best
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """Copy-on-write (src, dst) pairs the model runner must apply before the next forward."""

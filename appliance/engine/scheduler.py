@@ -51,9 +51,10 @@ class SchedulerOutput:
     seq_ids: set[int] = field(default_factory=set)
     free_after: list[Sequence] = field(default_factory=list)
     resolved: bool = False  # its sampled ids are in the sequences' token lists
-    # Leading blocks every scheduled sequence's table starts with (cascade attention); computed
-    # for decode-only steps of at least `common_prefix_min_seqs` sequences, else 0.
-    num_common_prefix_blocks: int = 0
+    # Cascade attention's shared prefix (BlockManager.common_prefix): leading blocks that many
+    # of the step's tables start with (a table does when it lists the last one at the same index).
+    # Looked for in decode-only steps of at least `common_prefix_min_seqs` sequences, else [].
+    common_prefix_blocks: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -198,9 +199,10 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         out.blocks_to_copy = bm.take_pending_copies()
         if 0 < self.common_prefix_min_seqs <= len(out.scheduled) == out.num_batched_tokens:
-            # Every live table (running, or finished and waiting for the step in flight) counts.
-            num_tables = len(self.running) + sum(len(o.free_after) for o in self._unresolved)
-            out.num_common_prefix_blocks = bm.num_common_prefix_blocks(out.scheduled[0].seq, num_tables)
+            # The oldest and the newest: a burst's first prompts may hold private copies of a
+            # prefix that later ones hit in the cache, or the other way round.
+            candidates = (out.scheduled[0].seq, out.scheduled[-1].seq)
+            out.common_prefix_blocks = bm.common_prefix(candidates, self.common_prefix_min_seqs)
         self._advance(out)
         return out
 

@@ -1,9 +1,10 @@
-"""The step's common prefix (cascade attention's shared blocks): BlockManager.num_common_prefix_blocks
-and SchedulerOutput.num_common_prefix_blocks under random traffic through the real scheduler.
+"""The step's shared prefix for cascade attention: BlockManager.common_prefix and
+SchedulerOutput.common_prefix_blocks under random traffic through the real scheduler.
 
-Checked every step against brute force over the block tables: the count is sound (every scheduled
-table starts with those blocks) and, when every running sequence is in the step, exact (the run
-that every live table shares, finished ones waiting for the step in flight included)."""
+Checked every step: the prefix is a candidate's leading blocks, each listed by enough tables; every
+scheduled row whose table lists its last block at the same index (how the model runner picks the
+rows that share it) holds the same tokens there and writes its new token past it; hand-built cases
+check which prefix is chosen."""
 
 from __future__ import annotations
 
@@ -25,27 +26,26 @@ class Sampled:
     logprobs: None = None
 
 
-def _common_run(tables: list[list[int]]) -> int:
-    num = 0
-    while all(len(t) > num for t in tables) and len({t[num] for t in tables}) == 1 and tables[0][num] != FREED_BLOCK:
-        num += 1
-    return num
-
-
-def _check(sched: Scheduler, out, min_seqs: int) -> int:
+def _check(bm: BlockManager, out, min_seqs: int) -> int:
+    """Returns how many scheduled rows share the step's prefix."""
     scheduled = [item.seq for item in out.scheduled]
-    decode_only = len(scheduled) == out.num_batched_tokens
-    if len(scheduled) < min_seqs or not decode_only:
-        assert out.num_common_prefix_blocks == 0
+    prefix = out.common_prefix_blocks
+    if len(scheduled) < min_seqs or len(scheduled) != out.num_batched_tokens:
+        assert prefix == []
         return 0
-    num = out.num_common_prefix_blocks
-    tables = [s.block_table for s in scheduled]
-    assert num <= _common_run(tables), "a block counted as shared that some scheduled table lacks"
-    if len(sched.running) == len(scheduled):  # the count is the run every live table shares,
-        # finished sequences whose blocks wait for the step in flight included
-        live = [s.block_table for s in sched.running] + [s.block_table for s in sched.deferred_frees()]
-        assert num == _common_run(live)
-    return num
+    if not prefix:
+        return 0
+    k = len(prefix)
+    owner = next(s for s in (scheduled[0], scheduled[-1]) if s.block_table[:k] == prefix)
+    assert all(bm.blocks[b].ref_count >= max(2, min_seqs) for b in prefix)
+    sharing = 0
+    for item in out.scheduled:
+        table = item.seq.block_table
+        if len(table) >= k and table[k - 1] == prefix[-1]:
+            sharing += 1
+            assert item.seq.token_ids[: k * BLOCK] == owner.token_ids[: k * BLOCK]
+            assert item.start >= k * BLOCK, "a row writes into the shared prefix"
+    return sharing
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -68,7 +68,7 @@ def test_common_prefix_is_sound_and_exact_under_random_traffic(async_scheduling:
             live.append(seq)
             sched.add(seq)
         out = sched.schedule()
-        shared_steps += _check(sched, out, 2) > 0
+        shared_steps += _check(bm, out, 2) >= 2
         sampled = {item.seq.seq_id: Sampled([rng.randrange(1000) for _ in range(1 + item.seq.pending_forks)])
                    for item in out.scheduled if item.sample}
         if rng.random() < 0.05 and live:  # a client goes away while the step runs
@@ -85,46 +85,60 @@ def test_common_prefix_is_sound_and_exact_under_random_traffic(async_scheduling:
     assert shared_steps > 5, "the traffic should produce steps with a shared prefix"
 
 
-def test_fork_and_prefix_hits_share_blocks_and_a_stranger_ends_it() -> None:
+def _step(sched: Scheduler, token: int = 5):
+    out = sched.schedule()
+    sampled = {item.seq.seq_id: Sampled([token] * (1 + item.seq.pending_forks)) for item in out.scheduled if item.sample}
+    sched.after_launch(out)
+    sched.update_from_output(out, sampled)
+    return out
+
+
+def test_prefix_hits_share_the_first_writers_blocks_and_private_copies_do_not() -> None:
     bm = BlockManager(64, BLOCK, enable_prefix_caching=True)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64, common_prefix_min_seqs=2)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    first = Sequence("a", list(range(10)), params)
-    sched.add(first)
-    out = sched.schedule()
-    sched.after_launch(out)
-    sched.update_from_output(out, {first.seq_id: Sampled([77])})
-    for rid in "bc":  # prefix hits on the first sequence's two whole blocks
-        sched.add(Sequence(rid, list(range(10)) + [50, 51], params))
-    out = sched.schedule()
-    assert out.num_common_prefix_blocks == 0  # a mixed step (two prefills): not computed
-    sched.after_launch(out)
-    sched.update_from_output(out, {item.seq.seq_id: Sampled([5]) for item in out.scheduled if item.sample})
-    out = sched.schedule()
-    assert len(out.scheduled) == 3 and out.num_common_prefix_blocks == 2
-    assert len({tuple(item.seq.block_table[:2]) for item in out.scheduled}) == 1
-    sched.after_launch(out)
-    sched.update_from_output(out, {item.seq.seq_id: Sampled([5]) for item in out.scheduled})
-    sched.add(Sequence("d", [900], params))  # shares nothing
-    out = sched.schedule()
-    sched.after_launch(out)
-    sched.update_from_output(out, {item.seq.seq_id: Sampled([5]) for item in out.scheduled if item.sample})
-    assert sched.schedule().num_common_prefix_blocks == 0
+    prompt = list(range(10))  # two whole blocks and a bit
+    # One step admits two: the second holds a private copy (its hit would read unwritten K/V).
+    a, b = Sequence("a", prompt, params), Sequence("b", prompt + [60], params)
+    sched.add(a)
+    sched.add(b)
+    _step(sched)
+    assert a.block_table[:2] != b.block_table[:2]
+    for rid in "cd":  # later ones hit the first writer's blocks
+        sched.add(Sequence(rid, prompt + [50, 51], params))
+    assert _step(sched).common_prefix_blocks == []  # a mixed step: not looked for
+    out = _step(sched)
+    assert len(out.scheduled) == 4 and out.common_prefix_blocks == a.block_table[:2]
+    assert _check(bm, out, 2) == 3  # a, c, d share; b reads its own copy
+    sched.add(Sequence("e", [900], params))  # shares nothing
+    _step(sched)
+    out = _step(sched)
+    assert out.common_prefix_blocks == a.block_table[:2] and _check(bm, out, 2) == 3
 
 
-def test_off_by_default_and_below_the_batch_size() -> None:
+def test_the_prefix_that_saves_the_most_wins() -> None:
+    """Three tables share one block, two of them three blocks: 2 x 3 > 3 x 1."""
     bm = BlockManager(16, BLOCK)
-    seq = Sequence("a", list(range(9)), SamplingParams(max_tokens=4))
-    seq.block_table = [0, 1, 2]
-    for block_id in seq.block_table:
-        bm.blocks[block_id].ref_count = 1
-    assert bm.num_common_prefix_blocks(seq, 1) == 3
-    assert bm.num_common_prefix_blocks(seq, 2) == 0
-    seq.block_table[0] = FREED_BLOCK  # a sliding window released it: never shared
-    assert bm.num_common_prefix_blocks(seq, 1) == 0
+    tables = [[0, 1, 2, 3], [0, 1, 2, 4], [0, 5, 6]]
+    seqs = []
+    for table in tables:
+        seq = Sequence("r", list(range(4 * len(table))), SamplingParams(max_tokens=4))
+        seq.block_table = list(table)
+        for block_id in table:
+            bm.blocks[block_id].ref_count += 1
+        seqs.append(seq)
+    assert bm.common_prefix((seqs[2], seqs[0]), 2) == [0, 1, 2]
+    assert bm.common_prefix((seqs[2],), 2) == [0]
+    assert bm.common_prefix((seqs[0],), 3) == [0]  # blocks fewer tables list than asked for stop it
+    assert bm.common_prefix((seqs[0],), 4) == []
+    seqs[0].block_table[0] = FREED_BLOCK  # a sliding window released it: never shared
+    assert bm.common_prefix((seqs[0],), 2) == []
+
+
+def test_off_by_default() -> None:
     sched = Scheduler(BlockManager(16, BLOCK), max_num_seqs=4, max_num_batched_tokens=16, max_model_len=32)
-    sched.add(Sequence("b", [1, 2, 3], SamplingParams(max_tokens=4)))
+    sched.add(Sequence("a", list(range(9)), SamplingParams(n=2, max_tokens=4)))
+    _step(sched)  # the prompt's prefill; the second choice forks, sharing the prompt's blocks
     out = sched.schedule()
-    sched.after_launch(out)
-    sched.update_from_output(out, {item.seq.seq_id: Sampled([5]) for item in out.scheduled})
-    assert sched.schedule().num_common_prefix_blocks == 0  # common_prefix_min_seqs=0: never computed
+    assert len(out.scheduled) == 2 and out.scheduled[0].seq.block_table[:2] == out.scheduled[1].seq.block_table[:2]
+    assert out.common_prefix_blocks == []  # common_prefix_min_seqs=0: never looked for
