@@ -21,7 +21,9 @@ two at `prefix_len`:
 
 Rows never see keys at or past their own `seq_len`, in both kernels: a prefix longer than some
 row's context (a padding row of a CUDA graph, or a sequence whose new token lies in a shared
-block) is still exact attention for that row. `prefix_len = 0` is plain decode.
+block) is still exact attention for that row. `prefix_len = 0` is plain decode. Rows may share
+less than the whole prefix (`row_prefix_lens`, 0 for a row that shares none: most of a batch
+sharing one prompt, a few holding their own copies of it): each row splits at its own length.
 
 NOTE (CUDA graphs): `prefix_len` is a device int32 and the prefix's block ids a device buffer; the
 grid depends only on the batch size, the heads and the host bound `max_prefix_len` (which picks
@@ -96,7 +98,7 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids_ptr, keys, key_valid, kv_h
     return k, v
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_rp"])
 def _cascade_prefix_kernel(
     part_acc_ptr,  # fp32 [B, Hq, PREFIX_SPLITS, BLOCK_D]
     part_max_ptr,  # fp32 [B, Hq, PREFIX_SPLITS], log2 units
@@ -106,8 +108,10 @@ def _cascade_prefix_kernel(
     v_cache_ptr,
     prefix_blocks_ptr,  # int32 [>= cdiv(prefix_len, BS)]
     prefix_len_ptr,  # int32 [1]
+    row_prefix_lens_ptr,  # int32 [B] (stride_rp 1), or prefix_len_ptr (stride_rp 0: every row shares it all)
     seq_lens_ptr,  # int32 [B]
     num_seqs,
+    stride_rp,
     scale_log2,
     v_scale,
     stride_q_t,
@@ -139,8 +143,10 @@ def _cascade_prefix_kernel(
     seq64 = seq.to(tl.int64)
     q = tl.load(q_ptr + seq64[:, None] * stride_q_t + q_head[:, None] * stride_q_h + dims[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
-    # A row sees keys < its own context length (its new token is at seq_len - 1).
-    row_end = tl.load(seq_lens_ptr + seq, mask=row_valid, other=0)
+    # A row sees the prefix keys below its own share of the prefix and below its context length
+    # (its new token is at seq_len - 1).
+    row_end = tl.minimum(tl.load(seq_lens_ptr + seq, mask=row_valid, other=0),
+                         tl.load(row_prefix_lens_ptr + seq * stride_rp, mask=row_valid, other=0))
 
     prefix_len = tl.load(prefix_len_ptr)
     per_split = tl.cdiv(tl.cdiv(prefix_len, PREFIX_SPLITS), BLOCK_N) * BLOCK_N
@@ -166,7 +172,7 @@ def _cascade_prefix_kernel(
     tl.store(part_sum_ptr + part_row, l_i, mask=row_valid)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "stride_rp"])
 def _cascade_suffix_merge_kernel(
     out_ptr,  # [B, Hq, D]
     part_acc_ptr,  # the prefix kernel's partials
@@ -177,7 +183,7 @@ def _cascade_suffix_merge_kernel(
     v_cache_ptr,
     block_tables_ptr,  # int32 [B, max_blocks]
     seq_lens_ptr,  # int32 [B]
-    prefix_len_ptr,  # int32 [1]
+    row_prefix_lens_ptr,  # as the prefix kernel's
     scale_log2,
     v_scale,
     stride_q_t,
@@ -185,6 +191,7 @@ def _cascade_suffix_merge_kernel(
     stride_o_t,
     stride_o_h,
     stride_bt,
+    stride_rp,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -209,7 +216,7 @@ def _cascade_suffix_merge_kernel(
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    kv_lo = tl.minimum(tl.load(prefix_len_ptr), seq_len)
+    kv_lo = tl.minimum(tl.load(row_prefix_lens_ptr + seq * stride_rp), seq_len)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -264,6 +271,7 @@ def cascade_attention(
     prefix_len: torch.Tensor,  # int32 [1] (device): shared tokens, <= P * BS
     scale: float,
     *,
+    row_prefix_lens: torch.Tensor | None = None,  # int32 [B]: row b shares the first of them (<= prefix_len)
     out: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
@@ -273,7 +281,11 @@ def cascade_attention(
 ) -> torch.Tensor:  # [B, Hq, D]
     """Decode attention of B sequences whose first `prefix_len` keys are the blocks
     `prefix_blocks` (the same in every table): the prefix attended once for all queries, each
-    suffix alone, merged by log-sum-exp. Equals `paged_attention` of the same decode batch."""
+    suffix alone, merged by log-sum-exp. Equals `paged_attention` of the same decode batch.
+
+    row_prefix_lens: rows that share less (row b's first row_prefix_lens[b] keys are the prefix's,
+    0 for a row that shares none: its whole context is its suffix); None: every row shares
+    prefix_len keys."""
     op = "cascade_attention"
     if q.dim() != 3:
         raise ValueError(f"{op}: q must be [B, Hq, D], got {tuple(q.shape)}")
@@ -311,7 +323,15 @@ def cascade_attention(
     if not 0 <= max_prefix_len <= capacity:
         raise ValueError(f"{op}: max_prefix_len {max_prefix_len} is beyond what {prefix_blocks.shape[0]} prefix "
                          f"blocks of {page_size} tokens hold")
-    check_same_device(op, q, k_cache, v_cache, block_tables, seq_lens, prefix_blocks, prefix_len)
+    if row_prefix_lens is None:
+        row_prefix_lens, stride_rp = prefix_len, 0
+    elif row_prefix_lens.dtype != torch.int32 or tuple(row_prefix_lens.shape) != (num_seqs,) \
+            or not row_prefix_lens.is_contiguous():
+        raise ValueError(f"{op}: row_prefix_lens must be a contiguous int32 [{num_seqs}], got "
+                         f"{row_prefix_lens.dtype} {tuple(row_prefix_lens.shape)}")
+    else:
+        stride_rp = 1
+    check_same_device(op, q, k_cache, v_cache, block_tables, seq_lens, prefix_blocks, prefix_len, row_prefix_lens)
     out = check_out(op, "out", out, q)
     if num_seqs == 0:
         return out
@@ -334,8 +354,8 @@ def cascade_attention(
     part_max = torch.empty((num_seqs, num_q_heads, prefix_splits), dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     _cascade_prefix_kernel[(triton.cdiv(num_seqs, seqs_per_tile), prefix_splits, num_kv_heads)](
-        part_acc, part_max, part_sum, q, k_cache, v_cache, prefix_blocks, prefix_len, seq_lens, num_seqs,
-        scale_log2, float(v_scale), q.stride(0), q.stride(1),
+        part_acc, part_max, part_sum, q, k_cache, v_cache, prefix_blocks, prefix_len, row_prefix_lens, seq_lens,
+        num_seqs, stride_rp, scale_log2, float(v_scale), q.stride(0), q.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, GROUP_PAD=group_pad,
         SEQS_PER_TILE=seqs_per_tile, BLOCK_M=block_m, BLOCK_N=tile["block_n"], PAGE_SIZE=page_size,
         PREFIX_SPLITS=prefix_splits, IEEE_FP32=ieee, IS_FP8=fp8,
@@ -343,8 +363,9 @@ def cascade_attention(
     )
     suffix = SUFFIX_TILE_FP8 if fp8 else SUFFIX_TILE
     _cascade_suffix_merge_kernel[(num_seqs, num_kv_heads)](
-        out, part_acc, part_max, part_sum, q, k_cache, v_cache, block_tables, seq_lens, prefix_len,
+        out, part_acc, part_max, part_sum, q, k_cache, v_cache, block_tables, seq_lens, row_prefix_lens,
         scale_log2, float(v_scale), q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        stride_rp,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_M=max(16, group_pad),
         BLOCK_N=suffix["block_n"], PAGE_SIZE=page_size, PREFIX_SPLITS=prefix_splits, IEEE_FP32=ieee,
         IS_FP8=fp8, num_warps=suffix["num_warps"], num_stages=suffix["num_stages"],

@@ -120,29 +120,33 @@ def cascade_attention_ref(
     scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    row_prefix_lens: torch.Tensor | None = None,  # int32 [B]: row b shares only its first ones
 ) -> torch.Tensor:  # [B, Hq, D]
     """Decode attention split at `prefix_len` (kernels/cascade_attention.py's contract, fp32 math):
-    the shared prefix's keys against all B queries at once (each row sees keys < its seq_len),
-    each sequence's keys [prefix_len, seq_len) alone, and the two softmax parts merged by their
+    the shared prefix's keys against all B queries at once (each row sees keys below its seq_len
+    and its share, `row_prefix_lens[b]`, default prefix_len), each sequence's keys [share, seq_len)
+    alone, and the two softmax parts merged by their
     log-sum-exp. Equals `paged_attention_ref` of the same decode batch."""
     num_seqs, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     prefix = int(prefix_len)
     lens = seq_lens.tolist()
+    shares = [prefix] * num_seqs if row_prefix_lens is None else row_prefix_lens.tolist()
     qf = q.float().view(num_seqs, num_kv_heads, group, head_dim) * scale
     num_prefix_blocks = -(-prefix // block_size)
     blocks = prefix_blocks[:num_prefix_blocks].long()
     pk = from_cache(k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:prefix], k_scale)  # [L, Hkv, D]
     pv = from_cache(v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:prefix], v_scale)
     scores = torch.einsum("bhgd,lhd->bhgl", qf, pk)
-    seen = torch.arange(prefix, device=q.device)[None, :] < seq_lens.to(q.device).long()[:, None]  # [B, L]
+    ends = torch.tensor([min(n, p) for n, p in zip(lens, shares, strict=True)], device=q.device)
+    seen = torch.arange(prefix, device=q.device)[None, :] < ends[:, None]  # [B, L]
     scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
     lse_prefix = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]; -inf where a row sees no prefix key
     out_prefix = torch.einsum("bhgl,lhd->bhgd", torch.softmax(scores, dim=-1).nan_to_num(0.0), pv)
     out = torch.empty_like(q)
     for b, seq_len in enumerate(lens):
-        first = min(prefix, seq_len)
+        first = min(shares[b], seq_len)
         first_block = first // block_size
         table = block_tables[b, first_block : -(-seq_len // block_size)].long()
         rows = slice(first - first_block * block_size, seq_len - first_block * block_size)

@@ -64,6 +64,8 @@ class AttentionMetadata:
     use_cascade: bool = False
     cascade_prefix_blocks: torch.Tensor | None = None  # int32 [P], P * block_size >= the prefix
     cascade_prefix_len: torch.Tensor | None = None  # int32 [1]
+    # int32 [B]: row b's share of the prefix (0: a row holding its own blocks); None: all of it.
+    cascade_row_prefix_lens: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.use_cascade and (self.cascade_prefix_blocks is None or self.cascade_prefix_len is None
@@ -145,5 +147,6 @@ class Attention(nn.Module):
         if q.is_cuda:
             from appliance_kernels import cascade_attention
 
-            return cascade_attention.cascade_attention(*args, k_scale=self.k_scale, v_scale=self.v_scale)
-        return reference.cascade_attention_ref(*args, self.k_scale, self.v_scale)
+            return cascade_attention.cascade_attention(*args, k_scale=self.k_scale, v_scale=self.v_scale,
+                                                       row_prefix_lens=meta.cascade_row_prefix_lens)
+        return reference.cascade_attention_ref(*args, self.k_scale, self.v_scale, meta.cascade_row_prefix_lens)

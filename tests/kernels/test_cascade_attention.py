@@ -27,16 +27,17 @@ class SharedBatch:
 
     def __init__(self, seq_lens: list[int], num_shared: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int, dtype: torch.dtype, generator: torch.Generator,
-                 cache_dtype: torch.dtype | None = None) -> None:
+                 cache_dtype: torch.dtype | None = None, loners: tuple[int, ...] = ()) -> None:
+        """loners: rows that share no block (their whole context in blocks of their own)."""
         blocks = [-(-n // block_size) for n in seq_lens]
-        own = [max(0, n - num_shared) for n in blocks]
+        own = [n if b in loners else max(0, n - num_shared) for b, n in enumerate(blocks)]
         num_blocks = num_shared + sum(own) + 2  # two spare blocks nobody references
         order = torch.randperm(num_blocks, generator=generator).to(torch.int32)
         shared = order[:num_shared]
         tables = torch.full((len(seq_lens), max(blocks) + 1), -1, dtype=torch.int32)
         used = num_shared
         for b, n in enumerate(blocks):
-            first = min(n, num_shared)  # a short row holds only the shared blocks it reaches
+            first = 0 if b in loners else min(n, num_shared)  # a short row holds the shared blocks it reaches
             tables[b, :first] = shared[:first]
             tables[b, first:n] = order[used : used + own[b]]
             used += own[b]
@@ -115,6 +116,26 @@ def test_prefix_splits_and_tiles_that_hold_part_of_the_batch(dtype: torch.dtype,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_rows_that_share_part_or_none_of_the_prefix(dtype: torch.dtype, block_size: int) -> None:
+    """row_prefix_lens: rows 1 and 4 hold their own copies (share 0), row 2 shares one block less
+    than the others, the rest share it all."""
+    generator = torch.Generator().manual_seed(block_size)
+    shared = 4 * block_size
+    seq_lens = [shared + n for n in (3, 9, 1, 5, 2 * block_size)]
+    batch = SharedBatch(seq_lens, 4, 8, 2, 64, block_size, dtype, generator, loners=(1, 4))
+    shares = torch.tensor([shared, 0, shared - block_size, shared, 0], dtype=torch.int32)
+    plain = batch.plain_reference(0.125)
+    cpu = [t.cpu() for t in (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                             batch.prefix_blocks)]
+    ref = reference.cascade_attention_ref(*cpu, shared, 0.125, row_prefix_lens=shares)
+    assert relative_error(ref, plain) <= 1e-5
+    assert relative_error(batch.cascade_reference(shared, 0.125), plain) > 1e-2  # loners read the wrong blocks
+    out = batch.cascade(shared, 0.125, row_prefix_lens=shares.to(DEVICE))
+    assert relative_error(out, plain) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_no_prefix_equals_the_decode_kernel(dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(7)
     batch = SharedBatch([9, 40, 71, 16], 2, 8, 2, 64, 8, dtype, generator)
@@ -149,6 +170,8 @@ def test_bad_inputs_are_refused() -> None:
         cascade_attention.cascade_attention(batch.q[:1], *args[1:], length, 0.1)
     with pytest.raises(ValueError, match="fp8 cache only"):
         cascade_attention.cascade_attention(*args, length, 0.1, k_scale=2.0)
+    with pytest.raises(ValueError, match="row_prefix_lens must be a contiguous int32"):
+        cascade_attention.cascade_attention(*args, length, 0.1, row_prefix_lens=length)
 
 
 def test_prefix_splits_fill_the_gpu_and_follow_the_bound() -> None:
@@ -167,11 +190,13 @@ def test_cuda_graph_replays_with_other_prefix_lengths() -> None:
     bs = 16
     batch = SharedBatch([130 + n for n in range(1, 40)], 8, 32, 8, 128, bs, torch.bfloat16, generator)
     length = torch.tensor([64], dtype=torch.int32, device=DEVICE)
+    shares = torch.full((len(batch.seq_lens),), 64, dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(batch.q)
 
     def run() -> None:
         cascade_attention.cascade_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
-                                            batch.seq_lens, batch.prefix_blocks, length, 0.1, out=out)
+                                            batch.seq_lens, batch.prefix_blocks, length, 0.1, out=out,
+                                            row_prefix_lens=shares)
 
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
@@ -183,6 +208,8 @@ def test_cuda_graph_replays_with_other_prefix_lengths() -> None:
     plain = batch.plain_reference(0.1)
     for prefix_len in (0, 16, 64, 100, 128):
         length.fill_(prefix_len)
+        shares.fill_(prefix_len)
+        shares[::3] = prefix_len // 2  # every third row shares less
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()

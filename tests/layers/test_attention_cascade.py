@@ -36,9 +36,12 @@ def _decode_batch(block_size: int = 4, shared: int = 3, own: tuple[int, ...] = (
     return q, caches, plain
 
 
-def _with_cascade(meta: AttentionMetadata, prefix_blocks: torch.Tensor, prefix_len: int) -> AttentionMetadata:
+def _with_cascade(meta: AttentionMetadata, prefix_blocks: torch.Tensor, prefix_len: int,
+                  row_prefix_lens: list[int] | None = None) -> AttentionMetadata:
+    rows = None if row_prefix_lens is None else torch.tensor(row_prefix_lens, dtype=torch.int32, device=DEVICE)
     return AttentionMetadata(**{**meta.__dict__, "use_cascade": True, "cascade_prefix_blocks": prefix_blocks.to(DEVICE),
-                                "cascade_prefix_len": torch.tensor([prefix_len], dtype=torch.int32, device=DEVICE)})
+                                "cascade_prefix_len": torch.tensor([prefix_len], dtype=torch.int32, device=DEVICE),
+                                "cascade_row_prefix_lens": rows})
 
 
 @pytest.mark.parametrize("prefix_len", [0, 5, 12])
@@ -55,6 +58,10 @@ def test_a_wrong_prefix_changes_the_answer_so_the_cascade_path_runs() -> None:
     layer = Attention(4, 2, 16, 0.25)
     wrong = _with_cascade(plain, torch.tensor([3, 4, 5], dtype=torch.int32), 12)  # not the rows' blocks
     assert not torch.allclose(layer.attend(q, caches, wrong), layer.attend(q, caches, plain), atol=1e-3)
+    # ... unless no row shares it (row_prefix_lens 0): then each row's whole context is its suffix
+    none_share = _with_cascade(plain, torch.tensor([3, 4, 5], dtype=torch.int32), 12, [0, 0, 0, 0])
+    torch.testing.assert_close(layer.attend(q, caches, none_share), layer.attend(q, caches, plain),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_sliding_window_layers_ignore_the_cascade() -> None:
