@@ -151,8 +151,10 @@ def _sdpa_run(args: tuple[torch.Tensor, ...], scale: float, q_len: int, ctx: int
     qb = q.view(num_seqs, q_len, hq, d).transpose(1, 2)
     mask = None if ctx == 0 else causal_lower_right(q_len, seq_len)
 
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] if q.is_cuda else [SDPBackend.MATH]
+
     def run() -> torch.Tensor:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        with sdpa_kernel(backends):
             if mask is None:
                 out = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale)
             else:
@@ -298,7 +300,7 @@ def choose(rows: list[dict[str, Any]], cases: list[tuple[int, int, int]],
         return None
 
     tiles = [r["tile"] for r in rows if r["kernel"] == "prefill kernel" and r["block_size"] == BLOCK_SIZE
-             and (r["num_seqs"], r["q_len"], r["ctx"]) == cases[0]]
+             and "tma" not in r["tile"] and (r["num_seqs"], r["q_len"], r["ctx"]) == cases[0]]
     totals = {}
     for tile in tiles:
         times = [ms("prefill kernel", c, tile) for c in cases]
@@ -325,8 +327,9 @@ def choose(rows: list[dict[str, Any]], cases: list[tuple[int, int, int]],
     return {"tile": best, "threshold": threshold, "speedup_over_mixed": speedups, "reason": reason}
 
 
-def bench_prefill(device: torch.device, smoke: bool, matmul: float, clock: Clock,
-                  until_s: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def bench_prefill(device: torch.device, smoke: bool, matmul: float, clock: Clock, until_s: float,
+                  rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The prefill cases into `rows`; returns the decision (`choose`)."""
     from appliance_kernels import attention, prefill_attention
 
     heads = (4, 2, 32) if smoke else HEADS
@@ -335,7 +338,6 @@ def bench_prefill(device: torch.device, smoke: bool, matmul: float, clock: Clock
     cases, threshold_cases = (SMOKE_PREFILL, SMOKE_THRESHOLD) if smoke else (PREFILL_CASES, THRESHOLD_CASES)
     saved = attention.LONG_PREFILL_MIN_QUERY_TOKENS
     attention.LONG_PREFILL_MIN_QUERY_TOKENS = None  # the mixed-batch kernel is the mixed-batch kernel
-    rows: list[dict[str, Any]] = []
     try:
         for i, (n, q, ctx) in enumerate(cases):
             rows += _prefill_case(n, q, ctx, device, heads, dtype, tiles, matmul, tma_tile=tiles[0] if i == 0 else None,
@@ -354,18 +356,34 @@ def bench_prefill(device: torch.device, smoke: bool, matmul: float, clock: Clock
         attention.LONG_PREFILL_MIN_QUERY_TOKENS = saved
     print(f"prefill decision: tile {decision['tile']}, switch at {decision['threshold']} tokens "
           f"({decision['reason']})", flush=True)
-    return rows, decision
+    return decision
+
+
+def decode_ref(args: tuple[torch.Tensor, ...], scale: float, window: int | None) -> torch.Tensor:
+    """fp32 attention of each sequence's one new token over its last `window` keys (all keys when
+    None), the GQA group as a batch: reference.paged_attention_ref's math without its expanded K/V
+    (4 GB of fp32 at 128k keys, which would crowd vLLM's start-up beside this phase)."""
+    q, k_cache, v_cache, tables, seq_lens, _ = args
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        first = 0 if window is None else max(0, seq_len - window)
+        k, v = (_contiguous_kv(c, tables[b : b + 1], seq_len)[0, first:].float() for c in (k_cache, v_cache))
+        qg = q[b].float().view(hkv, -1, d)  # [Hkv, G, D]
+        p = torch.softmax(torch.einsum("hgd,shd->hgs", qg, k) * scale, dim=-1)
+        out[b] = torch.einsum("hgs,shd->hgd", p, v).reshape(-1, d)
+    return out
 
 
 def _decode_case(num_seqs: int, ctx: int, window: int | None, device: torch.device, heads: tuple[int, int, int],
                  dtype: torch.dtype, copy_bytes_per_s: float, sweep: tuple[int, ...]) -> dict[str, Any]:
-    from appliance_kernels import attention, reference
+    from appliance_kernels import attention
 
     args = _batch(num_seqs, 1, ctx - 1, device, heads, dtype)
     scale = heads[2] ** -0.5
     run = functools.partial(attention.paged_attention, *args, scale, max_query_len=1, max_seq_len=ctx,
                             is_decode_only=True, sliding_window=window)
-    want = reference.paged_attention_ref(*args, scale, sliding_window=window).float()  # one query: small scores
+    want = decode_ref(args, scale, window)
     err = _rel_err(run(), want)
     us = _time_graph_us(run, device)
     keys = min(ctx, window or ctx)
@@ -387,37 +405,42 @@ def _decode_case(num_seqs: int, ctx: int, window: int | None, device: torch.devi
     return row
 
 
-def bench_decode(device: torch.device, smoke: bool, copy_bytes_per_s: float, clock: Clock,
-                 until_s: float) -> list[dict[str, Any]]:
+def bench_decode(device: torch.device, smoke: bool, copy_bytes_per_s: float, clock: Clock, until_s: float,
+                 rows: list[dict[str, Any]]) -> None:
     heads = (4, 2, 32) if smoke else HEADS
     dtype = torch.float32 if smoke else torch.bfloat16
-    rows = []
     for num_seqs, ctx, window in SMOKE_DECODE if smoke else DECODE_CASES:
         if clock.elapsed() > until_s:
             print(f"decode B={num_seqs} ctx={ctx}: skipped (out of the kernel phase's time)", flush=True)
             continue
         sweep = (32, 64) if num_seqs == 1 and window is None and device.type == "cuda" else ()
-        rows.append(_decode_case(num_seqs, ctx, window, device, heads, dtype, copy_bytes_per_s, sweep))
-    return rows
+        try:
+            rows.append(_decode_case(num_seqs, ctx, window, device, heads, dtype, copy_bytes_per_s, sweep))
+        except Exception as exc:
+            if device.type != "cuda":
+                raise
+            rows.append({"phase": "decode", "num_seqs": num_seqs, "ctx": ctx, "sliding_window": window,
+                         "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            print(f"decode B={num_seqs} ctx={ctx}: FAILED {rows[-1]['error'][:200]}", flush=True)
 
 
-def kernel_phase(device: torch.device, smoke: bool, clock: Clock, until_s: float) -> dict[str, Any]:
+def kernel_phase(device: torch.device, smoke: bool, clock: Clock, until_s: float, out: dict[str, Any]) -> None:
+    """Fills `out` as it goes (what was measured survives a failure later in the phase)."""
     from appliance_bench.roofline import measure_copy_bytes_per_s, measure_matmul_flops_per_s
 
-    out: dict[str, Any] = {}
     matmul = 1e12 if smoke else measure_matmul_flops_per_s(device)
     copy = 1e9 if smoke else measure_copy_bytes_per_s(device)
     out["ceilings"] = {"matmul_tflop_s": matmul / 1e12, "copy_tb_s": copy / 1e12}
     print(f"ceilings: bf16 matmul {matmul / 1e12:.0f} TFLOP/s, copy {copy / 1e12:.2f} TB/s", flush=True)
-    out["prefill"], out["decision"] = bench_prefill(device, smoke, matmul, clock, until_s)
-    out["decode"] = bench_decode(device, smoke, copy, clock, until_s)
+    out["prefill"], out["decode"] = [], []
+    out["decision"] = bench_prefill(device, smoke, matmul, clock, until_s, out["prefill"])
+    out["summary"] = kernel_summary(out)
+    bench_decode(device, smoke, copy, clock, until_s, out["decode"])
     if not smoke:
         after = measure_matmul_flops_per_s(device)
         out["ceilings"]["matmul_tflop_s_after"] = after / 1e12
         print(f"bf16 matmul after the kernel phase: {after / 1e12:.0f} TFLOP/s", flush=True)
         torch.cuda.empty_cache()
-    out["summary"] = kernel_summary(out)
-    return out
 
 
 def kernel_summary(k: dict[str, Any]) -> dict[str, Any]:
@@ -682,12 +705,13 @@ def main(argv: list[str] | None = None) -> int:
                 payload["engine"] = {"error": f"building the prompts failed: {type(exc).__name__}: {exc}"}
                 print(payload["engine"]["error"], flush=True)
         if run_kernels:
+            payload["kernels"] = {}
             try:
-                payload["kernels"] = kernel_phase(device, args.smoke, clock, args.kernel_phase_s)
-            except Exception as exc:  # the engine phase still runs (with --threshold); the JSON says why
+                kernel_phase(device, args.smoke, clock, args.kernel_phase_s, payload["kernels"])
+            except Exception as exc:  # the engine phase still runs; the JSON says why
                 if args.smoke:
                     raise
-                payload["kernels"] = {"error": traceback.format_exc()[-4000:]}
+                payload["kernels"]["error"] = traceback.format_exc()[-4000:]
                 print(f"kernel phase FAILED: {type(exc).__name__}: {exc}", flush=True)
             print("wrote", save(), flush=True)
         if prompts is not None:

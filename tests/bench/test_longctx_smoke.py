@@ -131,3 +131,27 @@ def test_prefill_kernel_compiles_for_hopper_without_spills(tmp_path: Path) -> No
     assert row["spill_bytes"] == 0 and row["registers"] <= 255
     assert row["wgmma"] > 0 and row["cp_async"] > 0  # Hopper MMAs, K/V tiles copied asynchronously
     assert row["shared_bytes"] <= 227 * 1024
+
+
+@pytest.mark.parametrize(("num_seqs", "q_len", "ctx"), [(1, 12, 0), (3, 5, 19)])
+def test_sdpa_check_equals_the_paged_reference(num_seqs: int, q_len: int, ctx: int) -> None:
+    """SDPA over the gathered K/V is what the GPU run checks every kernel against (and times for
+    scale): the same attention as the paged reference, causal from the bottom right after a context."""
+    from appliance_kernels import reference
+
+    heads = (8, 2, 16)
+    args = longctx._batch(num_seqs, q_len, ctx, torch.device("cpu"), heads, torch.float32)
+    _, run = longctx._sdpa_run(args, 0.3, q_len, ctx, heads)
+    want = reference.paged_attention_ref(*args, 0.3)
+    torch.testing.assert_close(run(), want, rtol=1e-5, atol=1e-5)
+    # 64-token pages in order (the TMA runs) hold the same sequences.
+    torch.testing.assert_close(reference.paged_attention_ref(*longctx._repage(args, 64), 0.3), want)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_lean_decode_reference_equals_the_paged_reference(window: int | None) -> None:
+    from appliance_kernels import reference
+
+    args = longctx._batch(3, 1, 40, torch.device("cpu"), (8, 2, 16), torch.float32)
+    want = reference.paged_attention_ref(*args, 0.3, sliding_window=window)
+    torch.testing.assert_close(longctx.decode_ref(args, 0.3, window), want, rtol=1e-5, atol=1e-5)
