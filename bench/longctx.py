@@ -535,7 +535,9 @@ def compile_check(tiles: list[dict[str, int]], arch: int = 90) -> list[dict[str,
 
 
 def _ours(args: argparse.Namespace, port: int, switch: str, tile: dict[str, int] | None) -> serve.Server:
-    cmd = [sys.executable, "-m", "appliance.cli", "serve", "--port", str(port), "--served-model-name", "m"]
+    # Its own control socket: the default one may belong to another daemon on this machine.
+    cmd = [sys.executable, "-m", "appliance.cli", "serve", "--port", str(port), "--served-model-name", "m",
+           "--control-socket", str(args.workdir / f"control-{switch}.sock")]
     if args.smoke:  # the default model (SmolLM2-135M, real weights) on CPU
         cmd += ["--max-model-len", "512", "--set", "engine.cpu_kv_cache_bytes=67108864"]
     else:
@@ -549,7 +551,10 @@ def _ours(args: argparse.Namespace, port: int, switch: str, tile: dict[str, int]
 
 def _vllm(args: argparse.Namespace, workdir: Path) -> serve.Server:
     """vLLM's server from the peer setup (../shared/peer/README.md), with a clean PYTHONPATH and
-    run outside the repository (its top-level kernels/ would shadow Hugging Face's `kernels`)."""
+    run outside the repository (its top-level kernels/ would shadow Hugging Face's `kernels`).
+    --peer-cmd: that command instead ("peer" in the JSON), e.g. another build of ours."""
+    if args.peer_cmd:
+        return serve.Server("peer", shlex.split(args.peer_cmd), args.vllm_port, {"PYTHONUNBUFFERED": "1"})
     model_dir = workdir / "vllm-model"
     model_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.vllm_config, model_dir / "config.json")
@@ -603,11 +608,12 @@ def engine_phase(args: argparse.Namespace, clock: Clock, payload: dict[str, Any]
             server.start(args.logs_dir / f"serve_{label}.log")
         eng["servers"][server.label] = serve.measure_server(server, prompts, clock.deadline())
         save()
-    vllm_result = eng["servers"].get("vllm", {})
+    peer = "peer" if args.peer_cmd else "vllm"
+    vllm_result = eng["servers"].get(peer, {})
     eng["ratios_vs_vllm"] = {}
     eng["targets"] = {}
     for label, result in eng["servers"].items():
-        if label != "vllm":
+        if label != peer:
             r = serve.ratios(result, vllm_result)
             eng["ratios_vs_vllm"][label] = r
             eng["targets"][label] = serve.targets(r)
@@ -653,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-setup", default=".peer/vllm-setup.sh")
     parser.add_argument("--vllm-max-model-len", type=int, default=32832)
     parser.add_argument("--vllm-port", type=int, default=8001)
+    parser.add_argument("--peer-cmd", help="the server to compare against instead of vLLM's (one command line, "
+                                           "serving model 'm' on --vllm-port)")
     parser.add_argument("--tiles", choices=["sweep", "default"], default="sweep", help="--phase compile: which tiles")
     args = parser.parse_args(argv)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -670,8 +678,8 @@ def main(argv: list[str] | None = None) -> int:
         return _compile_phase(args, payload, save)
     if args.smoke and not os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("--smoke needs TRITON_INTERPRET=1 set before the kernels are imported")
-    if args.smoke and "vllm" in args.servers:
-        parser.error("--smoke runs our daemon only (vLLM needs the GPU): --servers on and/or off")
+    if args.smoke and "vllm" in args.servers and not args.peer_cmd:
+        parser.error("--smoke: vLLM needs the GPU; --servers on and/or off, or a --peer-cmd to stand in")
     args.logs_dir = args.results_dir or Path(tempfile.mkdtemp(prefix="longctx-logs-"))
     args.workdir = Path(tempfile.mkdtemp(prefix="longctx-work-"))
     device = torch.device("cuda" if cuda and not args.smoke else "cpu")

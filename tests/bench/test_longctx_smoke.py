@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,22 @@ def _result(folder: Path, kind: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_smoke_runs_both_phases_and_serves_with_the_switch_on(tmp_path: Path) -> None:
-    assert longctx.main(["--smoke", "--servers", "on", "--results-dir", str(tmp_path)]) == 0
+    """The GPU call's path at tiny size: the peer server (here a second daemon of ours standing in
+    for vLLM) starts during the kernel phase and is measured first; then ours with the switch on."""
+    port, peer_port = _free_port(), _free_port()
+    peer = (f"{sys.executable} -m appliance.cli serve --port {peer_port} --served-model-name m --max-model-len 512 "
+            f"--set engine.cpu_kv_cache_bytes=67108864 --control-socket {tmp_path / 'peer.sock'}")
+    assert longctx.main(["--smoke", "--servers", "on,vllm", "--peer-cmd", peer, "--port", str(port), "--vllm-port",
+                         str(peer_port), "--results-dir", str(tmp_path)]) == 0
     result = _result(tmp_path, "longctx-smoke")
+    assert result["vllm_started_during_kernel_phase"] is True
     kernels, engine = result["kernels"], result["engine"]
     prefill = kernels["prefill"]
     assert {row["kernel"] for row in prefill} == {"mixed-batch kernel", "prefill kernel"}
@@ -33,8 +48,9 @@ def test_smoke_runs_both_phases_and_serves_with_the_switch_on(tmp_path: Path) ->
     assert all(row["rel_err"] < 1e-4 for row in kernels["decode"]) and any(r["sliding_window"] for r in kernels["decode"])
     assert kernels["decision"]["tile"] == longctx.SMOKE_TILE
     # The daemon got the switch through the environment (--threshold: CPU timings decide nothing).
-    [(label, ours)] = engine["servers"].items()
-    assert label == "ours (prefill kernel on)" and "error" not in ours, ours.get("error")
+    assert list(engine["servers"]) == ["peer", "ours (prefill kernel on)"]  # the peer went first
+    label, ours = "ours (prefill kernel on)", engine["servers"]["ours (prefill kernel on)"]
+    assert "error" not in ours and "error" not in engine["servers"]["peer"], ours.get("error")
     assert ours["env"]["APPLIANCE_LONG_PREFILL_MIN_QUERY_TOKENS"] == str(longctx.FALLBACK_THRESHOLD)
     sizes = longctx_serve.SMOKE_SIZES
     mixed, alone = ours["mixed"], ours["alone"]
@@ -44,8 +60,13 @@ def test_smoke_runs_both_phases_and_serves_with_the_switch_on(tmp_path: Path) ->
     assert alone["prompt_tokens"] == [sizes.long_len] * sizes.alone_repeats
     assert alone["output_tokens"] == [sizes.out_tokens] * sizes.alone_repeats
     assert alone["median_ttft_ms"] > 0 and alone["median_tpot_ms"] > 0
-    assert (tmp_path / "serve_on.log").stat().st_size > 0
-    assert engine["ratios_vs_vllm"] == {label: {}}  # no vLLM here: no ratio, and nothing made up
+    assert (tmp_path / "serve_on.log").stat().st_size > 0 and (tmp_path / "serve_vllm.log").stat().st_size > 0
+    ratios = engine["ratios_vs_vllm"][label]
+    assert set(ratios) == {"mixed_total_tok_s", "alone_median_ttft", "alone_median_tpot"}
+    assert ratios["mixed_total_tok_s"] == pytest.approx(
+        ours["mixed"]["total_tok_s"] / engine["servers"]["peer"]["mixed"]["total_tok_s"])
+    assert set(engine["targets"][label]) == {"mixed total tok/s >= 1.2x vLLM", "32k alone TTFT <= 0.9x vLLM",
+                                             "32k alone TPOT <= vLLM"}
     from appliance_kernels import attention
 
     assert attention.LONG_PREFILL_MIN_QUERY_TOKENS is None  # the kernel phase restores the switch
