@@ -134,6 +134,7 @@ class EngineCore:
             enable_chunked_prefill=sched.enable_chunked_prefill,
             eos_token_ids=self.eos_token_ids,
             async_scheduling=self.async_scheduling,
+            common_prefix_min_seqs=self.runner.cascade_min_seqs,  # 0: cascade attention off
         )
         self.detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         # [apps] constrained decoding: grammars compile off this thread; the sampler applies the masks.

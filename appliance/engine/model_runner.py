@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 _ALIGN = 16  # int32 elements: 64 bytes (see ModelRunner._upload)
 _PROMPT_LOGPROB_ROWS = 256  # [apps] prompt positions per logits slice ([rows, V] fp32 at a time)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Cascade attention (engine.cascade_attention = "auto"): a decode step attends its shared prefix
+# once for all rows that share it when the prefix has at least this many tokens (vLLM's bound
+# too) and at least `ModelRunner.cascade_min_seqs` rows share it: CASCADE_MIN_SEQS, and on a GPU
+# enough rows that their per-sequence suffix programs (one per sequence and kv head, no split-KV)
+# fill every SM once.
+CASCADE_MIN_PREFIX_TOKENS = 256
+CASCADE_MIN_SEQS = 8
 
 
 def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -56,6 +63,15 @@ class _Batch:
     positions: torch.Tensor  # int32 [T]
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # int32 [S]: rows of the hidden states to sample from
+
+
+@dataclass
+class _CascadePlan:
+    """A decode step's shared prefix (SchedulerOutput.common_prefix_blocks) and each row's share."""
+
+    blocks: list[int]  # the prefix's block ids
+    tokens: int  # len(blocks) * block_size
+    shares: list[int]  # per row (the step's order): tokens, or 0 (a row holding its own blocks)
 
 
 @dataclass
@@ -157,12 +173,40 @@ class ModelRunner:
         self.num_kv_blocks = self._decide_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Decode graphs with cascade attention, for the ladder's sizes >= cascade_min_seqs.
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_min_seqs = self._cascade_min_seqs()  # 0: cascade attention off
+        self.cascade_steps = 0  # steps that attended a shared prefix once (tests, logs)
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         self._graph_pool = None
         self._staging = _Staging(device)
         if device.type == "cuda" and not config.enforce_eager:
             self._capture_cuda_graphs()
             self._setup_prefill_graphs(capture=True)
+
+    def _cascade_min_seqs(self) -> int:
+        """Rows that must share a prefix for a step to use cascade attention; 0: never (off, or
+        every layer slides: those layers keep plain decode)."""
+        windows = getattr(self.model, "sliding_windows", [None])
+        if self.config.cascade_attention == "off" or all(w is not None for w in windows):
+            return 0
+        if self.device.type != "cuda":
+            return CASCADE_MIN_SEQS
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return max(CASCADE_MIN_SEQS, -(-sms // self.model.num_kv_heads))
+
+    def _cascade_plan(self, out: SchedulerOutput) -> _CascadePlan | None:
+        """The step's shared prefix and which rows share it (a row does when its table lists the
+        prefix's last block at the same index: BlockManager.common_prefix), if worth it. O(rows)."""
+        blocks = out.common_prefix_blocks
+        if not self.cascade_min_seqs or len(blocks) * self.block_size < CASCADE_MIN_PREFIX_TOKENS:
+            return None
+        k, last, tokens = len(blocks), blocks[-1], len(blocks) * self.block_size
+        shares = [tokens if len(table) >= k and table[k - 1] == last else 0
+                  for table in (item.seq.block_table for item in out.scheduled)]
+        if len(shares) - shares.count(0) < self.cascade_min_seqs:
+            return None
+        return _CascadePlan(blocks, tokens, shares)
 
     # ------------------------------------------------------------------ KV cache sizing
     @property
@@ -268,14 +312,18 @@ class ModelRunner:
         # Graphs serve decode steps in which every row samples (a 1-token prefill chunk that
         # does not reach the prompt's end samples nothing: eager).
         decode = len(hb.ids) == num_seqs == len(hb.logits_rows)
+        # NOTE: the scheduler looks for a shared prefix only in steps of one-token rows, whose
+        # order _prepare keeps.
+        cascade = self._cascade_plan(out) if out.common_prefix_blocks and len(hb.ids) == num_seqs else None
         graph_size = self._graph_size_for(num_seqs) if decode else None
         prefill_size = None if decode else self._prefill_graph_size_for(hb)
         if graph_size is not None:
-            logits = self._replay(hb, graph_size, prev)
+            logits = self._replay(hb, graph_size, prev, cascade)
         elif prefill_size is not None:
             logits = self._replay_prefill(hb, prefill_size)
         else:
-            batch = self._upload_eager(hb, prev)
+            batch = self._upload_eager(hb, prev, cascade)
+            self.cascade_steps += batch.meta.use_cascade
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
             if hb.prompt_lp:
@@ -407,16 +455,19 @@ class ModelRunner:
         self._staging.done()
         return dev, offsets
 
-    def _upload_eager(self, hb: _HostBatch, prev: StepHandle | None) -> _Batch:
+    def _upload_eager(self, hb: _HostBatch, prev: StepHandle | None, cascade: _CascadePlan | None = None) -> _Batch:
         """Every input of an eager step in one int32 buffer: [ids | positions | slots | logits rows
-        | query starts | seq lens | block tables | gather dst | gather src]."""
+        | query starts | seq lens | block tables | gather dst | gather src | cascade: prefix
+        length, rows' shares, prefix blocks]."""
         num_tokens, num_seqs = len(hb.ids), len(hb.q_lens)
         qsl = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(hb.q_lens, out=qsl[1:])
         src = self._gather_src(hb, prev)
         parts = [hb.ids, hb.positions, hb.slots, hb.logits_rows, qsl, hb.seq_lens, hb.tables, hb.gather_dst, src]
+        if cascade is not None:
+            parts += [[cascade.tokens], cascade.shares, cascade.blocks]
         dev, offsets = self._upload(parts)
-        input_ids, pos_t, slot_t, logits_t, qsl_t, seq_lens_t, tables_t, dst_t, src_t = (
+        input_ids, pos_t, slot_t, logits_t, qsl_t, seq_lens_t, tables_t, dst_t, src_t, *cascade_t = (
             dev[o : o + len(part)] for part, o in zip(parts, offsets, strict=True))
         tables_t = tables_t.view(num_seqs, hb.width)
         if src:
@@ -430,6 +481,10 @@ class ModelRunner:
             max_seq_len=max(hb.seq_lens),
             is_decode_only=num_tokens == num_seqs,
             num_decodes=hb.num_decodes,
+            use_cascade=cascade is not None,
+            cascade_prefix_len=cascade_t[0] if cascade_t else None,
+            cascade_row_prefix_lens=cascade_t[1] if cascade_t else None,
+            cascade_prefix_blocks=cascade_t[2] if cascade_t else None,
         )
         return _Batch(input_ids=input_ids, positions=pos_t, meta=meta, logits_indices=logits_t)
 
@@ -468,8 +523,13 @@ class ModelRunner:
         # then room for the step's packed block tables and placeholder gather indices.
         self._g_host = np.zeros(5 * max_bs + 1, dtype=np.int32)
         self._g_host[4 * max_bs :] = np.arange(max_bs + 1)
-        self._g_buf = torch.zeros(5 * max_bs + 1 + max_bs * (self.max_blocks_per_seq + 2) + 4 * _ALIGN,
-                                  dtype=torch.int32, device=dev)
+        # Cascade graphs also read one static int32 buffer, filled by a device copy from the same
+        # upload: [prefix length | pad to _ALIGN | the rows' shares (max_bs, aligned) | prefix blocks].
+        self._gc_blocks_at = _ALIGN + -(-max_bs // _ALIGN) * _ALIGN
+        self._gc_host = np.zeros(self._gc_blocks_at + self.max_blocks_per_seq, dtype=np.int32)
+        self._gc_buf = torch.zeros(self._gc_host.shape[0], dtype=torch.int32, device=dev)
+        self._g_buf = torch.zeros(5 * max_bs + 1 + max_bs * (self.max_blocks_per_seq + 2) + 5 * _ALIGN
+                                  + self._gc_host.shape[0], dtype=torch.int32, device=dev)
         self._g_buf[: 5 * max_bs + 1].copy_(torch.from_numpy(self._g_host))
         self._g_input_ids, self._g_positions, self._g_slots, self._g_seq_lens = self._g_buf[: 4 * max_bs].view(4, max_bs)
         self._g_slots.fill_(-1)
@@ -496,8 +556,39 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
         log.info("captured %d CUDA graphs (batch %d..%d) in %.1f s", len(sizes), sizes[0], max_bs,
                  time.monotonic() - t0)
+        self._capture_cascade_graphs(stream)
 
-    def _graph_meta(self, size: int) -> AttentionMetadata:
+    def _capture_cascade_graphs(self, stream: torch.cuda.Stream) -> None:
+        """A second family of decode graphs, attention through the cascade kernels, for the
+        ladder's sizes that cascade_min_seqs rows can reach. Warm-up and capture run at prefix
+        length 0 (the kernels' loops read nothing); replays set the length. Each writes its logits
+        into the plain graph's buffer of its size (one copy, no second set of logits held)."""
+        sizes = [size for size in self._graph_sizes() if self.cascade_min_seqs and size >= self.cascade_min_seqs]
+        if not sizes:
+            return
+        t0 = time.monotonic()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        pool = self._graph_pool
+        for size in reversed(sizes):
+            meta = self._graph_meta(size, cascade=True)
+            logits = self._g_logits[size]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # Triton compiles outside the capture
+                    self.model(self._g_input_ids[:size], self._g_positions[:size], self.kv_caches, meta)
+            stream.synchronize()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                hidden = self.model(self._g_input_ids[:size], self._g_positions[:size], self.kv_caches, meta)
+                logits.copy_(self.model.compute_logits(hidden))
+            pool = graph.pool()
+            self.cascade_graphs[size] = graph
+        self._graph_pool = pool
+        torch.cuda.synchronize(self.device)
+        log.info("captured %d cascade-attention decode graphs (batch %d..%d) in %.1f s, %.0f MiB",
+                 len(sizes), sizes[0], sizes[-1], time.monotonic() - t0,
+                 (free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**20)
+
+    def _graph_meta(self, size: int, cascade: bool = False) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self._g_slots[:size],
             query_start_loc=self._g_qsl[: size + 1],
@@ -506,10 +597,16 @@ class ModelRunner:
             max_query_len=1,
             max_seq_len=self.max_model_len,  # NOTE: the kernel grid must not depend on live lengths
             is_decode_only=True,
+            use_cascade=cascade,
+            cascade_prefix_len=self._gc_buf[:1] if cascade else None,
+            cascade_row_prefix_lens=self._gc_buf[_ALIGN : _ALIGN + size] if cascade else None,
+            cascade_prefix_blocks=self._gc_buf[self._gc_blocks_at :] if cascade else None,
         )
 
-    def _replay(self, hb: _HostBatch, size: int, prev: StepHandle | None) -> torch.Tensor:
-        """Fill the graph's inputs (one copy, padding rows included) and replay it."""
+    def _replay(self, hb: _HostBatch, size: int, prev: StepHandle | None,
+                cascade: _CascadePlan | None = None) -> torch.Tensor:
+        """Fill the graph's inputs (one copy, padding rows included) and replay it (the cascade
+        graph of the size when there is a plan and one)."""
         n = len(hb.ids)
         max_bs = self._g_input_ids.shape[0]
         host = self._g_host
@@ -519,14 +616,29 @@ class ModelRunner:
             host[base : base + n] = values
             host[base + n : base + size] = pad
         src = self._gather_src(hb, prev)
-        dev, (_, o_tables, o_dst, o_src) = self._upload([host, hb.tables, hb.gather_dst, src], dst=self._g_buf)
+        parts: list[list[int] | np.ndarray] = [host, hb.tables, hb.gather_dst, src]
+        graph = self.graphs[size]
+        if cascade is not None and size in self.cascade_graphs:
+            graph = self.cascade_graphs[size]
+            self.cascade_steps += 1
+            # [prefix length | rows' shares, padding rows 0 | prefix blocks] (see _capture_cuda_graphs)
+            head, at = self._gc_host, self._gc_blocks_at
+            head[0] = cascade.tokens
+            head[_ALIGN : _ALIGN + n] = cascade.shares
+            head[_ALIGN + n : _ALIGN + size] = 0
+            head[at : at + len(cascade.blocks)] = cascade.blocks
+            parts.append(head[: at + len(cascade.blocks)])
+        dev, (_, o_tables, o_dst, o_src, *o_cascade) = self._upload(parts, dst=self._g_buf)
         width = hb.width
         # Rows past n keep stale but valid block ids: padding rows read one key of them, harmlessly.
         self._g_block_tables[:n, :width].copy_(dev[o_tables : o_tables + n * width].view(n, width))
+        if o_cascade:
+            used = len(parts[-1])
+            self._gc_buf[:used].copy_(dev[o_cascade[0] : o_cascade[0] + used])
         if src:
             self._gather_placeholders(self._g_input_ids, dev[o_dst : o_dst + len(src)],
                                       dev[o_src : o_src + len(src)], prev)
-        self.graphs[size].replay()
+        graph.replay()
         return self._g_logits[size][: len(hb.logits_rows)]
 
     # ------------------------------------------------------------------ CUDA graphs (a lone prefill)
