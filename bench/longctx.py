@@ -69,6 +69,7 @@ SMOKE_TILE = {"rows": 16, "block_n": 16, "num_warps": 4, "num_stages": 2}
 MAX_REL_ERR = 2e-2
 FALLBACK_THRESHOLD = 1024  # the switch for the "on" daemon when the kernel phase did not run
 OURS_NEEDS_S, VLLM_NEEDS_S = 80.0, 150.0  # start + workloads + stop, to decide what still fits
+OURS_MAX_START_S, VLLM_MAX_START_S = 120.0, 200.0  # not healthy by then: recorded as failed, next server
 
 
 class Clock:
@@ -582,10 +583,13 @@ def engine_phase(args: argparse.Namespace, clock: Clock, payload: dict[str, Any]
         tile, threshold = None, args.threshold
     eng["prefill_switch"] = {"threshold": threshold, "tile": tile,
                              "from": "kernel phase" if decision is not None else "--threshold"}
-    for label in args.servers:
+    for i, label in enumerate(args.servers):
         server: serve.Server | None
-        need = OURS_NEEDS_S
+        need, max_start_s = OURS_NEEDS_S, OURS_MAX_START_S
+        # vLLM leaves room for the one of ours that follows it (the comparison needs both).
+        reserve = OURS_NEEDS_S if label == "vllm" and set(args.servers[i + 1 :]) & {"on", "off"} else 0.0
         if label == "vllm":
+            max_start_s = VLLM_MAX_START_S
             server, need = vllm, (60.0 if vllm is not None else VLLM_NEEDS_S)
             if server is None:
                 server = _vllm(args, args.workdir)
@@ -597,7 +601,7 @@ def engine_phase(args: argparse.Namespace, clock: Clock, payload: dict[str, Any]
             server = _ours(args, args.port, str(threshold), tile)
         else:
             server = _ours(args, args.port, "off", None)
-        if clock.left() < need:
+        if clock.left() - reserve < need:
             eng["skipped"][server.label] = f"{clock.left():.0f} s left, needs ~{need:.0f} s"
             print(f"[{server.label}] skipped: {eng['skipped'][server.label]}", flush=True)
             if server.proc is not None:
@@ -606,7 +610,8 @@ def engine_phase(args: argparse.Namespace, clock: Clock, payload: dict[str, Any]
         if server.proc is None:
             _wait_gpu_free()
             server.start(args.logs_dir / f"serve_{label}.log")
-        eng["servers"][server.label] = serve.measure_server(server, prompts, clock.deadline())
+        eng["servers"][server.label] = serve.measure_server(server, prompts, clock.deadline() - reserve,
+                                                            max_start_s=max_start_s)
         save()
     peer = "peer" if args.peer_cmd else "vllm"
     vllm_result = eng["servers"].get(peer, {})

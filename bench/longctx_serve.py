@@ -203,12 +203,14 @@ async def _measure(config: ClientConfig, prompts: Prompts) -> dict[str, Any]:
     }
 
 
-def measure_server(server: Server, prompts: Prompts, deadline: float, model: str = "m") -> dict[str, Any]:
-    """Wait for the (started) server, run the workloads, stop it. Never raises: failures are
-    recorded with the server log's tail."""
+def measure_server(server: Server, prompts: Prompts, deadline: float, *, max_start_s: float,
+                   model: str = "m") -> dict[str, Any]:
+    """Wait for the (started) server, at most max_start_s from its start, run the workloads by
+    `deadline` (time.monotonic()), stop it. Never raises: failures are recorded with the server
+    log's tail."""
     result: dict[str, Any] = {"command": server.cmd, "env": server.env}
     try:
-        result["healthy_after_s"] = server.wait_healthy(deadline)
+        result["healthy_after_s"] = server.wait_healthy(min(deadline, server.started_at + max_start_s))
         print(f"[{server.label}] healthy after {result['healthy_after_s']:.1f} s", flush=True)
         timeout = max(10.0, deadline - time.monotonic())
         config = ClientConfig(base_url=server.url, model=model, ignore_eos=True, request_timeout_s=timeout)
