@@ -144,11 +144,11 @@ async def send(session: aiohttp.ClientSession, config: ClientConfig, request: Be
             async for data in response.content.iter_any():
                 now = time.perf_counter()
                 for event in sse.feed(data):
-                    _consume(event, now, record, text_parts, config.endpoint)
+                    consume_event(event, now, record, text_parts, config.endpoint)
                     if record.error_kind is not None:
                         return record
             for event in sse.rest():
-                _consume(event, time.perf_counter(), record, text_parts, config.endpoint)
+                consume_event(event, time.perf_counter(), record, text_parts, config.endpoint)
     except TimeoutError:
         record.error_kind, record.error_message = "timeout", f"no answer within {config.request_timeout_s:g} s"
         return record
@@ -157,22 +157,29 @@ async def send(session: aiohttp.ClientSession, config: ClientConfig, request: Be
         return record
     except asyncio.CancelledError:
         raise
+    finish_record(record, text_parts, count_tokens)
+    return record
+
+
+def finish_record(record: RequestRecord, text_parts: list[str],
+                  count_tokens: Callable[[str], int] | None = None) -> None:
+    """After the stream's end: a stream without an output chunk failed; output tokens are the
+    server's usage, else the local tokenizer's count of the text, else one per chunk."""
     if record.error_kind is not None:
-        return record
+        return
     if not record.token_times_s:
         record.error_kind, record.error_message = "no_output", "the stream ended without an output chunk"
-        return record
+        return
     if record.output_tokens_source != "usage":
         text = "".join(text_parts)
         if count_tokens is not None:
             record.output_tokens, record.output_tokens_source = count_tokens(text), "tokenizer"
         else:
             record.output_tokens, record.output_tokens_source = len(record.token_times_s), "chunks"
-    return record
 
 
-def _consume(event: str, now: float, record: RequestRecord, text_parts: list[str], endpoint: str) -> None:
-    """Apply one SSE payload to the record."""
+def consume_event(event: str, now: float, record: RequestRecord, text_parts: list[str], endpoint: str) -> None:
+    """Apply one SSE payload, read at `now`, to the record."""
     if event == "[DONE]":
         return
     try:

@@ -5,8 +5,8 @@
     llm-appliance bench serve ... --capacity --slo p99-ttft:500,p99-itl:50
 
 Sweeps (`--rates`, `--concurrency`; both given: every pair) run in one go, each load point with
-its own prompts (seed + point index), after one warm-up request. The JSON result and the PNG plots
-go to --result-dir.
+its own prompts (stream "point N" of the seed) and arrivals (seed + N), after one warm-up request.
+The JSON result and the PNG plots go to --result-dir.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from appliance.benchserve import capacity, metrics, report, workload
 from appliance.benchserve.arrivals import parse_rate
 from appliance.benchserve.client import ENDPOINTS, ClientConfig, send
 from appliance.benchserve.runner import LoadPoint, RunOptions, new_session, run_point
-
-WARMUP_SEED_OFFSET = 1_000_003  # warm-up prompts differ from every measured point's
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wl.add_argument("--prefix-len", type=int, default=0, help="shared-prefix: tokens of the shared prefix")
     wl.add_argument("--dataset", type=Path, help="chat: JSONL file of conversations")
     wl.add_argument("--num-prompts", type=int, default=200, help="requests per load point (default: %(default)s)")
-    wl.add_argument("--seed", type=int, default=0)
+    wl.add_argument("--seed", type=int, default=0,
+                    help="prompts and arrivals; a repeat against the same server wants its own seed (or "
+                         "the server's prefix caching off), or it meets its prompts in the prefix cache")
     wl.add_argument("--warmup", type=int, default=1, help="unmeasured requests before the first point")
 
     load = parser.add_argument_group("load")
@@ -158,8 +158,8 @@ class Bench:
         self.config: ClientConfig | None = None
         self.ignore_eos_refused: str | None = None  # the server's message, when it refused the field
 
-    def requests(self, seed: int, num: int) -> list[workload.BenchRequest]:
-        spec = workload.WorkloadSpec(**{**self.spec.__dict__, "seed": seed, "num_prompts": num})
+    def requests(self, stream: str, num: int) -> list[workload.BenchRequest]:
+        spec = workload.WorkloadSpec(**{**self.spec.__dict__, "stream": stream, "num_prompts": num})
         return workload.build(spec, self.tokenizer)
 
     def count_tokens(self, text: str) -> int:
@@ -184,7 +184,7 @@ class Bench:
         assert self.config is not None
         if self.args.warmup < 1:
             return
-        requests = self.requests(self.args.seed + WARMUP_SEED_OFFSET, self.args.warmup)
+        requests = self.requests("warmup", self.args.warmup)
         failed = await self._failures(requests, self.config)
         if failed and self.config.ignore_eos and failed[0].error_kind == "http_400" \
                 and "ignore_eos" in failed[0].error_message:
@@ -206,11 +206,13 @@ class Bench:
             records = await asyncio.gather(*(send(session, config, r, 0.0) for r in requests))
         return [r for r in records if not r.ok]
 
-    async def run_point(self, point: LoadPoint, seed: int, num: int) -> dict[str, Any]:
+    async def run_point(self, point: LoadPoint, index: int, stream: str, num: int) -> dict[str, Any]:
+        """Prompts from `stream`; arrivals seeded with seed + index."""
         assert self.config is not None
         counter = self.count_tokens if self.tokenizer is not None else None
-        return await run_point(self.config, self.requests(seed, num), point, seed=seed, options=self.options,
-                               count_tokens=counter)
+        run = await run_point(self.config, self.requests(stream, num), point, seed=self.args.seed + index,
+                              options=self.options, count_tokens=counter)
+        return {**run, "prompts": stream}
 
     async def main(self) -> dict[str, Any]:
         await self.setup()
@@ -224,7 +226,7 @@ class Bench:
             "goodput_limits_ms": self.goodput or None, "args": _args_json(self.args), "runs": [],
         }
         for i, point in enumerate(self.points):
-            run = await self.run_point(point, self.args.seed + i, self.args.num_prompts)
+            run = await self.run_point(point, i, f"point {i}", self.args.num_prompts)
             payload["runs"].append(run)
             print(f"{point.describe()}: {run['completed']} ok, {run['failed']} failed, "
                   f"{run['request_throughput']:.2f} req/s, {run['output_throughput']:.1f} out tok/s, "
@@ -240,7 +242,7 @@ class Bench:
             nonlocal count
             count += 1
             num = max(self.args.num_prompts, math.ceil(rate * self.args.capacity_seconds))
-            run = await self.run_point(LoadPoint(rate, None, 1.0), self.args.seed + count - 1, num)
+            run = await self.run_point(LoadPoint(rate, None, 1.0), count - 1, f"probe {count}", num)
             met = "meets" if run["slos"]["met"] else "misses"
             measured = ", ".join(f"{c['slo'].split(' ')[0]} {c['metric'].upper()} {_f(c['measured_ms'])} ms"
                                  for c in run["slos"]["checks"])

@@ -1,12 +1,17 @@
-"""The arithmetic of a serving benchmark, with the definitions `vllm bench serve` uses.
+"""The arithmetic of a serving benchmark, with the definitions `vllm bench serve` uses (vLLM
+0.26.0; docs/bench-serve.md compares the two clients point by point, and
+tests/benchserve/test_vllm_definitions.py runs both definitions on the same streams).
 
-- TTFT: sent to the first chunk carrying output.
-- TPOT: per request, (E2E - TTFT) / (output tokens - 1), over requests with more than one token.
+- TTFT: from just before the request is sent (after its concurrency slot) to the first chunk
+  carrying output (completions: any choice, even with empty text).
+- TPOT: per request, (E2E - TTFT) / (output tokens - 1), over requests with more than one token;
+  output tokens are the server's usage count (else the tokenizer's count of the text).
 - ITL: every gap between consecutive output chunks, pooled over all requests.
-- E2E: sent to the last output chunk.
+- E2E: sent to the last output chunk (the usage chunk and [DONE] after it do not count).
 - Throughput: completed requests, output tokens and input + output tokens over the wall time from
-  the first arrival to the last answer.
-- Percentiles: linear interpolation between closest ranks (numpy's default method).
+  just before the first release to the last answer.
+- Mean, population std, and percentiles by linear interpolation between closest ranks (numpy's
+  default method; p50 is numpy's median).
 - Goodput: completed requests per second whose TTFT, TPOT, E2E and worst ITL all meet the
   per-request limits (a single-token answer counts as TPOT 0, as vLLM does).
 - SLOs: limits on percentiles of the whole run (`p99 TTFT <= 500 ms`), which a run meets or not;

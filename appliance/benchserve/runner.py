@@ -3,15 +3,19 @@ them all, sample the server's /metrics meanwhile, and summarize.
 
 The clock runs from the first release to the last answer (vLLM's benchmark duration). A request's
 TTFT starts when it is sent; under a concurrency limit the wait for a slot is reported apart
-(`client_queue_ms`), as vLLM does.
+(`client_queue_ms`), as vLLM does. While a point runs the garbage collector's heap is frozen (as
+`vllm bench serve` does): a full collection over everything the client loaded would stall the
+event loop that timestamps the chunks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +66,11 @@ class RunOptions:
     keep_requests: bool = True  # per-request figures in the result
 
 
-def new_session(extra_limit: int | None = None) -> aiohttp.ClientSession:
+def new_session(limit: int | None = None) -> aiohttp.ClientSession:
     # NOTE: aiohttp caps a session at 100 connections by default; at rate inf that cap would be
-    # the load. limit=0 lifts it (a concurrency point caps itself with a semaphore).
-    connector = aiohttp.TCPConnector(limit=extra_limit or 0, keepalive_timeout=60)
+    # the load. limit=0 lifts it; a concurrency point holds as many connections as its limit (and a
+    # semaphore, so a request's clock starts only once it has its slot), as vLLM's client does.
+    connector = aiohttp.TCPConnector(limit=limit or 0, limit_per_host=limit or 0, keepalive_timeout=60)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
 
@@ -74,7 +79,7 @@ async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], poin
     offsets = arrivals.schedule_s(len(requests), point.rate, point.burstiness, seed)
     slots = asyncio.Semaphore(point.concurrency) if point.concurrency else None
     bar = ProgressBar(len(requests), point.describe(), enabled=options.progress)
-    async with new_session() as session:
+    async with new_session(point.concurrency) as session, _frozen_heap():
         sampler = None
         if options.sample_server_metrics:
             sampler = MetricsSampler(session, config.base_url, options.metrics_interval_s, config.headers())
@@ -112,6 +117,18 @@ async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], poin
             "rows": [_row(r) for r in records],
         }
     return result
+
+
+@contextlib.asynccontextmanager
+async def _frozen_heap() -> AsyncIterator[None]:
+    """Everything alive now leaves the collector's view for the run (objects made during it are
+    still collected by the young generations, as always); back in view afterwards."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _ms(value: float | None) -> float | None:

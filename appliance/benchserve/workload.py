@@ -4,7 +4,14 @@ Random prompts are random token ids turned into text with the model's tokenizer 
 the text encodes back to exactly the asked number of tokens (decode, re-encode, truncate or pad,
 repeat), so the server sees the intended input length; the special tokens the server adds (BOS) are
 counted in it, as `vllm bench serve --dataset-name random` does. Lengths are fixed (`512`) or drawn
-uniformly from a range (`256:1024`). `shared-prefix`: one random prefix shared by every request
+uniformly from a range (`256:1024`). The random generator is seeded with the seed, the prompt
+stream (sweep point, probe, warm-up) and the workload's shape together (`WorkloadSpec.rng_key`):
+runs that differ in any of them share no prompt prefix, so a run cannot find its prompts already in
+the server's prefix cache from an earlier run of another shape. (vLLM 0.26's random dataset starts
+each prompt at an offset drawn from the seed alone, so at one seed its 256-token prompts are the
+heads of its 512-token ones, and so were ours before.) The same command draws the same prompts:
+run it twice against one server and the second run meets them in the prefix cache; give each
+repeat its own --seed, or measure with the server's prefix caching off. `shared-prefix`: one random prefix shared by every request
 (the system message on the chat endpoint) and a unique random question after it.
 
 Conversations: one JSON value per line: `{"messages": [...]}` (OpenAI shape, optional
@@ -87,6 +94,15 @@ class WorkloadSpec:
     prefix_len: int = 0
     chat_path: Path | None = None
     seed: int = 0
+    stream: str = ""  # which of a run's prompt sets (a sweep point, a capacity probe, the warm-up)
+
+    def rng_key(self) -> str:
+        """What seeds the prompts: the seed, the stream and the whole shape. Two workloads that differ
+        in anything share no prompt prefix (a 256-token prompt is not the head of a 512-token one of
+        the same seed), so one run cannot warm the server's prefix cache for the next; the same
+        command still draws the same prompts."""
+        return (f"bench-serve|seed={self.seed}|stream={self.stream}|{self.kind}|in={self.input_len}"
+                f"|out={self.output_len}|prefix={self.prefix_len}")
 
     def describe(self) -> str:
         out = self.output_len.describe() if self.output_len else "as in the file"
@@ -148,7 +164,7 @@ class PromptMaker:
 
 
 def build(spec: WorkloadSpec, tokenizer: Tokenizer | None) -> list[BenchRequest]:
-    rng = random.Random(spec.seed)
+    rng = random.Random(spec.rng_key())  # a str seeds through SHA-512: stable across runs and Pythons
     if spec.kind == "chat":
         if spec.chat_path is None:
             raise ValueError("the chat workload needs --dataset FILE.jsonl")

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+# vllm_reference.py (vLLM's benchmark definitions, the tests' reference) imports as a plain module.
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 SERVICE_MS = 50.0  # the simulated server's capacity is 1000 / SERVICE_MS = 20 req/s
 
 

@@ -136,3 +136,40 @@ def test_sse_buffer_splits_events_across_reads() -> None:
     snowman = 'data: "\u2603"\n\n'.encode()
     assert sse.feed(snowman[:8]) == [] and sse.feed(snowman[8:]) == ['"\u2603"']
     assert sse.feed(b"data: [DONE]") == [] and sse.rest() == ["[DONE]"]
+
+
+EXPOSITION = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="m"} 3.0
+vllm:num_requests_running{model_name="n {odd} name"} 2.0
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{le="0.1",model_name="m"} 4.0
+vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 5.0
+vllm:time_to_first_token_seconds_count{model_name="m"} 5.0
+vllm:time_to_first_token_seconds_sum{model_name="m"} 0.7
+# HELP vllm:num_preemptions Cumulative number of preemptions.
+# TYPE vllm:num_preemptions counter
+vllm:num_preemptions_total{model_name="m"} 7.0
+vllm:num_preemptions_created{model_name="m"} 1.7e+09
+# HELP llm_appliance_client_rejections Requests refused at admission, per client.
+# TYPE llm_appliance_client_rejections counter
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="m"} 0.25
+"""
+
+
+def test_a_scrape_reads_only_the_families_it_needs() -> None:
+    """The sampler parses on the event loop that stamps chunks: it cuts the text to the families
+    it reads first, with the same values as parsing it all."""
+    from appliance.benchserve.server_metrics import WANTED, keep_families, parse
+
+    full = parse(EXPOSITION)
+    assert full["vllm:time_to_first_token_seconds"] == 0.0  # histograms: the family, no samples
+    wanted = parse(EXPOSITION, WANTED)
+    assert wanted == {k: v for k, v in full.items() if k in WANTED}
+    assert wanted == {"vllm:num_requests_running": 5.0, "vllm:num_preemptions": 7.0,
+                      "llm_appliance_client_rejections": 0.0, "vllm:kv_cache_usage_perc": 0.25}
+    assert "time_to_first_token" not in keep_families(EXPOSITION, WANTED)

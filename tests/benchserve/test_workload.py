@@ -34,6 +34,29 @@ def test_random_prompts_have_exact_token_counts(tok: workload.Tokenizer) -> None
     assert [r.prompt for r in other] != [r.prompt for r in requests]
 
 
+def _blocks(tok: workload.Tokenizer, r: workload.BenchRequest, size: int = 16) -> list[tuple[int, ...]]:
+    """The prompt's leading full blocks, each with everything before it (a prefix cache's keys)."""
+    ids = tok.encode(r.prompt or "", add_special_tokens=True)
+    return [tuple(ids[: size * (i + 1)]) for i in range(len(ids) // size)]
+
+
+def test_no_run_warms_the_prefix_cache_for_another(tok: workload.Tokenizer) -> None:
+    """Prompts of one seed at two lengths, two sweep points, or the warm-up share no 16-token
+    block with each other (they used to: seed 0's 256-token prompts began as its 512-token ones,
+    and a cross-check run at 256 found half its prompt in the server's cache); the same spec still
+    draws the same prompts."""
+    def spec(n_in: int, stream: str = "point 0", seed: int = 0) -> WorkloadSpec:
+        return WorkloadSpec("random", 8, LengthRange(n_in, n_in), LengthRange(8, 8), seed=seed, stream=stream)
+
+    long = workload.build(spec(96), tok)
+    cached = {b for r in long for b in _blocks(tok, r)}
+    for other in (spec(48), spec(96, "point 1"), spec(96, "warmup"), spec(96, seed=1)):
+        requests = workload.build(other, tok)
+        assert not cached & {b for r in requests for b in _blocks(tok, r)}, other
+    assert workload.build(spec(96), tok) == long
+    assert _blocks(tok, long[0])[0] in cached  # the check sees a shared block when there is one
+
+
 def test_shared_prefix(tok: workload.Tokenizer) -> None:
     spec = WorkloadSpec("shared-prefix", 6, LengthRange(16, 16), LengthRange(4, 4), prefix_len=200, seed=1)
     requests = workload.build(spec, tok)
