@@ -24,6 +24,8 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import msgspec
+
 from appliance.engine.sequence import Sequence
 
 FREED_BLOCK = -1  # a block-table entry released because it fell out of every layer's window
@@ -48,8 +50,11 @@ def chain_hash(parent_hash: bytes | None, token_ids: list[int] | tuple[int, ...]
     return h.digest()
 
 
-@dataclass
-class Block:
+class Block(msgspec.Struct, gc=False):
+    """NOTE: not tracked by the cyclic GC (msgspec gc=False; it holds only ints, bytes and a tuple of
+    ints, so it is never part of a cycle): a KV cache has hundreds of thousands of blocks, and as
+    tracked objects they made every full collection walk them all."""
+
     block_id: int
     ref_count: int = 0
     block_hash: bytes | None = None

@@ -68,7 +68,12 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+        if len(self.seqs) != self.params.n:
+            return False
+        for seq in self.seqs:
+            if seq.status is not SequenceStatus.FINISHED:
+                return False
+        return True
 
 
 @dataclass
@@ -142,6 +147,10 @@ class EngineCore:
                            if self.tokenizer is not None else None)
         self.runner.sampler.grammar = self.structured
         self.requests: dict[str, _Request] = {}
+        # Live requests with a grammar / with penalties: a step looks through its rows for them
+        # only when there are some (most steps: none, and the scan grows with the batch).
+        self._num_constrained = 0
+        self._num_penalized = 0
         self._in_flight: _InFlight | None = None  # async: the step the device may still be running
         self._num_steps = 0
         self._last_step_time = time.monotonic()
@@ -178,13 +187,22 @@ class EngineCore:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seq = Sequence(request_id, prompt_token_ids, params, index=0, arrival_time=arrival)
         self.requests[request_id] = _Request(request_id, list(prompt_token_ids), params, [seq], arrival)
+        self._num_constrained += params.structured is not None
+        self._num_penalized += _has_penalty(params)
         if params.structured is not None and self.structured is not None:
             self.structured.hold(seq)  # [apps] scheduled once its grammar is compiled (off this thread)
         else:
             self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> None:
+    def _pop_request(self, request_id: str) -> _Request | None:
         req = self.requests.pop(request_id, None)
+        if req is not None:
+            self._num_constrained -= req.params.structured is not None
+            self._num_penalized -= _has_penalty(req.params)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        req = self._pop_request(request_id)
         if req is None:
             return
         for seq in req.seqs:
@@ -212,14 +230,15 @@ class EngineCore:
         # [apps] the grammar advance: constrained rows' masks need the step in flight's tokens
         # accepted (in its update), so their sampling is enqueued after that update; the forward
         # still overlaps the host work.
-        has_grammar = self.structured is not None and any(
+        has_grammar = self._num_constrained > 0 and any(
             item.sample and item.seq.sampling_params.structured is not None for item in out.scheduled)
         defer = self.async_scheduling and has_grammar and prev is not None
         if prev is not None and prev.needs_host_ids:
             sched.resolve(prev.out, prev.handle.results())  # penalties read every token id on the host
         handle = self.runner.launch(out, prev.handle if prev is not None else None, defer_sampling=defer)
         if self.async_scheduling:
-            self._in_flight = _InFlight(out, handle, any(_has_penalty(row.seq.sampling_params) for row in handle.rows))
+            self._in_flight = _InFlight(out, handle, self._num_penalized > 0 and any(
+                _has_penalty(row.seq.sampling_params) for row in handle.rows))
             deltas = self._update(prev) if prev is not None else []
             if defer:
                 self.runner.sample_deferred(handle)  # [apps] prev's tokens are accepted now
@@ -242,7 +261,7 @@ class EngineCore:
         deltas = []
         for seq, error in failed:
             log.error("grammar compile failed for %s: %s", seq.request_id, error)
-            req = self.requests.pop(seq.request_id, None)
+            req = self._pop_request(seq.request_id)
             if req is None:
                 continue
             for s in req.seqs:
@@ -264,8 +283,9 @@ class EngineCore:
         updates = self.scheduler.update_from_output(step.out, step.handle.results())
         changed: dict[str, list[CompletionDelta]] = {}
         stream = self.stream_outputs
-        structured = self.structured
+        structured = self.structured if self._num_constrained else None
         detok = self.detokenizer
+        forget = self.runner.sampler.forget
         finished_status = SequenceStatus.FINISHED
         # NOTE: this loop runs for every token of every sequence: final-only (offline) requests
         # without stop strings skip the text until they finish.
@@ -281,7 +301,7 @@ class EngineCore:
                 self._text(seq, update)
                 finished = seq.status is finished_status
             if finished:
-                self.runner.sampler.forget(seq.seq_id)
+                forget(seq.seq_id)
             if stream:
                 text = seq.output_text[seq.num_text_sent:]
                 seq.num_text_sent = len(seq.output_text)
@@ -304,7 +324,7 @@ class EngineCore:
             finished = req.finished
             metrics = None
             if finished:
-                del self.requests[request_id]
+                self._pop_request(request_id)
                 metrics = self._metrics(req)
             if len(outputs) > 1:
                 outputs.sort(key=lambda d: d.index)

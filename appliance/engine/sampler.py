@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import torch
 
 from appliance.engine.sequence import Sequence, TokenLogprob
@@ -36,16 +37,16 @@ _GREEDY_TEMPERATURE = 1e-5
 _MASK_64 = (1 << 64) - 1
 
 
-@dataclass
-class SampleRow:
+# NOTE: rows and results are msgspec structs with gc=False (made for every row of every step;
+# as tracked objects they drove the cyclic GC). Nothing refers back to them: no cycles.
+class SampleRow(msgspec.Struct, gc=False):
     """One row of logits to sample from."""
 
     seq: Sequence
     num_samples: int = 1  # > 1 only for the first token of an n > 1 request (the lead forks the rest)
 
 
-@dataclass
-class SampleResult:
+class SampleResult(msgspec.Struct, gc=False):
     token_ids: list[int]  # num_samples tokens
     logprobs: list[TokenLogprob] | None  # one per token, when params.logprobs is not None
 
@@ -138,16 +139,10 @@ class Sampler:
             return PendingSamples(empty, [], empty.cpu(), None, lambda values: [])
         # Padded lm-head columns (beyond vocab_size) are never tokens: a view drops them.
         logits = logits[:, : self.vocab_size]  # [N, V], the model's dtype
-        # [apps] logit_bias and grammar masks: `masked` feeds the sampling, `logits` the logprobs.
-        masked = self._apply_logit_bias(logits, rows)
-        masks = self.grammar.bitmask(rows) if self.grammar is not None else None
-        if masks is not None:
-            from appliance.structured.grammar import apply_token_bitmask
 
-            mask_rows, bitmask = masks
-            masked = apply_token_bitmask(masked, _tensor(mask_rows, torch.long, device), _to_device(bitmask, device))
-
-        any_penalty = any_min_tokens = any_special = False
+        # NOTE: one pass over the rows (this runs every step for the whole batch) finds out which
+        # of the per-row features any row uses; those it does not are skipped.
+        any_penalty = any_min_tokens = any_special = any_bias = any_grammar = False
         for row in rows:
             p = row.seq.sampling_params
             if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
@@ -156,6 +151,18 @@ class Sampler:
                 any_min_tokens = True
             if p.temperature >= _GREEDY_TEMPERATURE or p.logprobs is not None or row.num_samples > 1:
                 any_special = True
+            if p.logit_bias:
+                any_bias = True
+            if p.structured is not None:
+                any_grammar = True
+        # [apps] logit_bias and grammar masks: `masked` feeds the sampling, `logits` the logprobs.
+        masked = self._apply_logit_bias(logits, rows) if any_bias else logits
+        masks = self.grammar.bitmask(rows) if any_grammar and self.grammar is not None else None
+        if masks is not None:
+            from appliance.structured.grammar import apply_token_bitmask
+
+            mask_rows, bitmask = masks
+            masked = apply_token_bitmask(masked, _tensor(mask_rows, torch.long, device), _to_device(bitmask, device))
         if not (any_penalty or any_min_tokens or any_special):
             # The common serving case, plain greedy decoding: one argmax, one transfer.
             tokens = _greedy(masked)

@@ -28,13 +28,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
+
 from appliance.engine.block_manager import BlockManager
 from appliance.engine.outputs import TokenLogprob
 from appliance.engine.sequence import PLACEHOLDER_TOKEN_ID, FinishReason, Sequence, SequenceStatus
 
 
-@dataclass(slots=True)
-class ScheduledSequence:
+# NOTE: the per-row, per-step objects here are msgspec structs with gc=False: hundreds are made
+# every step, and as tracked objects they drove the cyclic GC (collections of the young
+# generation every step or two, and full collections of the whole heap during a burst). They
+# refer to sequences but nothing refers back to them, so they can never be part of a cycle.
+class ScheduledSequence(msgspec.Struct, gc=False):
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, from `start` on
     sample: bool  # the chunk reaches the last known token: sample the next one
@@ -68,8 +73,7 @@ class SampledTokens(Protocol):
     logprobs: list[TokenLogprob] | None
 
 
-@dataclass(slots=True)
-class SequenceUpdate:
+class SequenceUpdate(msgspec.Struct, gc=False):
     """A token a step produced for `seq` (its last token now). `seq.is_finished` tells whether a
     stop token or a length limit ended it; `stop_token`: its text must not be emitted."""
 
@@ -147,30 +151,43 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
+        running = self.running
+        scheduled = out.scheduled
+        now = time.monotonic()
+        num_prompt_computed = 0
 
         # 1. Running sequences, oldest first. Preempt from the newest end when blocks run out.
+        # NOTE: one pass per step over up to max_num_seqs sequences: it also counts the tokens as
+        # computed (a victim of preemption is always newer than the sequence being scheduled, so
+        # nothing counted here is taken back).
         i = 0
         num_finishing = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        while i < len(running) and budget > 0:
+            seq = running[i]
             if seq.finish_pending:
                 num_finishing += 1  # leaves when the engine processes its last token
                 i += 1
                 continue
             num_known = len(seq.token_ids)
-            num_new = min(num_known - seq.num_computed_tokens, budget)
+            start = seq.num_computed_tokens
+            num_new = num_known - start
+            if num_new > budget:
+                num_new = budget
             assert num_new > 0, f"{seq} is running with nothing to compute"
-            target = seq.num_computed_tokens + num_new
+            target = start + num_new
             if not bm.covers(seq, target):  # NOTE: most decode steps need no new block
                 while not bm.can_grow(seq, target):
-                    victim = self.running[-1]
+                    victim = running[-1]
                     self._preempt(victim, out)
                     if victim is seq:
                         break
-                if seq.status != SequenceStatus.RUNNING:
+                if seq.status is not SequenceStatus.RUNNING:
                     break  # it preempted itself: everything after it is gone too
                 bm.grow(seq, target)
-            out.scheduled.append(ScheduledSequence(seq, num_new, target == num_known))
+            scheduled.append(ScheduledSequence(seq, num_new, target == num_known, start))
+            seq.num_computed_tokens = target
+            if start < seq.num_prompt_tokens:
+                num_prompt_computed += min(target, seq.num_prompt_tokens) - start
             budget -= num_new
             i += 1
 
@@ -191,9 +208,15 @@ class Scheduler:
                 num_new = budget
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            target = seq.num_computed_tokens + num_new
-            out.scheduled.append(ScheduledSequence(seq, num_new, target == len(seq)))
+            running.append(seq)
+            start = seq.num_computed_tokens
+            target = start + num_new
+            scheduled.append(ScheduledSequence(seq, num_new, target == len(seq.token_ids), start))
+            seq.num_computed_tokens = target
+            if start < seq.num_prompt_tokens:
+                num_prompt_computed += min(target, seq.num_prompt_tokens) - start
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
             budget -= num_new
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
@@ -203,23 +226,11 @@ class Scheduler:
             # prefix that later ones hit in the cache, or the other way round.
             candidates = (out.scheduled[0].seq, out.scheduled[-1].seq)
             out.common_prefix_blocks = bm.common_prefix(candidates, self.common_prefix_min_seqs)
-        self._advance(out)
-        return out
-
-    def _advance(self, out: SchedulerOutput) -> None:
-        """Count the scheduled tokens as computed (the step will compute them)."""
-        now = time.monotonic()
-        for item in out.scheduled:
-            seq = item.seq
-            item.start = old = seq.num_computed_tokens
-            seq.num_computed_tokens = new = old + item.num_new_tokens
-            if old < seq.num_prompt_tokens:
-                self.prompt_tokens_total += min(new, seq.num_prompt_tokens) - old
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-        if self.async_scheduling and out.scheduled:
-            out.seq_ids = {item.seq.seq_id for item in out.scheduled}
+        self.prompt_tokens_total += num_prompt_computed
+        if self.async_scheduling and scheduled:
+            out.seq_ids = {item.seq.seq_id for item in scheduled}
             self._unresolved.append(out)
+        return out
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Recompute preemption: drop its K/V, keep its tokens, put it first in line."""
@@ -235,16 +246,26 @@ class Scheduler:
     def after_launch(self, out: SchedulerOutput) -> None:
         """The step is on the device (its rows' sample counts are read). Async: give every
         sampling row a placeholder, and stop scheduling rows whose next token is their last."""
+        if not self.async_scheduling:
+            for item in out.scheduled:
+                if item.sample:
+                    item.seq.pending_forks = 0  # its first step draws the n samples; later ones draw one
+            return
+        running = SequenceStatus.RUNNING
+        max_model_len = self.max_model_len
         for item in out.scheduled:
             if not item.sample:
                 continue
             seq = item.seq
-            seq.pending_forks = 0  # its first step draws the n samples; later ones draw one
-            if not self.async_scheduling or seq.status != SequenceStatus.RUNNING:
+            seq.pending_forks = 0
+            if seq.status is not running:
                 continue
-            seq.token_ids.append(PLACEHOLDER_TOKEN_ID)
+            tokens = seq.token_ids
+            tokens.append(PLACEHOLDER_TOKEN_ID)
+            num_tokens = len(tokens)
             max_tokens = seq.sampling_params.max_tokens
-            if (max_tokens is not None and seq.num_output_tokens >= max_tokens) or len(seq) >= self.max_model_len:
+            if num_tokens >= max_model_len or (max_tokens is not None
+                                               and num_tokens - seq.num_prompt_tokens >= max_tokens):
                 seq.finish_pending = True  # the stop check will end it: schedule no wasted step
 
     def resolve(self, out: SchedulerOutput, sampled: dict[int, SampledTokens]) -> None:
@@ -252,56 +273,86 @@ class Scheduler:
         the token lists (async: over the placeholders). Idempotent."""
         if out.resolved:
             return
+        self._release(out)
+        finished = SequenceStatus.FINISHED
+        for item in out.scheduled:
+            seq = item.seq
+            if item.sample and seq.status is not finished:  # a finished sequence's last step is dropped
+                self._put_token(seq, sampled[seq.seq_id].token_ids[0])
+
+    def _release(self, out: SchedulerOutput) -> None:
+        """The step is off the device: the blocks of sequences finished meanwhile go back."""
         out.resolved = True
         if self.async_scheduling and out.seq_ids:
             self._unresolved.remove(out)
             for seq in out.free_after:
                 self.block_manager.free(seq)
             out.free_after.clear()
-        for item in out.scheduled:
-            seq = item.seq
-            if not item.sample or seq.status == SequenceStatus.FINISHED:
-                continue  # a finished sequence's last step is dropped
-            token = sampled[seq.seq_id].token_ids[0]
-            if self.async_scheduling:
-                assert seq.token_ids[-1] == PLACEHOLDER_TOKEN_ID, seq
-                seq.token_ids[-1] = token
-            else:
-                seq.token_ids.append(token)
+
+    def _put_token(self, seq: Sequence, token: int) -> None:
+        """(update_from_output does the same inline.)"""
+        tokens = seq.token_ids
+        if self.async_scheduling:
+            assert tokens[-1] == PLACEHOLDER_TOKEN_ID, seq
+            tokens[-1] = token
+        else:
+            tokens.append(token)
 
     # ------------------------------------------------------------------ update
     def update_from_output(self, out: SchedulerOutput, sampled: dict[int, SampledTokens]) -> list[SequenceUpdate]:
-        """Apply a finished step (see the module docstring); returns the new tokens, in order."""
-        self.resolve(out, sampled)
+        """Apply a finished step (see the module docstring); returns the new tokens, in order.
+
+        NOTE: one pass over the step's rows (this runs for every token of every sequence): each
+        row's sampled id replaces its placeholder (unless `resolve` ran already), then its full
+        blocks are hashed, forks made and the stop checks run.
+        """
+        put = not out.resolved
+        if put:
+            self._release(out)
         bm = self.block_manager
         block_size = bm.block_size
+        sync = not self.async_scheduling
+        finished = SequenceStatus.FINISHED
+        running = SequenceStatus.RUNNING
         now = time.monotonic()
         updates: list[SequenceUpdate] = []
         for item in out.scheduled:
             seq = item.seq
-            if seq.status == SequenceStatus.FINISHED:
+            status = seq.status
+            if status is finished:
                 continue  # aborted, or finished by the step before
+            tokens = seq.token_ids
+            if item.sample:
+                res = sampled[seq.seq_id]
+                token = res.token_ids[0]
+                if put:
+                    if sync:
+                        tokens.append(token)
+                    else:
+                        assert tokens[-1] == PLACEHOLDER_TOKEN_ID, seq
+                        tokens[-1] = token
             written = item.start + item.num_new_tokens
             # (a preempted sequence holds no blocks; most steps fill no new block)
-            if seq.status == SequenceStatus.RUNNING and written // block_size > seq.num_hashed_blocks:
+            if status is running and written // block_size > seq.num_hashed_blocks:
                 first = seq.num_hashed_blocks * block_size
-                assert PLACEHOLDER_TOKEN_ID not in seq.token_ids[first:written], seq
+                assert PLACEHOLDER_TOKEN_ID not in tokens[first:written], seq
                 bm.commit(seq, written)
             if not item.sample:
                 continue
-            res = sampled[seq.seq_id]
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            lead = SequenceUpdate(seq, res.token_ids[0], res.logprobs[0] if res.logprobs else None)
-            batch = [lead]
+            lead = SequenceUpdate(seq, token, res.logprobs[0] if res.logprobs else None)
             if len(res.token_ids) > 1:
                 # n > 1, the first step: every choice's first token. Fork before the lead's stop
                 # check, while it still holds the blocks the children share.
-                batch += self._fork(seq, res, written, now)
-            for update in batch:
-                self.generation_tokens_total += 1
-                update.stop_token = self._check_stop(update.seq)
-            updates += batch
+                batch = [lead, *self._fork(seq, res, written, now)]
+                for update in batch:
+                    update.stop_token = self._check_stop(update.seq, update.token_id)
+                updates += batch
+            else:
+                lead.stop_token = self._check_stop(seq, token)
+                updates.append(lead)
+        self.generation_tokens_total += len(updates)
         return updates
 
     def _fork(self, parent: Sequence, res: SampledTokens, written: int, now: float) -> list[SequenceUpdate]:
@@ -325,20 +376,21 @@ class Scheduler:
             children.append(SequenceUpdate(child, token, res.logprobs[k] if res.logprobs else None, forked=True))
         return children
 
-    def _check_stop(self, seq: Sequence) -> bool:
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
         """Finish on a stop token id, EOS or a length limit; True when a stop token ended it.
-        (Stop strings need text: the engine's output stage checks them.)"""
+        `token`: seq's last token. (Stop strings need text: the engine's output stage checks them.)"""
         params = seq.sampling_params
-        token = seq.token_ids[-1]
-        num_out = seq.num_output_tokens
+        num_tokens = len(seq.token_ids)
+        num_out = num_tokens - seq.num_prompt_tokens
         if num_out >= params.min_tokens:
-            if token in params.stop_token_ids:
+            if params.stop_token_ids and token in params.stop_token_ids:
                 seq.stop_reason = token
                 self.finish(seq, FinishReason.STOP)
                 return True
-            if token in self.eos_token_ids and not params.ignore_eos:
+            if not params.ignore_eos and token in self.eos_token_ids:
                 self.finish(seq, FinishReason.STOP)
                 return True
-        if (params.max_tokens is not None and num_out >= params.max_tokens) or len(seq) >= self.max_model_len:
+        max_tokens = params.max_tokens
+        if (max_tokens is not None and num_out >= max_tokens) or num_tokens >= self.max_model_len:
             self.finish(seq, FinishReason.LENGTH)
         return False
