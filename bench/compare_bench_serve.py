@@ -2,24 +2,41 @@
 
     python bench/compare_bench_serve.py OURS.json VLLM.json [--run 0] [--tolerance 0.03]
     python bench/compare_bench_serve.py --ours A1.json A2.json --vllm B1.json B2.json
+    python bench/compare_bench_serve.py --crosscheck DIR --json DIR/crosscheck.json
 
 OURS.json: the result of `llm-appliance bench serve` (`--run` picks the load point, default the
 first); VLLM.json: `vllm bench serve --save-result`. With several files per side (alternated
 repeats: serving figures move by up to 25% between runs, ../shared/peer/README.md) each figure is
-the median over that side's files. Prints each figure, ours / vLLM's, and
-whether the ratio is within the tolerance; exits 1 if any compared figure is not (figures one side
-lacks are shown and skipped). Throughputs: request, output and total tokens per second; latencies:
-p50 and p99 of TTFT, TPOT and ITL (vLLM writes p50 as `median_*`). `--json FILE` writes the table.
+the median over that side's files. Prints each figure, ours / vLLM's, and whether the ratio is
+within the tolerance; exits 1 if any compared figure is not (figures one side lacks are shown and
+skipped). Throughputs: request, output and total tokens per second; latencies: p50 and p99 of
+TTFT, TPOT and ITL (vLLM writes p50 as `median_*`). `--json FILE` writes the table.
+
+`--crosscheck DIR` reads what bench/crosscheck_bench_serve.sh left there (runs.tsv, each run's
+JSON, the server's /metrics before and after each run, meta.json) and writes one document for
+bench/results/: per workload, every run's figures, the medians per client with their spread, the
+ratio of medians and the verdict against the tolerance; the server's own count of the tokens each
+run cost it (the same workload, seen from the server) and its mean TTFT/ITL (so a difference the
+server made is told from one the clients measured); and the arithmetic check: each vLLM run's
+figures recomputed by our `metrics.summarize` from vLLM's own per-request records
+(`--save-detailed`), which must agree to rounding.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from appliance.benchserve import metrics
+from appliance.benchserve.record import RequestRecord
+from appliance.benchserve.server_metrics import parse as parse_prometheus
 
 # (name, key in our run, key in vLLM's result)
 FIGURES: list[tuple[str, tuple[str, ...], str]] = [
@@ -29,12 +46,20 @@ FIGURES: list[tuple[str, tuple[str, ...], str]] = [
     *[(f"{p} {m.upper()} (ms)", ("latency_ms", m, p), f"{'median' if p == 'p50' else p}_{m}_ms")
       for m in ("ttft", "tpot", "itl") for p in ("p50", "p99")],
 ]
+# Shown, not judged.
 COUNTS: list[tuple[str, tuple[str, ...], str]] = [
     ("completed", ("completed",), "completed"),
     ("failed", ("failed",), "failed"),
     ("input tokens", ("total_input_tokens",), "total_input_tokens"),
     ("output tokens", ("total_output_tokens",), "total_output_tokens"),
+    ("duration (s)", ("duration_s",), "duration"),
+    ("p50 E2E (ms)", ("latency_ms", "e2el", "p50"), "median_e2el_ms"),
+    ("mean TTFT (ms)", ("latency_ms", "ttft", "mean"), "mean_ttft_ms"),
+    ("mean ITL (ms)", ("latency_ms", "itl", "mean"), "mean_itl_ms"),
 ]
+JUDGED = {name for name, _, _ in FIGURES}
+IDENTITY_REL = 1e-9  # our arithmetic on vLLM's records vs vLLM's own figures: rounding only
+IDENTITY_ABS = 1e-6
 
 
 def _get(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -55,35 +80,216 @@ def our_run(doc: dict[str, Any], index: int) -> dict[str, Any]:
     return runs[index]
 
 
-def median_doc(docs: list[dict[str, Any]], paths: list[tuple[str, ...]]) -> dict[str, Any]:
-    """One document holding, at each path, the median over `docs` (None if any lacks it)."""
-    out: dict[str, Any] = {}
-    for path in paths:
-        values = [_get(d, path) for d in docs]
-        if len(docs) == 1:
-            value = values[0]
-        elif all(isinstance(v, int | float) for v in values):
-            value = statistics.median(values)
-        else:
-            value = None
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
+def our_figures(run: dict[str, Any]) -> dict[str, Any]:
+    return {name: _get(run, ours) for name, ours, _ in COUNTS + FIGURES}
 
 
-def compare(ours: dict[str, Any], vllm: dict[str, Any], tolerance: float) -> list[dict[str, Any]]:
+def vllm_figures(doc: dict[str, Any]) -> dict[str, Any]:
+    return {name: doc.get(key) for name, _, key in COUNTS + FIGURES}
+
+
+def _median(values: list[Any]) -> Any:
+    if len(values) == 1:
+        return values[0]
+    if values and all(isinstance(v, int | float) for v in values):
+        return statistics.median(values)
+    return None
+
+
+def compare(ours_runs: list[dict[str, Any]], vllm_runs: list[dict[str, Any]],
+            tolerance: float) -> list[dict[str, Any]]:
+    """One row per figure: each side's median over its runs (and every run's value, and the spread
+    (max - min) / median), ours / vLLM's, and for the judged figures whether that is within."""
     rows = []
-    for name, our_key, vllm_key in COUNTS + FIGURES:
-        a, b = _get(ours, our_key), vllm.get(vllm_key)
+    for name, _, _ in COUNTS + FIGURES:
+        a_all, b_all = [r.get(name) for r in ours_runs], [r.get(name) for r in vllm_runs]
+        a, b = _median(a_all), _median(b_all)
         row: dict[str, Any] = {"figure": name, "ours": a, "vllm": b, "ratio": None, "within": None}
-        if (name, our_key, vllm_key) in FIGURES and isinstance(a, int | float) and isinstance(b, int | float) and b:
+        if len(ours_runs) > 1 or len(vllm_runs) > 1:
+            row["ours_runs"], row["vllm_runs"] = a_all, b_all
+            row["ours_spread"], row["vllm_spread"] = _spread(a_all), _spread(b_all)
+        if name in JUDGED and isinstance(a, int | float) and isinstance(b, int | float) and b:
             row["ratio"] = a / b
             row["within"] = abs(a / b - 1) <= tolerance
         rows.append(row)
     return rows
 
+
+def _spread(values: list[Any]) -> float | None:
+    nums = [v for v in values if isinstance(v, int | float)]
+    if len(nums) < 2 or len(nums) != len(values) or not statistics.median(nums):
+        return None
+    return (max(nums) - min(nums)) / statistics.median(nums)
+
+
+# --- vLLM's per-request records through our arithmetic --------------------------------------------
+
+def vllm_records(doc: dict[str, Any]) -> list[RequestRecord]:
+    """vLLM's `--save-detailed` lists as our records: token times rebuilt from start, TTFT and ITLs
+    (vLLM's own E2E is TTFT plus its ITLs); a request failed if it has an error or no first token."""
+    need = ("start_times", "ttfts", "itls", "output_lens", "input_lens", "errors")
+    missing = [k for k in need if not isinstance(doc.get(k), list)]
+    if missing:
+        raise ValueError(f"no per-request records in the vLLM result (run it with --save-detailed): {missing}")
+    records = []
+    for i, (start, ttft, itls, out, inp, err) in enumerate(zip(*(doc[k] for k in need), strict=True)):
+        record = RequestRecord(index=i, due_s=start, start_s=start, prompt_tokens=inp or 0)
+        if err or not ttft:
+            record.error_kind, record.error_message = "vllm_error", str(err)[:300] or "no first token"
+        else:
+            t = start + ttft
+            record.token_times_s = [t]
+            for gap in itls:
+                t += gap
+                record.token_times_s.append(t)
+            record.output_tokens, record.output_tokens_source = int(out), "usage"
+        records.append(record)
+    return records
+
+
+def arithmetic_check(doc: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's reported figures against ours computed from vLLM's own records."""
+    summary = metrics.summarize(vllm_records(doc), float(doc["duration"]), percentiles=(50.0, 90.0, 99.0))
+    pairs: dict[str, tuple[Any, Any]] = {
+        k: (summary[k], doc.get(k)) for k in ("completed", "total_input_tokens", "total_output_tokens",
+                                              "request_throughput", "output_throughput", "total_token_throughput")}
+    for m in ("ttft", "tpot", "itl", "e2el"):
+        ours = summary["latency_ms"][m]
+        for stat, key in (("mean", "mean"), ("p50", "median"), ("std", "std"), ("p90", "p90"), ("p99", "p99")):
+            if f"{key}_{m}_ms" in doc:
+                pairs[f"{key}_{m}_ms"] = (ours[stat], doc[f"{key}_{m}_ms"])
+    worst, worst_key = 0.0, None
+    for key, (a, b) in pairs.items():
+        if not isinstance(a, int | float) or not isinstance(b, int | float):
+            worst, worst_key = float("inf"), key
+            break
+        # NOTE: below IDENTITY_ABS (a nanosecond, in ms) a difference is rounding even where the figure
+        # itself is about zero (the std of equal gaps), where a relative one means nothing.
+        rel = 0.0 if abs(a - b) <= IDENTITY_ABS else abs(a - b) / max(abs(b), 1e-300)
+        if rel > worst:
+            worst, worst_key = rel, key
+    return {"figures": len(pairs), "max_rel_diff": worst, "worst": worst_key, "ok": worst <= IDENTITY_REL}
+
+
+# --- the server's own view of a run ------------------------------------------------------------
+
+SERVER_COUNTERS = {"prompt_tokens": "vllm:prompt_tokens", "generation_tokens": "vllm:generation_tokens",
+                   "requests_finished": "vllm:request_success", "prefix_cache_hits": "vllm:prefix_cache_hits",
+                   "preemptions": "vllm:num_preemptions"}
+SERVER_MEANS = {"mean_ttft_ms": "vllm:time_to_first_token_seconds",
+                "mean_itl_ms": "vllm:inter_token_latency_seconds",
+                "mean_e2e_ms": "vllm:e2e_request_latency_seconds"}
+
+
+def _histogram_totals(text: str) -> dict[str, tuple[float, float]]:
+    """{histogram: (sum, count)} summed over label sets."""
+    out: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.type != "histogram":
+            continue
+        total, count = 0.0, 0.0
+        for s in family.samples:
+            if s.name.endswith("_sum"):
+                total += s.value
+            elif s.name.endswith("_count"):
+                count += s.value
+        out[family.name] = (total, count)
+    return out
+
+
+def server_view(before: str, after: str) -> dict[str, Any]:
+    """What one run cost the server (counter increases) and its mean latencies over that run."""
+    a, b = parse_prometheus(before), parse_prometheus(after)
+    out: dict[str, Any] = {k: (b[n] - a[n] if n in a and n in b else None) for k, n in SERVER_COUNTERS.items()}
+    ha, hb = _histogram_totals(before), _histogram_totals(after)
+    for key, name in SERVER_MEANS.items():
+        if name in ha and name in hb and hb[name][1] > ha[name][1]:
+            out[key] = (hb[name][0] - ha[name][0]) / (hb[name][1] - ha[name][1]) * 1e3
+        else:
+            out[key] = None
+    return out
+
+
+# --- the cross-check directory -----------------------------------------------------------------
+
+def crosscheck(directory: Path, tolerance: float) -> dict[str, Any]:
+    meta_path = directory / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    with open(directory / "runs.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    workloads: dict[str, Any] = {}
+    for w in dict.fromkeys(r["workload"] for r in rows):
+        runs, sides = [], {"ours": [], "vllm": []}
+        for r in (r for r in rows if r["workload"] == w):
+            name = f"{w}_{r['client']}_r{r['round']}"
+            entry: dict[str, Any] = {"client": r["client"], "round": int(r["round"]), "seed": int(r["seed"]),
+                                     "start_s": _seconds(r["start_ms"]), "end_s": _seconds(r["end_ms"]),
+                                     "status": r["status"], "file": f"{name}.json"}
+            runs.append(entry)
+            path = directory / f"{name}.json"
+            if r["status"] != "0" or not path.is_file():
+                entry["error"] = "skipped" if r["status"] == "skipped" else f"exit {r['status']}, no result"
+                continue
+            doc = json.loads(path.read_text())
+            if r["client"] == "ours":
+                entry["figures"] = our_figures(our_run(doc, 0))
+            else:
+                entry["figures"] = vllm_figures(doc)
+                try:
+                    entry["arithmetic"] = arithmetic_check(doc)
+                except (ValueError, KeyError) as exc:
+                    entry["arithmetic"] = {"ok": None, "error": str(exc)}
+            before, after = directory / f"{name}.before.prom", directory / f"{name}.after.prom"
+            if before.is_file() and after.is_file():
+                entry["server"] = server_view(before.read_text(), after.read_text())
+            sides[r["client"]].append(entry["figures"])
+        table = compare(sides["ours"], sides["vllm"], tolerance)
+        judged = [t for t in table if t["within"] is not None]
+        off = [t["figure"] for t in judged if not t["within"]]
+        workloads[w] = {"runs": runs, "figures": table,
+                        "server_work_identical": _same_server_work(runs),
+                        "client_minus_server_mean_ttft_ms": _client_overhead(runs),
+                        "arithmetic_identical": _all_ok(runs),
+                        "verdict": ("no runs to compare" if not judged or not sides["ours"] or not sides["vllm"]
+                                    else f"{len(judged) - len(off)}/{len(judged)} figures within {tolerance:.0%}"
+                                    + (f"; off: {', '.join(off)}" if off else "")),
+                        "agree": bool(judged) and bool(sides["ours"]) and bool(sides["vllm"]) and not off}
+    return {"what": "llm-appliance bench serve against vllm bench serve: one server, the same workloads, "
+                    "the clients alternated (medians over rounds)",
+            **meta, "tolerance": tolerance, "workloads": workloads,
+            "agree": bool(workloads) and all(v["agree"] for v in workloads.values())}
+
+
+def _seconds(ms: str) -> float | None:
+    return int(ms) / 1e3 if ms.strip().lstrip("-").isdigit() else None
+
+
+def _same_server_work(runs: list[dict[str, Any]]) -> bool | None:
+    """Every run cost the server the same prompt and generated tokens (None: not known)."""
+    seen = {(s["prompt_tokens"], s["generation_tokens"]) for r in runs if (s := r.get("server"))
+            and s["prompt_tokens"] is not None and s["generation_tokens"] is not None}
+    return None if not seen else len(seen) == 1
+
+
+def _client_overhead(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Median over each client's runs of its mean TTFT minus the server's for the same requests:
+    what the client (HTTP, its loop) adds, apart from how fast the server was in that run."""
+    out: dict[str, float | None] = {}
+    for client in ("ours", "vllm"):
+        diffs = [r["figures"]["mean TTFT (ms)"] - r["server"]["mean_ttft_ms"] for r in runs
+                 if r["client"] == client and r.get("figures") and r.get("server")
+                 and isinstance(r["figures"].get("mean TTFT (ms)"), int | float)
+                 and isinstance(r["server"].get("mean_ttft_ms"), int | float)]
+        out[client] = statistics.median(diffs) if diffs else None
+    return out
+
+
+def _all_ok(runs: list[dict[str, Any]]) -> bool | None:
+    checks = [r["arithmetic"]["ok"] for r in runs if "arithmetic" in r]
+    return None if not checks or None in checks else all(checks)
+
+
+# --- printing --------------------------------------------------------------------------------
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -91,15 +297,40 @@ def _fmt(value: Any) -> str:
     return f"{value:,.2f}" if isinstance(value, float) else str(value)
 
 
+def print_table(rows: list[dict[str, Any]], tolerance: float) -> None:
+    print(f"{'figure':<28} {'ours':>12} {'vLLM':>12} {'ours/vLLM':>10}")
+    for row in rows:
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
+        flag = "" if row["within"] is None else ("  ok" if row["within"] else f"  OFF by more than {tolerance:.0%}")
+        spread = ""
+        if row.get("ours_spread") is not None and row.get("vllm_spread") is not None:
+            spread = f"  (spread {row['ours_spread']:.1%} / {row['vllm_spread']:.1%})"
+        print(f"{row['figure']:<28} {_fmt(row['ours']):>12} {_fmt(row['vllm']):>12} {ratio:>10}{flag}{spread}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("pair", type=Path, nargs="*", help="OURS.json VLLM.json")
     parser.add_argument("--ours", type=Path, nargs="+", default=[], help="our result file(s)")
     parser.add_argument("--vllm", type=Path, nargs="+", default=[], help="vLLM's result file(s)")
+    parser.add_argument("--crosscheck", type=Path, help="a crosscheck_bench_serve.sh output directory")
     parser.add_argument("--run", type=int, default=0, help="which of our load points (default: the first)")
     parser.add_argument("--tolerance", type=float, default=0.03, help="relative (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the comparison here")
     args = parser.parse_args(argv)
+    if args.crosscheck:
+        if args.pair or args.ours or args.vllm:
+            parser.error("--crosscheck reads its directory: no result files besides")
+        doc = crosscheck(args.crosscheck, args.tolerance)
+        for name, w in doc["workloads"].items():
+            print(f"== {name}: {w['verdict']}; server work identical: {w['server_work_identical']}; "
+                  f"vLLM's figures from its records by our arithmetic: {w['arithmetic_identical']}; "
+                  f"client - server mean TTFT (ms): {w['client_minus_server_mean_ttft_ms']}")
+            print_table(w["figures"], args.tolerance)
+        if args.json:
+            args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        print("agree" if doc["agree"] else "do not agree", f"within {args.tolerance:.0%}")
+        return 0 if doc["agree"] else 1
     if args.pair:
         if len(args.pair) != 2 or args.ours or args.vllm:
             parser.error("give OURS.json VLLM.json, or --ours FILE... --vllm FILE...")
@@ -107,22 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.ours or not args.vllm:
         parser.error("need our result(s) and vLLM's")
     our_runs = [our_run(json.loads(p.read_text()), args.run) for p in args.ours]
-    ours = median_doc(our_runs, [k for _, k, _ in COUNTS + FIGURES])
-    vllm = median_doc([json.loads(p.read_text()) for p in args.vllm], [(k,) for _, _, k in COUNTS + FIGURES])
-    rows = compare(ours, vllm, args.tolerance)
+    rows = compare([our_figures(r) for r in our_runs],
+                   [vllm_figures(json.loads(p.read_text())) for p in args.vllm], args.tolerance)
     print(f"ours: {', '.join(map(str, args.ours))} (run {args.run}, load {our_runs[0].get('load')})\n"
           f"vLLM: {', '.join(map(str, args.vllm))}" + ("\n(medians over the files)" if
                                                       len(args.ours) > 1 or len(args.vllm) > 1 else ""))
-    print(f"{'figure':<28} {'ours':>12} {'vLLM':>12} {'ours/vLLM':>10}")
-    for row in rows:
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
-        flag = "" if row["within"] is None else ("  ok" if row["within"] else f"  OFF by more than {args.tolerance:.0%}")
-        print(f"{row['figure']:<28} {_fmt(row['ours']):>12} {_fmt(row['vllm']):>12} {ratio:>10}{flag}")
+    print_table(rows, args.tolerance)
     compared = [r for r in rows if r["within"] is not None]
     if args.json:
         args.json.write_text(json.dumps({"ours": [str(p) for p in args.ours], "vllm": [str(p) for p in args.vllm],
-                                         "run": args.run,
-                                         "tolerance": args.tolerance, "rows": rows}, indent=1) + "\n")
+                                         "run": args.run, "tolerance": args.tolerance, "rows": rows}, indent=1) + "\n")
     if not compared:
         print("nothing to compare")
         return 1

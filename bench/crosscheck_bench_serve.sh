@@ -1,53 +1,125 @@
 #!/usr/bin/env bash
-# Cross-check `llm-appliance bench serve` against `vllm bench serve` on one server, same workloads
-# as ../shared/peer/serve-bench.sh (W1 lengths at rate inf; Poisson 24 req/s, 960 prompts, seed 1;
-# one at a time), the two clients alternated ROUNDS times against the same server process.
+# Cross-check `llm-appliance bench serve` against `vllm bench serve` (vLLM 0.26.0): ONE server
+# process, the same workloads, the two clients alternated ROUNDS times each, one JSON verdict.
 #   usage: crosscheck_bench_serve.sh LABEL PORT TOKENIZER_DIR -- SERVER COMMAND...
-# Needs `. .peer/vllm-setup.sh` first (vLLM's client); our client and the server run with
-# SERVER_PYTHONPATH (as in serve-bench.sh), so vLLM's site stays out of them. Results go to $OUT
-# (or ./crosscheck-out): <workload>_<client>_r<round>_<LABEL>.json, then compare_<workload>_<LABEL>.txt/json
-# (medians over the rounds, bench/compare_bench_serve.py). ONLY="w1 rate24 c1" picks workloads.
+# Needs `. .peer/vllm-setup.sh` first (vLLM's client). The server and our client run with
+# SERVER_PYTHONPATH (as in serve-bench.sh), so vLLM's site stays out of them. Start the server
+# with the served name "m" and prefix caching OFF (ours: --set engine.enable_prefix_caching=false;
+# vLLM: --no-enable-prefix-caching): each client then costs the server the same work whatever its
+# prompts, and no run finds its prompts cached by an earlier one (docs/bench-serve.md). The exact
+# call for the lent GPU is in bench/NOTES.md ("bench serve against vllm bench serve").
+#
+# Workloads (deterministic: fixed lengths, ignore_eos, no arrival randomness):
+#   w1c64  W1 lengths 512 -> 256 at concurrency 64 (W1_PROMPTS, default 512)
+#   c1     256 -> 128 one at a time (C1_PROMPTS, default 16)
+# Per workload: one unmeasured warm-up pass (the shapes' first-use costs), then rounds
+# (odd: ours, vLLM; even: vLLM, ours), each run with its own seed; /metrics is read before and after
+# every run (outside both clients' clocks) for the server's own token counts and latency sums.
+# vLLM's client is imported once, while the server starts (bench/vllm_bench_client.py); if it
+# fails to come up, each run falls back to `python3 -m vllm.entrypoints.cli.main bench serve`.
+# BUDGET_S (default 225) stops starting runs that would not finish within it.
+# Output in $OUT (or ./crosscheck-out): every run's JSON and log, the scrapes, runs.tsv, and
+# crosscheck_<LABEL>.json from bench/compare_bench_serve.py --crosscheck (exit 1: not within 3%).
 set -u
 L=$1; P=$2; TOK=$3; shift 4
 O=${OUT:-$PWD/crosscheck-out}; mkdir -p "$O"
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-2}; W1_PROMPTS=${W1_PROMPTS:-512}; C1_PROMPTS=${C1_PROMPTS:-16}; BUDGET_S=${BUDGET_S:-225}
+WARM_W1=${WARM_W1_PROMPTS:-128}; WARM_C1=${WARM_C1_PROMPTS:-4}
+ONLY=${ONLY:-w1c64 c1}
 HERE=$(cd "$(dirname "$0")" && pwd)
 OURPP=${SERVER_PYTHONPATH-${PYTHONPATH:-}}
-t0=$(date +%s)
+URL="http://127.0.0.1:$P"
+T0=$(date +%s%3N)
+ms() { echo $(( $(date +%s%3N) - T0 )); }  # since the start, ms
+el() { local m; m=$(ms); printf "%d.%03d" $((m / 1000)) $((m % 1000)); }
+
 PYTHONPATH=$OURPP "$@" >"$O/serve_$L.log" 2>&1 &
 SP=$!
-for _ in $(seq 600); do curl -fsS "localhost:$P/health" >/dev/null 2>&1 && break; kill -0 $SP 2>/dev/null || break; sleep 0.5; done
-echo "$L: server healthy after $(( $(date +%s) - t0 )) s"
+coproc VC { exec python3 -u "$HERE/vllm_bench_client.py" 2>"$O/vllm_client_$L.err"; }
+VC_IN=${VC[1]}; VC_OUT=${VC[0]}
+for _ in $(seq 600); do curl -fsS "$URL/health" >/dev/null 2>&1 && break; kill -0 $SP 2>/dev/null || break; sleep 0.5; done
+if ! curl -fsS "$URL/health" >/dev/null 2>&1; then
+  echo "$L: the server never answered /health (serve_$L.log):"; tail -20 "$O/serve_$L.log"
+  kill $SP 2>/dev/null; echo quit >&"${VC[1]}" 2>/dev/null; exit 1
+fi
+echo "$L: server healthy after $(el) s"
+VLLM_VERSION=unknown; LOOP=0
+if read -r -t 120 word ver <&"$VC_OUT" && [ "$word" = ready ]; then LOOP=1; VLLM_VERSION=$ver
+else echo "vLLM's client loop did not start (see vllm_client_$L.err): one process per run"; fi
+(( LOOP )) && echo "$L: vLLM $VLLM_VERSION's client imported after $(el) s"
 
-declare -A VLLM_ARGS OUR_ARGS
-VLLM_ARGS[w1]="--request-rate inf --random-input-len 512 --random-output-len 256 --num-prompts 512"
-OUR_ARGS[w1]="--rate inf --input-len 512 --output-len 256 --num-prompts 512"
-VLLM_ARGS[rate24]="--request-rate 24 --random-input-len 512 --random-output-len 256 --num-prompts 960 --seed 1"
-OUR_ARGS[rate24]="--rate 24 --input-len 512 --output-len 256 --num-prompts 960 --seed 1"
-VLLM_ARGS[c1]="--max-concurrency 1 --random-input-len 256 --random-output-len 128 --num-prompts 16"
-OUR_ARGS[c1]="--concurrency 1 --input-len 256 --output-len 128 --num-prompts 16"
+declare -A OURS VLLM WARM
+OURS[w1c64]="--concurrency 64 --input-len 512 --output-len 256 --num-prompts $W1_PROMPTS"
+VLLM[w1c64]="--max-concurrency 64 --request-rate inf --random-input-len 512 --random-output-len 256 --num-prompts $W1_PROMPTS"
+WARM[w1c64]="--concurrency 64 --input-len 512 --output-len 256 --num-prompts $WARM_W1"
+OURS[c1]="--concurrency 1 --input-len 256 --output-len 128 --num-prompts $C1_PROMPTS"
+VLLM[c1]="--max-concurrency 1 --request-rate inf --random-input-len 256 --random-output-len 128 --num-prompts $C1_PROMPTS"
+WARM[c1]="--concurrency 1 --input-len 256 --output-len 128 --num-prompts $WARM_C1"
+# Both send vLLM's completions body: ignore_eos, stream_options.include_usage, repetition_penalty 1.
+# Ours without its warm-up request (vLLM 0.26 sends none by default) and without sampling /metrics
+# (the script reads it between runs instead, for both clients alike).
+OURS_COMMON=(--base-url "$URL" --model m --tokenizer "$TOK" --ignore-eos --extra-body '{"repetition_penalty": 1.0}'
+             --warmup 0 --no-server-metrics --no-plots --no-progress --percentiles 50,90,99)
+VLLM_COMMON=(--backend vllm --base-url "$URL" --model m --tokenizer "$TOK" --dataset-name random --ignore-eos
+             --metric-percentiles 50,90,99 --percentile-metrics ttft,tpot,itl,e2el --save-result --save-detailed
+             --disable-tqdm)
+printf "workload\tclient\tround\tseed\tstart_ms\tend_ms\tstatus\n" >"$O/runs.tsv"
 
-# Our client sends the body vLLM's does (its completions client adds repetition_penalty 1.0).
-ours() {  # workload round
-  PYTHONPATH=$OURPP python3 -m appliance.cli bench serve --base-url "http://127.0.0.1:$P" --model m \
-    --tokenizer "$TOK" --ignore-eos --extra-body '{"repetition_penalty": 1.0}' ${OUR_ARGS[$1]} --result-dir "$O" --result-name "$1_ours_r$2_$L" \
-    --no-plots --no-progress >"$O/$1_ours_r$2_$L.log" 2>&1
-  grep -E "^rate|^concurrency" "$O/$1_ours_r$2_$L.log" | sed "s/^/$1 ours r$2: /"
+ours() {  # NAME SEED ARGS...
+  local name=$1 seed=$2; shift 2
+  PYTHONPATH=$OURPP python3 -m appliance.cli bench serve "${OURS_COMMON[@]}" "$@" --seed "$seed" \
+    --result-dir "$O" --result-name "$name.json" >"$O/$name.log" 2>&1
 }
-theirs() {
-  python3 -m vllm.entrypoints.cli.main bench serve --backend vllm --base-url "http://127.0.0.1:$P" --model m \
-    --tokenizer "$TOK" --dataset-name random --ignore-eos ${VLLM_ARGS[$1]} --metric-percentiles 50,99 \
-    --save-result --result-dir "$O" --result-filename "$1_vllm_r$2_$L.json" --disable-tqdm \
-    >"$O/$1_vllm_r$2_$L.log" 2>&1
-  grep -E "Failed|Output token throughput|Median TTFT|P99 TTFT|P99 ITL" "$O/$1_vllm_r$2_$L.log" | sed "s/^/$1 vllm r$2: /"
+theirs() {  # NAME SEED ARGS...
+  local name=$1 seed=$2; shift 2
+  local args=("${VLLM_COMMON[@]}" "$@" --seed "$seed" --result-dir "$O" --result-filename "$name.json")
+  if (( LOOP )); then
+    local word status
+    if { printf '%q ' "$O/$name.log" "${args[@]}"; echo; } >&"$VC_IN" 2>/dev/null \
+        && read -r word status <&"$VC_OUT" && [ "$word" = done ]; then
+      return "$status"
+    fi
+    echo "vLLM's client loop is gone (see vllm_client_$L.err): one process per run from here"; LOOP=0
+  fi
+  python3 -m vllm.entrypoints.cli.main bench serve "${args[@]}" >>"$O/$name.log" 2>&1
 }
-for w in ${ONLY:-w1 rate24 c1}; do
-  for r in $(seq "$ROUNDS"); do
-    # Alternate which client goes first, so neither always meets a fresher server.
-    if (( r % 2 )); then ours "$w" "$r"; theirs "$w" "$r"; else theirs "$w" "$r"; ours "$w" "$r"; fi
+declare -A LAST_MS
+measure() {  # WORKLOAD CLIENT ROUND SEED
+  local w=$1 c=$2 r=$3 seed=$4 name="$1_$2_r$3" start end status
+  start=$(ms)
+  if (( start + ${LAST_MS[$w]:-0} > BUDGET_S * 1000 )); then
+    echo "$name: skipped (would end past ${BUDGET_S} s)"
+    printf "%s\t%s\t%s\t%s\t%s\t\tskipped\n" "$w" "$c" "$r" "$seed" "$start" >>"$O/runs.tsv"; return
+  fi
+  curl -fsS "$URL/metrics" >"$O/$name.before.prom" 2>/dev/null
+  if [ "$c" = ours ]; then ours "$name" "$seed" ${OURS[$w]}; else theirs "$name" "$seed" ${VLLM[$w]}; fi
+  status=$?
+  curl -fsS "$URL/metrics" >"$O/$name.after.prom" 2>/dev/null
+  end=$(ms); LAST_MS[$w]=$((end - start))
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$w" "$c" "$r" "$seed" "$start" "$end" "$status" >>"$O/runs.tsv"
+  echo "$name: exit $status, $((LAST_MS[$w] / 1000)) s"
+}
+
+wi=0
+for w in $ONLY; do
+  wi=$((wi + 1))
+  ours "${w}_warmup" $((1000 * wi)) ${WARM[$w]}; echo "$w: warm-up pass done at $(el) s"
+  for r in $(seq "$ROUNDS"); do  # a seed per run: no run meets another's prompts (vLLM's: at one seed
+    a=$((1000 * wi + 10 * r + 1)); b=$((1000 * wi + 10 * r + 2))  # its short prompts head its long ones)
+    if (( r % 2 )); then measure "$w" ours "$r" $a; measure "$w" vllm "$r" $b
+    else measure "$w" vllm "$r" $b; measure "$w" ours "$r" $a; fi
   done
-  python3 "$HERE/compare_bench_serve.py" --ours "$O/${w}"_ours_r*_"$L".json \
-    --vllm "$O/${w}"_vllm_r*_"$L".json --json "$O/compare_${w}_$L.json" | tee "$O/compare_${w}_$L.txt"
 done
+(( LOOP )) && echo quit >&"$VC_IN"
 kill $SP; wait $SP 2>/dev/null
-echo "$L: done after $(( $(date +%s) - t0 )) s"
+cat >"$O/meta.json" <<EOF
+{"label": "$L", "vllm_version": "$VLLM_VERSION", "vllm_client": "$( (( LOOP )) && echo "one process (bench/vllm_bench_client.py)" || echo "one process per run")",
+ "device": "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)",
+ "commit": "${LLM_APPLIANCE_COMMIT:-$(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || echo unknown)}", "date": "$(date -u +%FT%TZ)",
+ "server_command": $(python3 -c 'import json,sys; print(json.dumps(" ".join(sys.argv[1:])))' "$@"), "rounds": $ROUNDS,
+ "w1_prompts": $W1_PROMPTS, "c1_prompts": $C1_PROMPTS, "wall_s": $(el)}
+EOF
+PYTHONPATH=$OURPP python3 "$HERE/compare_bench_serve.py" --crosscheck "$O" --json "$O/crosscheck_$L.json"
+status=$?
+echo "$L: done after $(el) s"
+exit $status

@@ -56,3 +56,117 @@ def test_medians_over_repeats(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         runs.append(str(_vllm(tmp_path / f"v{i}", scale)))
     assert main(["--ours", str(ours), str(ours), "--vllm", *runs]) == 0
     assert "(medians over the files)" in capsys.readouterr().out
+
+
+def _prom(prompt: int, generated: int, finished: int, ttft_sum_s: float) -> str:
+    """The counters and one histogram of the server's /metrics that the cross-check reads."""
+    return "\n".join([
+        "# TYPE vllm:prompt_tokens counter", f'vllm:prompt_tokens_total{{model_name="m"}} {prompt}',
+        "# TYPE vllm:generation_tokens counter", f'vllm:generation_tokens_total{{model_name="m"}} {generated}',
+        "# TYPE vllm:request_success counter",
+        f'vllm:request_success_total{{finished_reason="length",model_name="m"}} {finished}',
+        "# TYPE vllm:time_to_first_token_seconds histogram",
+        f'vllm:time_to_first_token_seconds_bucket{{le="+Inf",model_name="m"}} {finished}',
+        f'vllm:time_to_first_token_seconds_count{{model_name="m"}} {finished}',
+        f'vllm:time_to_first_token_seconds_sum{{model_name="m"}} {ttft_sum_s}', ""])
+
+
+def _crosscheck_dir(path: Path, ours_scale: tuple[float, float], vllm_scale: tuple[float, float]) -> Path:
+    """What crosscheck_bench_serve.sh leaves: runs alternated ours, vLLM, vLLM, ours; every run the
+    same requests, its clock stretched by its scale (a slower or faster server that run)."""
+    import random
+
+    from appliance_bench.compare_bench_serve import vllm_records
+    from vllm_reference import Stream, done, token, usage, vllm_result_doc
+
+    rng = random.Random(3)
+    base = []
+    for i in range(64):
+        start = 0.01 * i
+        t = start + rng.uniform(0.02, 0.3)
+        events = [token(t + 0.01 * k, "w") for k in range(20)]
+        base.append(Stream(start, [*events, usage(t + 0.2, 512, 20), done(t + 0.2)], prompt_len=512))
+    path.mkdir()
+    rows = ["workload\tclient\tround\tseed\tstart_ms\tend_ms\tstatus"]
+    order = [("ours", 1, ours_scale[0]), ("vllm", 1, vllm_scale[0]), ("vllm", 2, vllm_scale[1]),
+             ("ours", 2, ours_scale[1])]
+    done_before = 0
+    for n, (client, rnd, scale) in enumerate(order):
+        streams = [Stream(s.start * scale, [(t * scale, p) for t, p in s.events], s.prompt_len) for s in base]
+        doc = vllm_result_doc(streams, 1.0 * scale, [50.0, 90.0, 99.0])
+        if client == "ours":
+            doc = {"runs": [metrics.summarize(vllm_records(doc), 1.0 * scale)]}
+        name = f"w1c64_{client}_r{rnd}"
+        (path / f"{name}.json").write_text(json.dumps(doc))
+        ttft_sum = sum(s.events[0][0] - s.start for s in streams) - 0.001 * len(streams)  # server: 1 ms less
+        (path / f"{name}.before.prom").write_text(_prom(512 * done_before, 20 * done_before, done_before, 0.0))
+        done_before += len(base)
+        (path / f"{name}.after.prom").write_text(_prom(512 * done_before, 20 * done_before, done_before, ttft_sum))
+        rows.append(f"w1c64\t{client}\t{rnd}\t{100 * rnd + 1}\t{1000 * n}\t{1000 * n + 900}\t0")
+    rows.append("w1c64\tours\t3\t301\t4000\t\tskipped")
+    (path / "runs.tsv").write_text("\n".join(rows) + "\n")
+    (path / "meta.json").write_text(json.dumps({"label": "t", "vllm_version": "0.26.0"}))
+    return path
+
+
+def test_crosscheck_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Ours' rounds 1.00x and 1.02x the clock (median 1.01x), vLLM's 1.01x and 0.99x (median 1.00x):
+    # latencies 1% higher, throughputs 1% lower, within 3%.
+    d = _crosscheck_dir(tmp_path / "ok", (1.00, 1.02), (1.01, 0.99))
+    assert main(["--crosscheck", str(d), "--json", str(d / "x.json")]) == 0
+    doc = json.loads((d / "x.json").read_text())
+    assert doc["agree"] and doc["vllm_version"] == "0.26.0"
+    w = doc["workloads"]["w1c64"]
+    rows = {r["figure"]: r for r in w["figures"]}
+    assert rows["p50 TTFT (ms)"]["ratio"] == pytest.approx(1.01)
+    # (medians of two are means; of throughputs, means of the reciprocal clocks)
+    assert rows["request throughput (req/s)"]["ratio"] == pytest.approx((1 + 1 / 1.02) / (1 / 1.01 + 1 / 0.99))
+    assert rows["p99 ITL (ms)"]["ours_spread"] == pytest.approx(0.02 / 1.01)
+    assert rows["completed"]["ours"] == 64 and rows["completed"]["within"] is None
+    assert w["server_work_identical"] is True and w["arithmetic_identical"] is True
+    assert w["client_minus_server_mean_ttft_ms"]["ours"] == pytest.approx(1.0)
+    assert w["client_minus_server_mean_ttft_ms"]["vllm"] == pytest.approx(1.0)
+    assert [r["status"] for r in w["runs"]] == ["0", "0", "0", "0", "skipped"]
+    assert w["runs"][1]["server"]["prompt_tokens"] == 64 * 512
+    assert "9/9 figures within 3%" in capsys.readouterr().out
+    # vLLM's rounds 6% and 8% slower: every figure off by about 7%.
+    d = _crosscheck_dir(tmp_path / "off", (1.00, 1.00), (1.06, 1.08))
+    assert main(["--crosscheck", str(d), "--json", str(d / "x.json")]) == 1
+    doc = json.loads((d / "x.json").read_text())
+    assert not doc["agree"] and "0/9 figures within 3%" in doc["workloads"]["w1c64"]["verdict"]
+
+
+def test_the_vllm_client_loop(tmp_path: Path) -> None:
+    """bench/vllm_bench_client.py's protocol, with a stand-in for vLLM's CLI (vLLM itself does not
+    import on the CI's Python): `ready VERSION` once imported, then `done STATUS` per run line,
+    each run's output in its log, nothing but answers on stdout."""
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    cli = site / "vllm" / "entrypoints" / "cli"
+    cli.mkdir(parents=True)
+    (site / "vllm" / "benchmarks").mkdir()
+    for d in (site / "vllm", site / "vllm" / "entrypoints", cli, site / "vllm" / "benchmarks"):
+        (d / "__init__.py").write_text("")
+    (site / "vllm" / "benchmarks" / "serve.py").write_text("print('imported')\n")
+    (cli / "main.py").write_text(
+        "import sys\n"
+        "def main():\n"
+        "    print('args', sys.argv[1:])\n"
+        "    if sys.argv[3] == 'exit':\n"
+        "        raise SystemExit(int(sys.argv[4]))\n"
+        "    if sys.argv[3] == 'boom':\n"
+        "        raise RuntimeError('boom')\n")
+    (site / "vllm-9.9.9.dist-info").mkdir()
+    (site / "vllm-9.9.9.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 9.9.9\n")
+    script = Path(__file__).resolve().parents[2] / "bench" / "vllm_bench_client.py"
+    logs = [tmp_path / f"log{i}" for i in range(3)]
+    lines = f"{logs[0]} --seed 1 '{{\"k\": 1}}'\n{logs[1]} exit 3\n{logs[2]} boom\nquit\n"
+    out = subprocess.run([sys.executable, str(script)], input=lines, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["ready 9.9.9", "done 0", "done 3", "done 1"]
+    assert "args ['bench', 'serve', '--seed', '1', '{\"k\": 1}']" in logs[0].read_text()
+    assert "RuntimeError: boom" in logs[2].read_text()
+    assert "imported" in out.stderr  # printed at import: kept off the answers
