@@ -521,14 +521,21 @@ def compile_check(tiles: list[dict[str, int]], arch: int = 90) -> list[dict[str,
         os.unlink(f.name)
         regs = re.search(r"Used (\d+) registers", info)
         spills = re.search(r"(\d+) bytes spill stores", info)
+        ttgir = kernel.asm["ttgir"]
+        # Software pipelining: shared-memory buffers per K/V tile, and (gather path) how many key
+        # tiles' copies (a K and a V each) a key loop leaves in flight when it waits for its own.
+        buffers = [int(n) for n in re.findall(rf"memdesc<(\d+)x{tile['block_n']}x{d}xbf16", ttgir)]
+        waits = [int(n) for n in re.findall(r"ttg\.async_wait [^\n]*\{num = (\d+)", ttgir)]
         row.update(compile_s=round(time.perf_counter() - t0, 1), shared_bytes=kernel.metadata.shared,
                    registers=int(regs.group(1)) if regs else None, spill_bytes=int(spills.group(1)) if spills else None,
                    wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
-                   tma_loads=ptx.count("cp.async.bulk.tensor"))
+                   tma_loads=ptx.count("cp.async.bulk.tensor"), kv_buffers=max(buffers, default=0),
+                   tiles_in_flight=max(waits, default=0) // 2)
         rows.append(row)
         print(f"compile {_tile_str(tile, page)}: {row['registers']} registers, {row['spill_bytes']} B spilled, "
               f"{row['shared_bytes'] // 1024} KiB shared, wgmma {row['wgmma']}, cp.async {row['cp_async']}, "
-              f"TMA {row['tma_loads']}", flush=True)
+              f"TMA {row['tma_loads']}, {row['kv_buffers']} K/V buffers, {row['tiles_in_flight']} tiles in flight",
+              flush=True)
     return rows
 
 

@@ -13,7 +13,9 @@ rate. For chunked prefill of long prompts this kernel:
   folded into the exp2's argument), and the diagonal, where causality cuts through the tile
   (masked). Only the first and last cost mask work, a few tiles per program;
 - accumulates P @ V into the accumulator operand of the dot (one wgmma chain, no extra add);
-- reads the block table once per key tile (one gather of block ids), like the mixed kernel;
+- reads the block table once per key tile (one gather of block ids), one tile ahead of the K/V
+  loads that use it, so Triton pipelines the paged K/V loads num_stages deep (a load whose address
+  comes from a load of the same iteration kept it at two buffers and a full wait per tile);
 - launches the heaviest programs first: the grid is (kv head, sequence, query tile) with the
   query tiles in reverse, so the last tiles of a long causal chunk (which see the most keys) start
   in the first wave instead of trailing alone in the last, and the programs running together
@@ -107,11 +109,11 @@ def tile_from_env(default: dict[str, int]) -> dict[str, int]:
 
 # TILE: the starting guess for an H100/H200 with head_dim 128 (FlashAttention-2/3's forward shape),
 # not yet measured; the sweep (bench/longctx.py) tries SWEEP_TILES around it. Compiled offline for
-# sm_90a with Triton 3.7 (`python -m appliance_bench.longctx --compile-check`, ptxas -v): 128 x 64
-# on 8 warps takes 176-181 registers and 96 KiB of shared memory without spills (3 and 4 stages
-# give the same code: the block-id gather takes a stage of its own); 128 x 128 on 8 warps 255
-# registers, no spill, 160 KiB. 128-row tiles on 4 warps, 64 x 128 on 4 warps and 256-row tiles
-# spill, so the sweep leaves them out.
+# sm_90a with Triton 3.6 and 3.7 (`python -m appliance_bench.longctx --phase compile`, ptxas -v):
+# 128 x 64 on 8 warps, 3 stages: ~185 registers, no spill, 128 KiB of shared memory (3 K/V
+# buffers, the next tile loading while a tile is computed); 128 x 128 on 8 warps: 255 registers,
+# ~25 B spilled, 160 KiB (2 stages) / 224 KiB (3). 128-row tiles on 4 warps, 64 x 128 on 4 warps and
+# 256-row tiles spill more, so the sweep leaves them out.
 DEFAULT_TILE = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
 TILE = tile_from_env(DEFAULT_TILE)
 SWEEP_TILES = [
@@ -122,6 +124,20 @@ SWEEP_TILES = [
     {"rows": 128, "block_n": 32, "num_warps": 8, "num_stages": 4},
     {"rows": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
 ]
+
+
+@triton.jit
+def _tile_block_ids(block_table_row, start, hi, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                    USE_TMA: tl.constexpr):
+    """The block ids of the key tile at `start` (keys past hi: 0, never read): one per key, or
+    with TMA (the tile inside one page) the page's alone."""
+    # NOTE: one return (a constexpr branch that returns early still types both returns together).
+    if USE_TMA:
+        ids = tl.load(block_table_row + start // PAGE_SIZE, mask=start < hi, other=0)
+    else:
+        keys = start + tl.arange(0, BLOCK_N)
+        ids = tl.load(block_table_row + keys // PAGE_SIZE, mask=keys < hi, other=0)
+    return ids
 
 
 @triton.jit
@@ -141,19 +157,21 @@ def _attend_keys(
     USE_TMA: lo is a multiple of BLOCK_N and each tile is one box of k_desc / v_desc.
     EVEN_D: HEAD_DIM is a power of two (>= 16): no mask on the head dims either."""
     row_elems = NUM_KV_HEADS * HEAD_DIM
+    # The block ids of each key tile are loaded one tile ahead and carried: a K/V address that
+    # depends on a load of its own iteration keeps Triton's software pipeliner at two K/V buffers
+    # and a wait for every copy in flight (ptxas/TTGIR of sm_90a, Triton 3.6 and 3.7); carried,
+    # it gets num_stages buffers and loads num_stages - 1 tiles ahead, as with a contiguous cache.
+    next_ids = _tile_block_ids(block_table_row, lo, hi, BLOCK_N, PAGE_SIZE, USE_TMA)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_valid = keys < hi
+        block_ids = next_ids
+        next_ids = _tile_block_ids(block_table_row, start + BLOCK_N, hi, BLOCK_N, PAGE_SIZE, USE_TMA)
         if USE_TMA:
-            page = tl.load(block_table_row + start // PAGE_SIZE)
-            row0 = page * PAGE_SIZE + start % PAGE_SIZE
+            row0 = block_ids * PAGE_SIZE + start % PAGE_SIZE
             k = k_desc.load([row0, kv_head * HEAD_DIM])  # [N, D]; rows past hi: other slots, masked below
         else:
-            if MASKED:
-                block_ids = tl.load(block_table_row + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
-            else:
-                block_ids = tl.load(block_table_row + keys // PAGE_SIZE).to(tl.int64)
-            key_offs = (block_ids * PAGE_SIZE + keys % PAGE_SIZE) * row_elems + kv_head * HEAD_DIM  # [BLOCK_N]
+            key_offs = (block_ids.to(tl.int64) * PAGE_SIZE + keys % PAGE_SIZE) * row_elems + kv_head * HEAD_DIM
             kv_ptrs = key_offs[:, None] + dims[None, :]
             if MASKED:
                 kv_mask = key_valid[:, None] & dim_valid[None, :]

@@ -151,6 +151,10 @@ def test_prefill_kernel_compiles_for_hopper_without_spills(tmp_path: Path) -> No
     [row] = _result(tmp_path, "longctx-compile")["compile"]
     assert row["spill_bytes"] == 0 and row["registers"] <= 255
     assert row["wgmma"] > 0 and row["cp_async"] > 0  # Hopper MMAs, K/V tiles copied asynchronously
+    # Pipelined as deep as num_stages asks, the block-id gather notwithstanding (ids carried ahead):
+    # a buffer per stage, and the next tile still loading while the loop waits for its own.
+    stages = row["tile"]["num_stages"]
+    assert row["kv_buffers"] == stages and row["tiles_in_flight"] == stages - 2
     assert row["shared_bytes"] <= 227 * 1024
 
 
