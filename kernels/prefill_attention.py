@@ -111,13 +111,14 @@ def tile_from_env(default: dict[str, int]) -> dict[str, int]:
 # not yet measured; the sweep (bench/longctx.py) tries SWEEP_TILES around it. Compiled offline for
 # sm_90a with Triton 3.6 and 3.7 (`python -m appliance_bench.longctx --phase compile`, ptxas -v):
 # 128 x 64 on 8 warps, 3 stages: ~185 registers, no spill, 128 KiB of shared memory (3 K/V
-# buffers, the next tile loading while a tile is computed); 128 x 128 on 8 warps: 255 registers,
+# buffers, the next tile loading while a tile is computed; 4 stages: 160 KiB, two); 128 x 128 on 8 warps: 255 registers,
 # ~25 B spilled, 160 KiB (2 stages) / 224 KiB (3). 128-row tiles on 4 warps, 64 x 128 on 4 warps and
 # 256-row tiles spill more, so the sweep leaves them out.
 DEFAULT_TILE = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
 TILE = tile_from_env(DEFAULT_TILE)
 SWEEP_TILES = [
     {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
+    {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 4},
     {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
     {"rows": 128, "block_n": 128, "num_warps": 8, "num_stages": 2},
     {"rows": 128, "block_n": 128, "num_warps": 8, "num_stages": 3},
