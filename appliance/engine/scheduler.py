@@ -222,9 +222,10 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         out.blocks_to_copy = bm.take_pending_copies()
         if 0 < self.common_prefix_min_seqs <= len(out.scheduled) == out.num_batched_tokens:
-            # The oldest and the newest: a burst's first prompts may hold private copies of a
-            # prefix that later ones hit in the cache, or the other way round.
-            candidates = (out.scheduled[0].seq, out.scheduled[-1].seq)
+            # The oldest, the middle and the newest: a burst's first prompts may hold private
+            # copies of a prefix that later ones hit in the cache, late arrivals may share nothing.
+            rows = out.scheduled
+            candidates = (rows[0].seq, rows[len(rows) // 2].seq, rows[-1].seq)
             out.common_prefix_blocks = bm.common_prefix(candidates, self.common_prefix_min_seqs)
         self.prompt_tokens_total += num_prompt_computed
         if self.async_scheduling and scheduled:

@@ -36,7 +36,8 @@ def _check(bm: BlockManager, out, min_seqs: int) -> int:
     if not prefix:
         return 0
     k = len(prefix)
-    owner = next(s for s in (scheduled[0], scheduled[-1]) if s.block_table[:k] == prefix)
+    owner = next(s for s in (scheduled[0], scheduled[len(scheduled) // 2], scheduled[-1])
+                 if s.block_table[:k] == prefix)
     assert all(bm.blocks[b].ref_count >= max(2, min_seqs) for b in prefix)
     sharing = 0
     for item in out.scheduled:
