@@ -134,19 +134,47 @@ class PromptMaker:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        # NOTE: a tokenizers.Tokenizer encodes a batch on all cores; 512 random 512-token prompts
+        # took 15 s one by one on a slow 2-core box (BPE over random bytes is its worst case).
+        batch = getattr(self.tokenizer, "encode_batch", None)
+        if batch is not None:
+            return [list(ids) for ids in batch(texts, add_special_tokens=False)]
+        return [self._encode(t) for t in texts]
+
+    def _decode_many(self, id_lists: list[list[int]]) -> list[str]:
+        batch = getattr(self.tokenizer, "decode_batch", None)
+        if batch is not None:
+            return list(batch(id_lists, skip_special_tokens=False))
+        return [self._decode(ids) for ids in id_lists]
+
     def exact_text(self, ids: list[int], max_rounds: int = 16) -> tuple[str, int]:
         """Text whose encoding has len(ids) tokens (or as close as `max_rounds` fixes got)."""
-        target = len(ids)
-        text = self._decode(ids)
+        return self.exact_texts([ids], max_rounds)[0]
+
+    def exact_texts(self, id_lists: list[list[int]], max_rounds: int = 16) -> list[tuple[str, int]]:
+        """exact_text for many at once (the encoding in batches)."""
+        targets = [len(ids) for ids in id_lists]
+        texts = self._decode_many(id_lists)
+        pending = list(range(len(id_lists)))
         for _ in range(max_rounds):
-            again = self._encode(text)
-            if len(again) == target:
-                return text, target
-            # Byte-level BPE merges across token boundaries: cut or pad, then look again.
-            ids = again[:target] if len(again) > target else again + self.random_ids(target - len(again))
-            text = self._decode(ids)
-        self.mismatched += 1
-        return text, len(self._encode(text))
+            if not pending:
+                break
+            retry: list[tuple[int, list[int]]] = []
+            for i, again in zip(pending, self._encode_many([texts[i] for i in pending]), strict=True):
+                if len(again) != targets[i]:
+                    # Byte-level BPE merges across token boundaries: cut or pad, then look again.
+                    t = targets[i]
+                    retry.append((i, again[:t] if len(again) > t else again + self.random_ids(t - len(again))))
+            for (i, _), text in zip(retry, self._decode_many([ids for _, ids in retry]), strict=True):
+                texts[i] = text
+            pending = [i for i, _ in retry]
+        out = [(text, target) for text, target in zip(texts, targets, strict=True)]
+        if pending:
+            self.mismatched += len(pending)
+            for i, again in zip(pending, self._encode_many([texts[i] for i in pending]), strict=True):
+                out[i] = (texts[i], len(again))
+        return out
 
     def exact_suffix(self, prefix_text: str, n: int, max_rounds: int = 16) -> tuple[str, int]:
         """Text that brings `prefix_text` + it to len(encode(prefix_text)) + n tokens."""
@@ -180,17 +208,18 @@ def build(spec: WorkloadSpec, tokenizer: Tokenizer | None) -> list[BenchRequest]
         if spec.prefix_len < 1:
             raise ValueError("shared-prefix needs --prefix-len >= 1")
         prefix, prefix_len = maker.exact_text(maker.random_ids(spec.prefix_len))
-    requests = []
-    for i in range(spec.num_prompts):
-        n_in = spec.input_len.draw(rng)
+    shapes = []
+    for _ in range(spec.num_prompts):
         # The server adds its special tokens to the text: leave room for them.
-        n_text = max(n_in - maker.num_special, 1)
-        if prefix:
-            body, n_body = maker.exact_suffix(prefix, n_text)
-        else:
-            body, n_body = maker.exact_text(maker.random_ids(n_text))
-        requests.append(BenchRequest(index=i, max_tokens=spec.output_len.draw(rng), prefix=prefix, body=body,
-                                     prompt_len=maker.num_special + prefix_len + n_body))
+        n_text = max(spec.input_len.draw(rng) - maker.num_special, 1)
+        shapes.append((n_text, spec.output_len.draw(rng)))
+    if prefix:
+        bodies = [maker.exact_suffix(prefix, n_text) for n_text, _ in shapes]
+    else:
+        bodies = maker.exact_texts([maker.random_ids(n_text) for n_text, _ in shapes])
+    requests = [BenchRequest(index=i, max_tokens=max_tokens, prefix=prefix, body=body,
+                             prompt_len=maker.num_special + prefix_len + n_body)
+                for i, ((_, max_tokens), (body, n_body)) in enumerate(zip(shapes, bodies, strict=True))]
     if maker.mismatched:
         print(f"note: {maker.mismatched} prompt(s) could not be made exactly their length "
               "(the server's usage counts are what the results use)")
@@ -269,6 +298,12 @@ class JsonTokenizer:
 
     def decode(self, ids: list[int], **kwargs: Any) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=bool(kwargs.get("skip_special_tokens", False))))
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode_batch(self, id_lists: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        return [str(t) for t in self._tok.decode_batch(id_lists, skip_special_tokens=skip_special_tokens)]
 
 
 def load_tokenizer(name_or_dir: str) -> Tokenizer:

@@ -117,3 +117,23 @@ def test_the_client_never_loads_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+class _OneByOne:
+    """The tokenizer without its batch methods (as a transformers tokenizer would come)."""
+
+    def __init__(self, tok: workload.Tokenizer) -> None:
+        self._tok = tok
+        self.vocab_size, self.all_special_ids = tok.vocab_size, tok.all_special_ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], **kwargs: object) -> str:
+        return self._tok.decode(ids, **kwargs)
+
+
+def test_batch_encoding_draws_the_same_prompts(tok: workload.Tokenizer) -> None:
+    spec = WorkloadSpec("random", 12, LengthRange(24, 80), LengthRange(4, 4), seed=3)
+    assert hasattr(tok, "encode_batch")
+    assert workload.build(spec, _OneByOne(tok)) == workload.build(spec, tok)
