@@ -19,8 +19,9 @@ from appliance_bench import longctx, longctx_serve
 
 
 def _result(folder: Path, kind: str) -> dict[str, Any]:
-    [path] = folder.glob(f"*-{kind}.json")
-    return json.loads(path.read_text())
+    # The newest: the JSON is rewritten after each step, and its name carries the checkout's commit,
+    # which other work in this tree may move during the run.
+    return json.loads(max(folder.glob(f"*-{kind}.json"), key=lambda p: p.stat().st_mtime).read_text())
 
 
 def _free_port() -> int:
