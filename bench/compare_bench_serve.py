@@ -16,8 +16,8 @@ TTFT, TPOT and ITL (vLLM writes p50 as `median_*`). `--json FILE` writes the tab
 JSON, the server's /metrics before and after each run, meta.json) and writes one document for
 bench/results/: per workload, every run's figures, the medians per client with their spread, the
 ratio of medians and the verdict against the tolerance; the server's own count of the tokens each
-run cost it (the same workload, seen from the server) and its mean TTFT/ITL (so a difference the
-server made is told from one the clients measured); and the arithmetic check: each vLLM run's
+run cost it (the same workload, seen from the server) and its mean TTFT/ITL/E2E per client's runs
+(so a difference the server made is told from one the clients measured); and the arithmetic check: each vLLM run's
 figures recomputed by our `metrics.summarize` from vLLM's own per-request records
 (`--save-detailed`), which must agree to rounding.
 """
@@ -96,21 +96,23 @@ def _median(values: list[Any]) -> Any:
     return None
 
 
-def compare(ours_runs: list[dict[str, Any]], vllm_runs: list[dict[str, Any]],
-            tolerance: float) -> list[dict[str, Any]]:
+def compare(ours_runs: list[dict[str, Any]], vllm_runs: list[dict[str, Any]], tolerance: float,
+            names: list[str] | None = None, judged: set[str] = JUDGED) -> list[dict[str, Any]]:
     """One row per figure: each side's median over its runs (and every run's value, and the spread
-    (max - min) / median), ours / vLLM's, and for the judged figures whether that is within."""
+    (max - min) / median), ours / vLLM's, and for the judged figures whether that is within (the
+    others are shown, not judged)."""
     rows = []
-    for name, _, _ in COUNTS + FIGURES:
+    for name in names if names is not None else [n for n, _, _ in COUNTS + FIGURES]:
         a_all, b_all = [r.get(name) for r in ours_runs], [r.get(name) for r in vllm_runs]
         a, b = _median(a_all), _median(b_all)
         row: dict[str, Any] = {"figure": name, "ours": a, "vllm": b, "ratio": None, "within": None}
         if len(ours_runs) > 1 or len(vllm_runs) > 1:
             row["ours_runs"], row["vllm_runs"] = a_all, b_all
             row["ours_spread"], row["vllm_spread"] = _spread(a_all), _spread(b_all)
-        if name in JUDGED and isinstance(a, int | float) and isinstance(b, int | float) and b:
+        if isinstance(a, int | float) and isinstance(b, int | float) and b:
             row["ratio"] = a / b
-            row["within"] = abs(a / b - 1) <= tolerance
+            if name in judged:
+                row["within"] = abs(a / b - 1) <= tolerance
         rows.append(row)
     return rows
 
@@ -244,9 +246,13 @@ def crosscheck(directory: Path, tolerance: float) -> dict[str, Any]:
                 entry["server"] = server_view(before.read_text(), after.read_text())
             sides[r["client"]].append(entry["figures"])
         table = compare(sides["ours"], sides["vllm"], tolerance)
+        # The server's own figures for the runs of each client: a difference here is the server's.
+        served = {c: [r["server"] for r in runs if r["client"] == c and "server" in r and "figures" in r]
+                  for c in ("ours", "vllm")}
+        server_table = compare(served["ours"], served["vllm"], tolerance, [*SERVER_MEANS, *SERVER_COUNTERS], set())
         judged = [t for t in table if t["within"] is not None]
         off = [t["figure"] for t in judged if not t["within"]]
-        workloads[w] = {"runs": runs, "figures": table,
+        workloads[w] = {"runs": runs, "figures": table, "server_figures": server_table,
                         "server_work_identical": _same_server_work(runs),
                         "client_minus_server_mean_ttft_ms": _client_overhead(runs),
                         "arithmetic_identical": _all_ok(runs),
@@ -327,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"vLLM's figures from its records by our arithmetic: {w['arithmetic_identical']}; "
                   f"client - server mean TTFT (ms): {w['client_minus_server_mean_ttft_ms']}")
             print_table(w["figures"], args.tolerance)
+            print("-- the server's own view of the same runs (its /metrics):")
+            print_table(w["server_figures"], args.tolerance)
         if args.json:
             args.json.write_text(json.dumps(doc, indent=1) + "\n")
         print("agree" if doc["agree"] else "do not agree", f"within {args.tolerance:.0%}")

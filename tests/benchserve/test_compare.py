@@ -39,7 +39,8 @@ def test_ratios_within_and_outside_the_tolerance(tmp_path: Path, capsys: pytest.
     assert "9/9 figures within 3%" in capsys.readouterr().out
     rows = {r["figure"]: r for r in json.loads(out_json.read_text())["rows"]}
     assert rows["p99 TTFT (ms)"]["ratio"] == pytest.approx(1.0)
-    assert rows["completed"]["ours"] == 4 and rows["completed"]["ratio"] is None
+    assert rows["completed"]["ours"] == 4 and rows["completed"]["ratio"] == 1.0
+    assert rows["completed"]["within"] is None  # shown, not judged
     # vLLM 5% faster in request throughput: that figure is off, the exit status says so.
     assert main([str(ours), str(_vllm(tmp_path, 1.05))]) == 1
     out = capsys.readouterr().out
@@ -124,6 +125,10 @@ def test_crosscheck_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert rows["p99 ITL (ms)"]["ours_spread"] == pytest.approx(0.02 / 1.01)
     assert rows["completed"]["ours"] == 64 and rows["completed"]["within"] is None
     assert w["server_work_identical"] is True and w["arithmetic_identical"] is True
+    server = {r["figure"]: r for r in w["server_figures"]}
+    assert server["prompt_tokens"]["ours"] == server["prompt_tokens"]["vllm"] == 64 * 512
+    assert server["mean_ttft_ms"]["within"] is None  # shown, not judged
+    assert server["mean_ttft_ms"]["ours"] == pytest.approx(rows["mean TTFT (ms)"]["ours"] - 1.0)
     assert w["client_minus_server_mean_ttft_ms"]["ours"] == pytest.approx(1.0)
     assert w["client_minus_server_mean_ttft_ms"]["vllm"] == pytest.approx(1.0)
     assert [r["status"] for r in w["runs"]] == ["0", "0", "0", "0", "skipped"]
