@@ -25,7 +25,7 @@ L=$1; P=$2; TOK=$3; shift 4
 O=${OUT:-$PWD/crosscheck-out}; mkdir -p "$O"
 ROUNDS=${ROUNDS:-2}; W1_PROMPTS=${W1_PROMPTS:-512}; C1_PROMPTS=${C1_PROMPTS:-16}; BUDGET_S=${BUDGET_S:-225}
 WARM_W1=${WARM_W1_PROMPTS:-128}; WARM_C1=${WARM_C1_PROMPTS:-4}
-ONLY=${ONLY:-w1c64 c1}
+ONLY=${ONLY:-w1c64 c1}; RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-150}  # a run past it is stopped (status 124)
 HERE=$(cd "$(dirname "$0")" && pwd)
 OURPP=${SERVER_PYTHONPATH-${PYTHONPATH:-}}
 URL="http://127.0.0.1:$P"
@@ -36,11 +36,11 @@ el() { local m; m=$(ms); printf "%d.%03d" $((m / 1000)) $((m % 1000)); }
 PYTHONPATH=$OURPP "$@" >"$O/serve_$L.log" 2>&1 &
 SP=$!
 coproc VC { exec python3 -u "$HERE/vllm_bench_client.py" 2>"$O/vllm_client_$L.err"; }
-VC_IN=${VC[1]}; VC_OUT=${VC[0]}
+VC_IN=${VC[1]}; VC_OUT=${VC[0]}; LOOP_PID=$VC_PID
 for _ in $(seq 600); do curl -fsS "$URL/health" >/dev/null 2>&1 && break; kill -0 $SP 2>/dev/null || break; sleep 0.5; done
 if ! curl -fsS "$URL/health" >/dev/null 2>&1; then
   echo "$L: the server never answered /health (serve_$L.log):"; tail -20 "$O/serve_$L.log"
-  kill $SP 2>/dev/null; echo quit >&"${VC[1]}" 2>/dev/null; exit 1
+  kill $SP 2>/dev/null; echo quit >&"$VC_IN" 2>/dev/null; exit 1
 fi
 echo "$L: server healthy after $(el) s"
 VLLM_VERSION=unknown; LOOP=0
@@ -67,21 +67,24 @@ printf "workload\tclient\tround\tseed\tstart_ms\tend_ms\tstatus\n" >"$O/runs.tsv
 
 ours() {  # NAME SEED ARGS...
   local name=$1 seed=$2; shift 2
-  PYTHONPATH=$OURPP python3 -m appliance.cli bench serve "${OURS_COMMON[@]}" "$@" --seed "$seed" \
-    --result-dir "$O" --result-name "$name.json" >"$O/$name.log" 2>&1
+  PYTHONPATH=$OURPP timeout "$RUN_TIMEOUT_S" python3 -m appliance.cli bench serve "${OURS_COMMON[@]}" "$@" \
+    --seed "$seed" --result-dir "$O" --result-name "$name.json" >"$O/$name.log" 2>&1
 }
 theirs() {  # NAME SEED ARGS...
   local name=$1 seed=$2; shift 2
   local args=("${VLLM_COMMON[@]}" "$@" --seed "$seed" --result-dir "$O" --result-filename "$name.json")
   if (( LOOP )); then
     local word status
-    if { printf '%q ' "$O/$name.log" "${args[@]}"; echo; } >&"$VC_IN" 2>/dev/null \
-        && read -r word status <&"$VC_OUT" && [ "$word" = done ]; then
+    if ! { printf '%q ' "$O/$name.log" "${args[@]}"; echo; } >&"$VC_IN" 2>/dev/null; then
+      echo "vLLM's client loop is gone (see vllm_client_$L.err): one process per run from here"; LOOP=0
+    elif read -r -t "$RUN_TIMEOUT_S" word status <&"$VC_OUT" && [ "$word" = done ]; then
       return "$status"
+    else  # hung past the limit, or died in the run: not to be asked again
+      echo "vLLM's client loop did not answer within $RUN_TIMEOUT_S s: stopped; one process per run from here"
+      kill "$LOOP_PID" 2>/dev/null; LOOP=0; return 124
     fi
-    echo "vLLM's client loop is gone (see vllm_client_$L.err): one process per run from here"; LOOP=0
   fi
-  python3 -m vllm.entrypoints.cli.main bench serve "${args[@]}" >>"$O/$name.log" 2>&1
+  timeout "$RUN_TIMEOUT_S" python3 -m vllm.entrypoints.cli.main bench serve "${args[@]}" >>"$O/$name.log" 2>&1
 }
 declare -A LAST_MS
 measure() {  # WORKLOAD CLIENT ROUND SEED
