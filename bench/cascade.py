@@ -10,14 +10,26 @@ fewer rows (near the engine's threshold); a short prefix. `--sweep` also times t
 of cascade_attention.PREFIX_TILES and prefix partition counts on the first case (time-boxed).
 `--smoke` runs tiny shapes on CPU under the Triton interpreter (CI).
 
-    python -m appliance_bench.cascade [--smoke] [--sweep] [--json PATH]
+`--engine` then runs the workload itself through the engine, once with engine.cascade_attention
+"off" and once "auto", each in a process of its own (a dummy Llama-3.1-8B, bf16, no tokenizer):
+256 prompts at once of a shared 2,048-token prefix + 128 own tokens -> 128 output tokens. It
+reports start-up time (the cascade graphs' capture included; their time and memory are also in
+the engine's log), free GPU memory after start-up, steps that took the cascade path, the median
+step time over the last 100 (decode) steps, output tok/s, and how many requests' greedy tokens
+are the same in both runs (bf16: a few may differ by rounding).
+
+    python -m appliance_bench.cascade [--smoke] [--sweep] [--engine] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -170,15 +182,87 @@ def format_table(timings: list[Timing]) -> str:
     return "\n".join(lines)
 
 
+ENGINE_PROMPTS, ENGINE_PREFIX, ENGINE_OWN, ENGINE_OUTPUT = 256, 2048, 128, 128
+
+
+def engine_run(mode: str, smoke: bool = False) -> dict[str, object]:
+    """The shared-prefix workload through EngineCore with engine.cascade_attention = mode."""
+    import random
+
+    from appliance.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from appliance.engine.llm_engine import EngineCore
+    from appliance.engine.sequence import SamplingParams
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    prompts, prefix, own, output = (12, 300, 8, 6) if smoke else (ENGINE_PROMPTS, ENGINE_PREFIX, ENGINE_OWN,
+                                                                    ENGINE_OUTPUT)
+    cuda = torch.cuda.is_available() and not smoke
+    config = EngineConfig(
+        model=ModelConfig(model="llama-3.1-8b" if cuda else "tiny-llama", load_format="dummy",
+                          dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu", seed=1),
+        cache=CacheConfig(cpu_kv_cache_bytes=64 << 20),
+        scheduler=SchedulerConfig(max_model_len=1024 if smoke else 4096, max_num_seqs=256,
+                                  max_num_batched_tokens=320 if smoke else 8192),
+        cascade_attention=mode,
+    )
+    t0 = time.perf_counter()
+    engine = EngineCore(config, stream_outputs=False)
+    startup_s = time.perf_counter() - t0
+    free_gib = torch.cuda.mem_get_info()[0] / 2**30 if cuda else None
+    rng = random.Random(0)
+    vocab = engine.vocab_size
+    shared = [rng.randrange(vocab) for _ in range(prefix)]
+    params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
+    for i in range(prompts):
+        engine.add_request(f"r{i}", shared + [rng.randrange(vocab) for _ in range(own)], params)
+    steps: list[float] = []
+    tokens: dict[str, list[int]] = {}
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        for delta in engine.step():
+            tokens.setdefault(delta.request_id, []).extend(delta.outputs[0].token_ids)
+        steps.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    runner = engine.runner
+    return {"mode": mode, "startup_s": round(startup_s, 2), "free_gib_after_startup": free_gib,
+            "decode_graphs": len(runner.graphs), "cascade_graphs": len(runner.cascade_graphs),
+            "cascade_min_seqs": runner.cascade_min_seqs, "cascade_steps": runner.cascade_steps, "steps": len(steps),
+            "median_step_ms_last_100": statistics.median(steps[-100:]) * 1e3, "wall_s": round(wall, 2),
+            "output_tok_s": prompts * output / wall, "tokens": tokens}
+
+
+def engine_compare(smoke: bool) -> dict[str, object]:
+    """engine_run for "off" then "auto", each in a fresh process (all GPU memory back in between)."""
+    runs = {}
+    for mode in ("off", "auto"):
+        cmd = [sys.executable, "-m", "appliance_bench.cascade", "--engine-mode", mode] + (["--smoke"] if smoke else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=400)
+        sys.stderr.write(done.stderr[-3000:])
+        if done.returncode != 0:
+            raise RuntimeError(f"engine run {mode} failed ({done.returncode}): {done.stderr[-2000:]}")
+        runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    off, auto = runs["off"].pop("tokens"), runs["auto"].pop("tokens")
+    same = sum(off.get(r) == auto.get(r) for r in off)
+    return {"off": runs["off"], "auto": runs["auto"], "same_greedy_tokens": f"{same}/{len(off)}",
+            "step_speedup": runs["off"]["median_step_ms_last_100"] / runs["auto"]["median_step_ms_last_100"],
+            "throughput_ratio": runs["auto"]["output_tok_s"] / runs["off"]["output_tok_s"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter), fp32")
     parser.add_argument("--sweep", action="store_true", help="also time prefix tiles and partition counts")
+    parser.add_argument("--engine", action="store_true", help="also the workload through the engine, off vs auto")
+    parser.add_argument("--engine-mode", choices=("off", "auto"), help=argparse.SUPPRESS)  # one engine run
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     from appliance_bench.results import result_header
 
     smoke = args.smoke or not torch.cuda.is_available()
+    if args.engine_mode:
+        print(json.dumps(engine_run(args.engine_mode, smoke)))
+        return 0
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
     t0 = time.monotonic()
@@ -194,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     payload = {**result_header(), "smoke": smoke, "dtype": str(dtype), "heads": HEADS if not smoke else SMOKE_HEADS,
                "block_size": block_size, "timings": [asdict(t) for t in timings], "sweep": swept, "outputs_match": ok,
                "seconds": round(time.monotonic() - t0, 1)}
+    if args.engine:
+        payload["engine"] = engine = engine_compare(smoke)
+        print(json.dumps(engine))
+        ok = ok and engine["auto"]["cascade_steps"] > 0
+        payload["seconds"] = round(time.monotonic() - t0, 1)
     print(json.dumps(payload, default=str))
     if args.json:
         with open(args.json, "w") as f:
