@@ -23,6 +23,7 @@ gives N's sampling rows placeholders (`Scheduler.after_launch`). So:
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -154,6 +155,13 @@ class EngineCore:
         self._in_flight: _InFlight | None = None  # async: the step the device may still be running
         self._num_steps = 0
         self._last_step_time = time.monotonic()
+        # NOTE: what exists now (modules, the tokenizer, the model's and graphs' Python objects) lives
+        # as long as the engine: it leaves the cyclic GC's view, so a full collection (which serving
+        # and a burst of requests still trigger now and then) walks only what came after: a few ms,
+        # not a pause over the whole heap in the middle of a step. Garbage is collected first, or it
+        # would be frozen with the rest.
+        gc.collect()
+        gc.freeze()
         self.load_time_s = time.monotonic() - t0
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d (%.1f s)",
                  self.model_name, self.device, str(self.dtype).removeprefix("torch."),
