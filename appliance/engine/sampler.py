@@ -91,6 +91,11 @@ def _greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def _greedy_results(values: list[int]) -> list[SampleResult]:
+    """One result per row of plain greedy sampling (the struct type called from C, per row)."""
+    return list(map(SampleResult, [[token] for token in values], itertools.repeat(None)))
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host tensor -> device without a host sync: from pinned memory, asynchronously on CUDA."""
     if device.type == "cuda":
@@ -142,14 +147,23 @@ class Sampler:
 
         # NOTE: one pass over the rows (this runs every step for the whole batch) finds out which
         # of the per-row features any row uses; those it does not are skipped.
+        # Rows that share a SamplingParams object (LLM.generate's, a request's n choices) are
+        # looked at once: only min_tokens and the sample count depend on the row.
         any_penalty = any_min_tokens = any_special = any_bias = any_grammar = False
+        last = None
         for row in rows:
-            p = row.seq.sampling_params
+            seq = row.seq
+            p = seq.sampling_params
+            if row.num_samples > 1:
+                any_special = True
+            if p.min_tokens and seq.num_output_tokens < p.min_tokens:
+                any_min_tokens = True
+            if p is last:
+                continue
+            last = p
             if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
                 any_penalty = True
-            if p.min_tokens and row.seq.num_output_tokens < p.min_tokens:
-                any_min_tokens = True
-            if p.temperature >= _GREEDY_TEMPERATURE or p.logprobs is not None or row.num_samples > 1:
+            if p.temperature >= _GREEDY_TEMPERATURE or p.logprobs is not None:
                 any_special = True
             if p.logit_bias:
                 any_bias = True
@@ -167,8 +181,7 @@ class Sampler:
             # The common serving case, plain greedy decoding: one argmax, one transfer.
             tokens = _greedy(masked)
             host, event = _start_download(tokens)
-            return PendingSamples(tokens, list(range(len(rows))), host, event,
-                                  lambda values: [SampleResult([token], None) for token in values])
+            return PendingSamples(tokens, list(range(len(rows))), host, event, _greedy_results)
         params = [row.seq.sampling_params for row in rows]
         raw = logits.float()
 

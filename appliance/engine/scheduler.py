@@ -342,17 +342,16 @@ class Scheduler:
                 continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            lead = SequenceUpdate(seq, token, res.logprobs[0] if res.logprobs else None)
+            logprob = res.logprobs[0] if res.logprobs else None
             if len(res.token_ids) > 1:
                 # n > 1, the first step: every choice's first token. Fork before the lead's stop
                 # check, while it still holds the blocks the children share.
-                batch = [lead, *self._fork(seq, res, written, now)]
+                batch = [SequenceUpdate(seq, token, logprob), *self._fork(seq, res, written, now)]
                 for update in batch:
                     update.stop_token = self._check_stop(update.seq, update.token_id)
                 updates += batch
             else:
-                lead.stop_token = self._check_stop(seq, token)
-                updates.append(lead)
+                updates.append(SequenceUpdate(seq, token, logprob, self._check_stop(seq, token)))
         self.generation_tokens_total += len(updates)
         return updates
 
