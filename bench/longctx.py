@@ -258,12 +258,19 @@ def _prefill_case(num_seqs: int, q_len: int, ctx: int, device: torch.device, hea
             rows.append({"phase": "prefill", "num_seqs": num_seqs, "q_len": q_len, "ctx": ctx, "kernel": "torch SDPA",
                          "tile": None, "block_size": 0, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             want, checked_against = runs[0][3]().float(), "mixed-batch kernel"
+    mixed_out = None  # the production kernel's output: every other output is compared with it too
     for kernel, tile, page, fn in runs:
         row: dict[str, Any] = {"phase": "prefill", "num_seqs": num_seqs, "q_len": q_len, "ctx": ctx,
                                "kernel": kernel, "tile": tile, "block_size": page}
         try:
-            err = _rel_err(fn(), want)
+            got = fn()
+            err = _rel_err(got, want)
             row["rel_err"] = err
+            if kernel == "mixed-batch kernel":
+                mixed_out = got.float()
+            elif mixed_out is not None:
+                row["rel_err_vs_mixed"] = _rel_err(got, mixed_out)
+            del got
             if not err <= MAX_REL_ERR:
                 row["error"] = f"relative error {err:.2e} > {MAX_REL_ERR} against {checked_against}: not timed"
             else:
@@ -279,7 +286,7 @@ def _prefill_case(num_seqs: int, q_len: int, ctx: int, device: torch.device, hea
                 f"err {row['rel_err']:.1e}") if "ms" in row else f"FAILED: {row['error'][:200]}"
         print(f"prefill {num_seqs:2d} x q={q_len:5d} ctx={ctx:6d} {kernel[:26]:26s} {_tile_str(tile, page)}: {what}",
               flush=True)
-    del args, want
+    del args, want, mixed_out
     return rows
 
 

@@ -45,6 +45,7 @@ def test_smoke_runs_both_phases_and_serves_with_the_switch_on(tmp_path: Path) ->
     assert {row["kernel"] for row in prefill} == {"mixed-batch kernel", "prefill kernel"}
     assert any(row["tile"].get("tma") == 1 for row in prefill)  # the TMA-box variant is swept too
     assert all(row["rel_err"] < 1e-4 and row["ms"] > 0 for row in prefill)
+    assert all(row["rel_err_vs_mixed"] < 1e-4 for row in prefill if row["kernel"] == "prefill kernel")
     assert {(r["num_seqs"], r["q_len"], r["ctx"]) for r in prefill} == set(longctx.SMOKE_PREFILL + longctx.SMOKE_THRESHOLD)
     assert all(row["rel_err"] < 1e-4 for row in kernels["decode"]) and any(r["sliding_window"] for r in kernels["decode"])
     assert kernels["decision"]["tile"] == longctx.SMOKE_TILE
