@@ -23,7 +23,7 @@ rate. For chunked prefill of long prompts this kernel:
 
 TMA (tile option "tma"): a paged cache's key tile is a gather of `block_size`-row pages, and
 Hopper's TMA loads boxes from one tensor map (its row gather is Blackwell's). When a page holds
-whole key tiles (block_size a multiple of BLOCK_N, e.g. `cache.block_size = 64`), each K and V
+whole key tiles (block_size a multiple of BLOCK_N, e.g. `engine.block_size = 64`), each K and V
 tile is one box of a device-side tensor descriptor over the cache viewed as [slots, Hkv * D];
 key ranges then start on tile boundaries (a tile never straddles two pages, and the page of a
 window's first key is never a released one). With 16-token pages the gather path runs; the sweep
