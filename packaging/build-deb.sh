@@ -17,6 +17,15 @@
 #   model         llm-appliance-model-smollm2 (Architecture: all): the default model converted
 #                 to safetensors at build time, in /usr/share/llm-appliance/models/.
 #
+# trixie (Python 3.13) and the CPU runtime: there is no CPU build of torch for cp313 that this
+# build can reach. PyPI's Linux x86_64 torch wheels are all CUDA builds; the CPU wheels live on
+# download.pytorch.org (not reachable from the build machines); Debian trixie's own python3-torch
+# is 2.6.0 (+ no triton), below the app's torch>=2.11. So by default trixie gets app, runtime-cuda
+# and model, and the build says so: a CPU-only trixie box installs llm-appliance-runtime-cuda,
+# whose torch runs on the CPU when there is no GPU (packaging/test-install --suite trixie
+# --runtime cuda shows it). With a torch-X+cpu-cp313 wheel in CPU_WHEELS, runtime-cpu is built for
+# trixie too; naming runtime-cpu for a suite without that wheel is an error, not a skip.
+#
 # Usage: packaging/build-deb.sh [--suite bookworm|trixie]... [--out DIR] [--revision N] [PART...]
 #   PART: app runtime-cpu runtime-cuda model, or index (rewrite OUT/<suite>'s index only)
 #   --suite     may repeat; default: bookworm and trixie
@@ -25,9 +34,8 @@
 # Environment:
 #   TORCH_VERSION  default 2.13.0; TRITON_VERSION default 3.7.1 (the versions the app is tested on)
 #   CPU_WHEELS     a directory holding the CPU torch wheel(s) (torch-X+cpu-cpNNN-...whl), default
-#                  /opt/wheels (pip's find-links on the dev machines). PyPI has no CPU build of
-#                  torch for Linux: without a +cpu wheel for the suite's Python, runtime-cpu is
-#                  skipped with a message (download.pytorch.org/whl/cpu has them).
+#                  /opt/wheels (pip's find-links on the dev machines; it holds cp311 only). PyPI
+#                  has no CPU build of torch for Linux (see trixie above).
 #   PIP_ARGS       extra pip arguments for every resolve/install, e.g. "--no-index --find-links W"
 #   COMPRESS       dpkg-deb compressor arguments for the app, default "-Zxz -z6"; RT_COMPRESS and
 #                  MODEL_COMPRESS (default "-Zgzip -z6") for the multi-GB runtimes and the float32
@@ -43,13 +51,13 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=packaging/lib/rootfs.sh
 source "$REPO/packaging/lib/rootfs.sh"
 
-SUITES=() PARTS=() OUTDIR=$REPO/dist REVISION=1
+SUITES=() PARTS=() OUTDIR=$REPO/dist REVISION=1 EXPLICIT=0
 while (($#)); do
   case $1 in
     --suite) SUITES+=("$2"); shift 2;;
     --out) OUTDIR=$2; shift 2;;
     --revision) REVISION=$2; shift 2;;
-    app|runtime-cpu|runtime-cuda|model|index) PARTS+=("$1"); shift;;
+    app|runtime-cpu|runtime-cuda|model|index) PARTS+=("$1"); EXPLICIT=1; shift;;
     *) echo "build-deb.sh: unknown argument $1 (see the header of $0)" >&2; exit 2;;
   esac
 done
@@ -93,6 +101,26 @@ pip_target() {  # $1 pyver, rest: pip install args -> pip for the TARGET interpr
   "$HOSTPY" -m pip --disable-pip-version-check -q install --only-binary=:all: --python-version "$v" \
     --implementation cp --abi "cp${v/./}" "${PLATFORMS[@]}" $PIP_ARGS "$@"
 }
+
+cpu_torch_spec() {  # the +cpu wheel's exact version for this Python, or nothing
+  local w
+  w=$(find "$CPU_WHEELS" -maxdepth 1 -name "torch-${TORCH_VERSION}+cpu-cp${PYVER/./}-*.whl" 2>/dev/null | head -1)
+  [ -n "$w" ] && echo "torch==${TORCH_VERSION}+cpu"
+}
+no_cpu_runtime() {  # why runtime-cpu cannot be built for $SUITE, and what its CPU-only boxes use
+  echo "runtime-cpu for $SUITE needs a torch-${TORCH_VERSION}+cpu-cp${PYVER/./} wheel in CPU_WHEELS=$CPU_WHEELS, and" \
+    "there is none: PyPI's Linux torch wheels are CUDA builds, the CPU ones are on download.pytorch.org" \
+    "(not reachable here), and Debian's python3-torch is older than the app's torch>=2.11 (trixie: 2.6.0," \
+    "no triton). A CPU-only $SUITE box installs llm-appliance-runtime-cuda: its torch runs on the CPU" \
+    "when there is no GPU (packaging/test-install --suite $SUITE --runtime cuda)."
+}
+# A part named on the command line that cannot be built fails here, before minutes of resolving.
+if ((EXPLICIT)) && [[ " ${PARTS[*]} " == *" runtime-cpu "* ]]; then
+  for SUITE in "${SUITES[@]}"; do
+    PYVER=$(suite_python "$SUITE")
+    cpu_torch_spec >/dev/null || { echo "build-deb.sh: $(no_cpu_runtime)" >&2; exit 1; }
+  done
+fi
 
 # ---- sources: the committed tree (other work in progress in the checkout stays out)
 SRC=$WORK/src WH=$WORK/wheels
@@ -192,12 +220,6 @@ resolve_app() {  # -> $WORK/$SUITE/app.json: the app + torch + triton for the su
   pip_target "$PYVER" --dry-run --ignore-installed --target "$WORK/none" --report "$WORK/$SUITE/app.json" \
     --find-links "$WH" --find-links "$CPU_WHEELS" "$WH"/llm_appliance-*.whl "$torch_spec" "triton==$TRITON_VERSION"
 }
-cpu_torch_spec() {  # the +cpu wheel's exact version for this Python, or nothing
-  local w
-  w=$(find "$CPU_WHEELS" -maxdepth 1 -name "torch-${TORCH_VERSION}+cpu-cp${PYVER/./}-*.whl" 2>/dev/null | head -1)
-  [ -n "$w" ] && echo "torch==${TORCH_VERSION}+cpu"
-}
-
 # ---- app
 build_app() {
   local pkg=llm-appliance version="$UPSTREAM-$REVISION~$TAG" root=$WORK/$SUITE/app prefix=/opt/llm-appliance
@@ -293,13 +315,7 @@ build_runtime() {  # $1 cpu|cuda
   other=llm-appliance-runtime-$([ "$flavor" = cpu ] && echo cuda || echo cpu)
   local links=()
   if [ "$flavor" = cpu ]; then
-    torch_spec=$(cpu_torch_spec) || true
-    if [ -z "$torch_spec" ]; then
-      SUMMARY+=("$(printf '%-60s SKIPPED: no torch-%s+cpu-cp%s wheel in %s (PyPI has no CPU build)' \
-        "$SUITE/$pkg" "$TORCH_VERSION" "${PYVER/./}" "$CPU_WHEELS")")
-      log "SKIP $pkg for $SUITE: no torch ${TORCH_VERSION}+cpu wheel for python$PYVER in CPU_WHEELS=$CPU_WHEELS"
-      return 0
-    fi
+    torch_spec=$(cpu_torch_spec) || { no_cpu_runtime >&2; exit 1; }   # (checked before: not reached)
     links=(--find-links "$CPU_WHEELS")
   else
     # PyPI's Linux torch is the CUDA build; exclude a +cpu wheel a find-links dir may offer.
@@ -391,7 +407,7 @@ Description: torch and triton for llm-appliance ($flavor build)
  this package alone.
 EOF
   if [ "$flavor" = cuda ]; then
-    printf ' .\n The CUDA libraries come from NVIDIA'"'"'s CUDA wheels; the box needs the NVIDIA\n driver (nvidia-driver or the vendor'"'"'s), nothing else from CUDA.\n' >> "$root/DEBIAN/control"
+    printf ' .\n The CUDA libraries come from NVIDIA'"'"'s CUDA wheels; the box needs the NVIDIA\n driver (nvidia-driver or the vendor'"'"'s), nothing else from CUDA. On a box\n without a GPU, torch runs on the CPU (the runtime for CPU-only boxes of a\n suite that has no llm-appliance-runtime-cpu).\n' >> "$root/DEBIAN/control"
   fi
   build_deb "$root" "${pkg}_${version}_${ARCH}.deb" "$RT_COMPRESS"
 }
@@ -470,13 +486,22 @@ for SUITE in "${SUITES[@]}"; do
   PYVER=$(suite_python "$SUITE"); TAG=$(suite_tag "$SUITE")
   SUITE_OUT=$OUTDIR/$SUITE
   mkdir -p "$SUITE_OUT" "$WORK/$SUITE"
-  log "== $SUITE (python$PYVER): ${PARTS[*]}"
+  SUITE_PARTS=("${PARTS[@]}")
+  if [[ " ${PARTS[*]} " == *" runtime-cpu "* ]] && ! cpu_torch_spec >/dev/null; then
+    # The default set (a runtime-cpu named on the command line failed above): this suite's
+    # CPU-only boxes get the CUDA runtime, built anyway.
+    SUITE_PARTS=(); for part in "${PARTS[@]}"; do [ "$part" = runtime-cpu ] || SUITE_PARTS+=("$part"); done
+    log "$SUITE: NOT building runtime-cpu. $(no_cpu_runtime)"
+    SUMMARY+=("$(printf '%-60s NOT BUILT: no CPU torch for python%s (CPU-only boxes: runtime-cuda)' \
+      "$SUITE/llm-appliance-runtime-cpu" "$PYVER")")
+  fi
+  log "== $SUITE (python$PYVER): ${SUITE_PARTS[*]}"
   # The app's resolution: with the CPU torch when one exists for this Python, else the CUDA one.
-  if [[ " ${PARTS[*]} " == *" app "* || " ${PARTS[*]} " == *" runtime-"* ]]; then
+  if [[ " ${SUITE_PARTS[*]} " == *" app "* || " ${SUITE_PARTS[*]} " == *" runtime-"* ]]; then
     spec=$(cpu_torch_spec) || spec="torch==$TORCH_VERSION,!=$TORCH_VERSION+cpu"
     resolve_app "$spec"
   fi
-  for part in "${PARTS[@]}"; do
+  for part in "${SUITE_PARTS[@]}"; do
     case $part in
       app) build_app;;
       runtime-cpu) build_runtime cpu;;

@@ -138,3 +138,19 @@ def test_maintainer_scripts_are_posix_sh(script: str) -> None:
     subprocess.run(["sh", "-n", str(path)], check=True, timeout=30)
     if shutil.which("checkbashisms"):
         subprocess.run(["checkbashisms", str(path)], check=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("dpkg") is None or not (REPO / ".venv" / "bin" / "python").exists(),
+                    reason="needs dpkg and the dev venv")
+def test_build_deb_refuses_a_cpu_runtime_it_cannot_build(tmp_path: Path) -> None:
+    """trixie's Python 3.13 has no reachable CPU torch: asking for its runtime-cpu is an error that
+    says what to install instead, at once (not a skip after minutes of resolving)."""
+    if subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip() != "amd64":
+        pytest.skip("build-deb.sh builds for amd64 only")
+    (tmp_path / "wheels").mkdir()
+    result = subprocess.run(["bash", str(PACKAGING / "build-deb.sh"), "--suite", "trixie", "--out", str(tmp_path / "out"),
+                             "runtime-cpu"], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "CPU_WHEELS": str(tmp_path / "wheels"), "TMPDIR": str(tmp_path)})
+    assert result.returncode == 1
+    assert "torch-2.13.0+cpu-cp313" in result.stderr and "llm-appliance-runtime-cuda" in result.stderr
+    assert not any((tmp_path / "out").rglob("*.deb"))
