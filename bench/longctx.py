@@ -584,6 +584,19 @@ def _vllm(args: argparse.Namespace, workdir: Path) -> serve.Server:
                         cwd=workdir)
 
 
+def engine_switch(decision: dict[str, Any] | None,
+                  fallback: int) -> tuple[dict[str, int] | None, int | None, str]:
+    """(tile, switch, why) for the "on" daemon. No kernel phase: the default tile at `fallback`.
+    A prefill tile that ran correctly but lost somewhere at the longest chunks: on for the longest
+    chunks anyway, so the call still measures the engine both ways. No correct tile: None (no run)."""
+    if decision is None:
+        return None, fallback, "--threshold (no kernel phase)"
+    tile, threshold = decision.get("tile"), decision.get("threshold")
+    if threshold is not None or tile is None:
+        return tile, threshold, "kernel phase"
+    return tile, max(q for _, q, _ in PREFILL_CASES), "kernel phase: it never always won; the longest chunks, to measure it"
+
+
 def engine_phase(args: argparse.Namespace, clock: Clock, payload: dict[str, Any], save: Any,
                  vllm: serve.Server | None, prompts: serve.Prompts) -> None:
     """Each server of --servers in turn; results into payload["engine"] (saved after each)."""
@@ -594,12 +607,8 @@ def engine_phase(args: argparse.Namespace, clock: Clock, payload: dict[str, Any]
     # None: the kernel phase did not run or failed; --smoke: its CPU timings decide nothing (the CPU
     # daemon runs the torch references anyway), so the "on" daemon is started with --threshold.
     decision = None if args.smoke else payload.get("kernels", {}).get("decision")
-    if decision is not None:
-        tile, threshold = decision.get("tile"), decision.get("threshold")
-    else:
-        tile, threshold = None, args.threshold
-    eng["prefill_switch"] = {"threshold": threshold, "tile": tile,
-                             "from": "kernel phase" if decision is not None else "--threshold"}
+    tile, threshold, source = engine_switch(decision, args.threshold)
+    eng["prefill_switch"] = {"threshold": threshold, "tile": tile, "from": source}
     for i, label in enumerate(args.servers):
         server: serve.Server | None
         need, max_start_s = OURS_NEEDS_S, OURS_MAX_START_S
@@ -612,8 +621,9 @@ def engine_phase(args: argparse.Namespace, clock: Clock, payload: dict[str, Any]
                 server = _vllm(args, args.workdir)
         elif label == "on":
             if threshold is None:
-                eng["skipped"]["ours (prefill kernel on)"] = f"the kernel phase found no switch: {decision}"
-                print("[ours (prefill kernel on)] skipped: the prefill kernel never won in the kernel phase", flush=True)
+                eng["skipped"]["ours (prefill kernel on)"] = f"no prefill tile ran correctly: {decision}"
+                print("[ours (prefill kernel on)] skipped: no prefill tile ran correctly in the kernel phase",
+                      flush=True)
                 continue
             server = _ours(args, args.port, str(threshold), tile)
         else:

@@ -113,6 +113,14 @@ def test_choose_takes_the_fastest_tile_that_ran_everywhere_and_the_shortest_winn
     assert longctx.choose(rows, LONG, short)["threshold"] is None
 
 
+def test_the_on_daemon_serves_whatever_ran_correctly() -> None:
+    assert longctx.engine_switch(None, 1024) == (None, 1024, "--threshold (no kernel phase)")
+    assert longctx.engine_switch({"tile": A, "threshold": 512}, 1024)[:2] == (A, 512)
+    # It lost at some 8k case: still measured in the engine, for the longest chunks only.
+    assert longctx.engine_switch({"tile": A, "threshold": None}, 1024)[:2] == (A, 8192)
+    assert longctx.engine_switch({"tile": None, "threshold": None}, 1024)[:2] == (None, None)
+
+
 def test_choose_says_so_when_no_tile_ran_correctly() -> None:
     rows = [_row("mixed-batch kernel", c, 10.0) for c in LONG] + [_row("prefill kernel", c, None, A) for c in LONG]
     decision = longctx.choose(rows, LONG, [])
