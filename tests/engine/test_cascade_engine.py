@@ -15,17 +15,15 @@ import dataclasses
 import pytest
 
 from appliance.config import load_config
-from appliance.errors import ConfigError
 from appliance.engine import model_runner
 from appliance.engine.llm_engine import EngineCore
 from appliance.engine.sequence import SamplingParams
+from appliance.errors import ConfigError
 
-from .conftest import CHAT_PROMPTS, engine_config
+from .conftest import CHAT_PROMPTS, engine_config, run_to_completion
 
 
 def _outputs(engine: EngineCore, prompts: dict[str, list[int]], forked: list[int]) -> dict[str, list[list[int]]]:
-    from .conftest import run_to_completion
-
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     requests = {rid: (ids, greedy) for rid, ids in prompts.items()}
     requests["n8"] = (forked, dataclasses.replace(greedy, n=8))
