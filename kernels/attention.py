@@ -527,15 +527,8 @@ def _launch(
         )
 
 
-def _check_attention_inputs(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-) -> None:
-    op = "paged_attention"
+def check_q_and_caches(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """q [T, Hq, D] (dims packed) against caches [N, BS, Hkv, D] (contiguous): shapes, GQA, dtypes."""
     if q.dim() != 3:
         raise ValueError(f"{op}: q must be [T, Hq, D], got {tuple(q.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
@@ -552,6 +545,18 @@ def _check_attention_inputs(
         raise ValueError(f"{op}: q's last dim must be contiguous, got strides {q.stride()}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError(f"{op}: k_cache and v_cache must be contiguous")
+
+
+def _check_attention_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+) -> None:
+    op = "paged_attention"
+    check_q_and_caches(op, q, k_cache, v_cache)
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     for name, t, shape in (
         ("seq_lens", seq_lens, (num_seqs,)),

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from appliance_kernels.attention import _num_sms, check_cache_dtypes
+from appliance_kernels.attention import _num_sms, check_q_and_caches
 from appliance_kernels.checks import check_out, check_same_device
 from appliance_kernels.fp8 import check_kv_scales, is_fp8
 
@@ -287,23 +287,10 @@ def cascade_attention(
     0 for a row that shares none: its whole context is its suffix); None: every row shares
     prefix_len keys."""
     op = "cascade_attention"
-    if q.dim() != 3:
-        raise ValueError(f"{op}: q must be [B, Hq, D], got {tuple(q.shape)}")
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"{op}: caches must both be [N, BS, Hkv, D], got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
-    check_cache_dtypes(op, q, k_cache, v_cache)
+    check_q_and_caches(op, q, k_cache, v_cache)
     check_kv_scales(op, k_cache, k_scale, v_scale)
     num_seqs, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"{op}: q head size {head_dim} != cache head size {k_cache.shape[3]}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"{op}: {num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
-    if q.stride(2) != 1:
-        raise ValueError(f"{op}: q's last dim must be contiguous, got strides {q.stride()}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError(f"{op}: k_cache and v_cache must be contiguous")
     if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (num_seqs,) or not seq_lens.is_contiguous():
         raise ValueError(f"{op}: seq_lens must be a contiguous int32 [{num_seqs}] (one per row of q), got "
                          f"{seq_lens.dtype} {tuple(seq_lens.shape)}")
