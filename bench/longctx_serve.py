@@ -177,30 +177,36 @@ def _requests(run: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(cols, row, strict=True)) for row in run["requests"]["rows"]]
 
 
-async def _measure(config: ClientConfig, prompts: Prompts) -> dict[str, Any]:
+async def _measure(config: ClientConfig, prompts: Prompts, out: dict[str, Any], label: str) -> None:
+    """Warm-up, mixed, alone; each figure into `out` as soon as it is measured (a run cut short by
+    the deadline keeps the mixed workload's)."""
     options = RunOptions(sample_server_metrics=False, progress=False)
     warm = await run_point(config, prompts.warmup, LoadPoint(), seed=0, options=options)
     if warm["failed"]:
         raise RuntimeError(f"warm-up failed: {warm['errors']}")
     mixed = await run_point(config, prompts.mixed, LoadPoint(), seed=0, options=options)
+    out["mixed"] = {
+        "requests": len(prompts.mixed), "failed": mixed["failed"], "errors": mixed["errors"],
+        "duration_s": mixed["duration_s"], "total_input_tokens": mixed["total_input_tokens"],
+        "total_output_tokens": mixed["total_output_tokens"],
+        "total_tok_s": mixed["total_token_throughput"], "output_tok_s": mixed["output_throughput"],
+        "median_ttft_ms": mixed["latency_ms"]["ttft"]["p50"], "median_tpot_ms": mixed["latency_ms"]["tpot"]["p50"],
+    }
+    m = out["mixed"]
+    print(f"[{label}] mixed {m['requests']} prompts: {m['total_tok_s']:.0f} total tok/s ({m['duration_s']:.1f} s, "
+          f"{m['failed']} failed)", flush=True)
     alone = await run_point(config, prompts.alone, LoadPoint(concurrency=1), seed=0, options=options)
     rows = [r for r in _requests(alone) if r["error_kind"] is None]
-    return {
-        "mixed": {
-            "requests": len(prompts.mixed), "failed": mixed["failed"], "errors": mixed["errors"],
-            "duration_s": mixed["duration_s"], "total_input_tokens": mixed["total_input_tokens"],
-            "total_output_tokens": mixed["total_output_tokens"],
-            "total_tok_s": mixed["total_token_throughput"], "output_tok_s": mixed["output_throughput"],
-            "median_ttft_ms": mixed["latency_ms"]["ttft"]["p50"], "median_tpot_ms": mixed["latency_ms"]["tpot"]["p50"],
-        },
-        "alone": {
-            "requests": len(prompts.alone), "failed": alone["failed"], "errors": alone["errors"],
-            "prompt_tokens": [r["prompt_tokens"] for r in rows], "output_tokens": [r["output_tokens"] for r in rows],
-            "ttft_ms": [r["ttft_ms"] for r in rows], "tpot_ms": [r["tpot_ms"] for r in rows],
-            "median_ttft_ms": _median([r["ttft_ms"] for r in rows]),
-            "median_tpot_ms": _median([r["tpot_ms"] for r in rows if r["tpot_ms"] is not None]),
-        },
+    out["alone"] = {
+        "requests": len(prompts.alone), "failed": alone["failed"], "errors": alone["errors"],
+        "prompt_tokens": [r["prompt_tokens"] for r in rows], "output_tokens": [r["output_tokens"] for r in rows],
+        "ttft_ms": [r["ttft_ms"] for r in rows], "tpot_ms": [r["tpot_ms"] for r in rows],
+        "median_ttft_ms": _median([r["ttft_ms"] for r in rows]),
+        "median_tpot_ms": _median([r["tpot_ms"] for r in rows if r["tpot_ms"] is not None]),
     }
+    a = out["alone"]
+    print(f"[{label}] alone: median TTFT {_fmt(a['median_ttft_ms'])} ms, TPOT {_fmt(a['median_tpot_ms'])} ms "
+          f"(TTFTs {a['ttft_ms']}, {a['failed']} failed)", flush=True)
 
 
 def measure_server(server: Server, prompts: Prompts, deadline: float, *, max_start_s: float,
@@ -215,13 +221,8 @@ def measure_server(server: Server, prompts: Prompts, deadline: float, *, max_sta
         timeout = max(10.0, deadline - time.monotonic())
         config = ClientConfig(base_url=server.url, model=model, ignore_eos=True, request_timeout_s=timeout)
         t0 = time.monotonic()
-        result.update(asyncio.run(asyncio.wait_for(_measure(config, prompts), timeout)))
+        asyncio.run(asyncio.wait_for(_measure(config, prompts, result, server.label), timeout))
         result["workloads_s"] = time.monotonic() - t0
-        mixed, alone = result["mixed"], result["alone"]
-        print(f"[{server.label}] mixed {mixed['requests']} prompts: {mixed['total_tok_s']:.0f} total tok/s "
-              f"({mixed['duration_s']:.1f} s, {mixed['failed']} failed); alone: median TTFT "
-              f"{_fmt(alone['median_ttft_ms'])} ms, TPOT {_fmt(alone['median_tpot_ms'])} ms "
-              f"(TTFTs {alone['ttft_ms']})", flush=True)
     except (RuntimeError, TimeoutError, OSError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"[:4000]
         print(f"[{server.label}] FAILED: {result['error'][:2000]}", flush=True)
@@ -241,13 +242,13 @@ def ratios(ours: dict[str, Any], vllm: dict[str, Any]) -> dict[str, float | None
     def div(a: float | None, b: float | None) -> float | None:
         return None if a is None or not b else a / b
 
-    if "mixed" not in ours or "mixed" not in vllm:
-        return {}
-    return {
-        "mixed_total_tok_s": div(ours["mixed"]["total_tok_s"], vllm["mixed"]["total_tok_s"]),
-        "alone_median_ttft": div(ours["alone"]["median_ttft_ms"], vllm["alone"]["median_ttft_ms"]),
-        "alone_median_tpot": div(ours["alone"]["median_tpot_ms"], vllm["alone"]["median_tpot_ms"]),
-    }
+    out: dict[str, float | None] = {}
+    for key, name, figure in (("mixed_total_tok_s", "mixed", "total_tok_s"),
+                              ("alone_median_ttft", "alone", "median_ttft_ms"),
+                              ("alone_median_tpot", "alone", "median_tpot_ms")):
+        if name in ours and name in vllm:  # a run cut short may lack its later workloads
+            out[key] = div(ours[name][figure], vllm[name][figure])
+    return out
 
 
 def targets(r: dict[str, float | None]) -> dict[str, bool | None]:

@@ -190,3 +190,14 @@ def test_lean_decode_reference_equals_the_paged_reference(window: int | None) ->
     args = longctx._batch(3, 1, 40, torch.device("cpu"), (8, 2, 16), torch.float32)
     want = reference.paged_attention_ref(*args, 0.3, sliding_window=window)
     torch.testing.assert_close(longctx.decode_ref(args, 0.3, window), want, rtol=1e-5, atol=1e-5)
+
+
+def test_ratios_use_what_both_servers_measured() -> None:
+    ours = {"mixed": {"total_tok_s": 300.0}, "alone": {"median_ttft_ms": 90.0, "median_tpot_ms": 10.0}}
+    cut = {"mixed": {"total_tok_s": 200.0}}  # the peer's run ended before its alone workload
+    assert longctx_serve.ratios(ours, cut) == {"mixed_total_tok_s": 1.5}
+    full = {**cut, "alone": {"median_ttft_ms": 100.0, "median_tpot_ms": 10.0}}
+    r = longctx_serve.ratios(ours, full)
+    assert r == {"mixed_total_tok_s": 1.5, "alone_median_ttft": 0.9, "alone_median_tpot": 1.0}
+    assert all(longctx_serve.targets(r).values())
+    assert longctx_serve.ratios(ours, {"error": "never healthy"}) == {}
