@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -32,6 +33,12 @@ from typing import Any
 from appliance.benchserve import workload
 from appliance.benchserve.client import ClientConfig
 from appliance.benchserve.runner import LoadPoint, RunOptions, run_point
+
+# Start-up lines worth keeping: ours (engine ready / KV cache / graphs), vLLM's (KV cache, concurrency,
+# graph capture, start-up timing, compile, attention backend).
+LOG_HIGHLIGHTS = (r"engine ready|KV cache|captured \d+ CUDA graphs|Maximum concurrency|Available KV cache|"
+                  r"GPU KV cache size|Graph capturing finished|init engine|torch\.compile takes|"
+                  r"Using .* backend|Traceback|Error")
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,13 @@ class Server:
         self.proc = None
         return time.monotonic() - t0
 
+    def log_lines(self, pattern: str, limit: int = 20) -> list[str]:
+        """The log's lines matching `pattern` (a regex), the last `limit` of them."""
+        if self.log is None or not self.log.exists():
+            return []
+        found = re.compile(pattern)
+        return [ln.strip()[:400] for ln in self.log.read_text(errors="replace").splitlines() if found.search(ln)][-limit:]
+
     def log_tail(self, chars: int = 3000) -> str:
         if self.log is None or not self.log.exists():
             return ""
@@ -229,6 +243,8 @@ def measure_server(server: Server, prompts: Prompts, deadline: float, *, max_sta
     finally:
         result["stop_s"] = server.stop()
         result["log_tail"] = server.log_tail(1500)
+        # What each server says about its memory and start-up (ours: KV blocks at max_model_len).
+        result["log_highlights"] = server.log_lines(LOG_HIGHLIGHTS)
     return result
 
 
