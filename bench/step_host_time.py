@@ -275,7 +275,8 @@ def _step_record(total: dict[str, float], before: dict[str, float], loop: float)
     rec = {"loop": loop, "step": d.get("step", 0.0), "device": d.get("device", 0.0), "schedule": d.get("schedule", 0.0),
            "after_launch": d.get("after_launch", 0.0), "update": d.get("update", 0.0)}
     rec["launch"] = d.get("launch", 0.0) - rec["device"]
-    rec["output"] = d.get("update_and_output", 0.0) - rec["update"] + d.get("output", 0.0)
+    both = d.get("update_and_output")  # EngineCore._update: the scheduler's update, then the output stage
+    rec["output"] = d.get("output", 0.0) + (both - rec["update"] if both is not None else 0.0)
     rec["host"] = rec["step"] - rec["device"]
     rec["caller_loop"] = loop - rec["step"]
     rec["other"] = rec["host"] - rec["schedule"] - rec["launch"] - rec["update"] - rec["output"] - rec["after_launch"]
@@ -331,12 +332,15 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
         for rep in range(args.repeats):
             # Alternate the order: other load on a shared machine comes and goes.
             for label, tree in trees if rep % 2 == 0 else list(reversed(trees)):
+                # NOTE: cwd=tree: `python -m` puts the working directory first on sys.path.
                 proc = subprocess.run([sys.executable, "-m", "appliance_bench.step_host_time", *child_args],
-                                      env=_tree_env(tree, Path(scratch)), capture_output=True, text=True)
+                                      env=_tree_env(tree, Path(scratch)), cwd=tree, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode or not lines:
                     raise RuntimeError(f"{label} ({tree}) failed:\n{proc.stderr[-3000:]}")
                 run = json.loads(lines[-1].removeprefix("RESULT "))
+                if Path(run["tree"]) != tree:
+                    raise RuntimeError(f"{label}: the child imported appliance from {run['tree']}, not {tree}")
                 runs[label].append(run)
                 step = run["decode_step_ms"]
                 print(f"{label:12s} host {run['host_s']:6.3f} s, per decode step: host {step['host']:.3f} ms = "
