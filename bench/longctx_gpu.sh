@@ -19,6 +19,9 @@ mkdir -p "$OUT" /tmp/pp
 ln -sfn "$PWD/kernels" /tmp/pp/appliance_kernels
 ln -sfn "$PWD/bench" /tmp/pp/appliance_bench
 export PYTHONPATH=$PWD:/tmp/pp
+# Our runtime dependencies the GPU image lacks (msgspec, xgrammar, ...), carried as an unpacked
+# site folder (bench/NOTES.md: build/gpu-deps).
+[ -d "$PWD/build/gpu-deps" ] && export PYTHONPATH=$PYTHONPATH:$PWD/build/gpu-deps
 # The daemons get the prefill switch from the script, never from the caller's environment.
 unset APPLIANCE_LONG_PREFILL_MIN_QUERY_TOKENS APPLIANCE_PREFILL_TILE
 missing=0
