@@ -385,6 +385,16 @@ $pkg: extra-license-file *
 $pkg: package-installs-python-pycache-dir *
 $pkg: repeated-path-segment *
 EOF
+  if [ "$flavor" = cuda ]; then
+    # The one tag lintian 2.116 (bookworm) flags on runtime-cuda beyond runtime-cpu's (an error:
+    # it would fail the build). Its I: (info) tags are left as they are, as runtime-cpu's are.
+    cat >> "$root/usr/share/lintian/overrides/$pkg" <<EOF
+# NVIDIA's libcufile (GPUDirect Storage, from the nvidia-cufile wheel that the CUDA build of torch
+# requires) links jsoncpp statically. It is NVIDIA's binary as shipped; rebuilding it against
+# Debian's libjsoncpp is not possible (no source) and not this package's job.
+$pkg: embedded-library libjsoncpp *
+EOF
+  fi
   mkdir -p "$root/DEBIAN"
   local size; size=$(installed_size "$root")
   cat > "$root/DEBIAN/control" <<EOF
