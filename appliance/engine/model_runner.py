@@ -7,6 +7,9 @@ captured for a ladder of token counts (padded), other prefill and mixed steps ea
 returns at once; the only host<->device synchronisation is `StepHandle.results()` reading back
 the sampled token ids. A decode row whose input token was sampled by the previous, still running
 step (a `PLACEHOLDER_TOKEN_ID` on the host) takes it from that step's device tensor.
+Decode steps whose rows share a long prefix of KV blocks (SchedulerOutput.common_prefix_blocks)
+attend it once for all of them (cascade attention): eager, or from a second family of decode
+graphs that reads the prefix from a static buffer filled by the step's one upload.
 """
 
 from __future__ import annotations
@@ -172,16 +175,16 @@ class ModelRunner:
         self.sampler = Sampler(model.vocab_size, eos_token_ids)
         self.num_kv_blocks = self._decide_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         # Decode graphs with cascade attention, for the ladder's sizes >= cascade_min_seqs.
-        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         self.cascade_min_seqs = self._cascade_min_seqs()  # 0: cascade attention off
         self.cascade_steps = 0  # steps that attended a shared prefix once (tests, logs)
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         self._graph_pool = None
         self._staging = _Staging(device)
         if device.type == "cuda" and not config.enforce_eager:
-            self._capture_cuda_graphs()
+            self._setup_decode_graphs(capture=True)
             self._setup_prefill_graphs(capture=True)
 
     def _cascade_min_seqs(self) -> int:
@@ -511,7 +514,10 @@ class ModelRunner:
                 return size
         return None
 
-    def _capture_cuda_graphs(self) -> None:
+    def _setup_decode_graphs(self, *, capture: bool) -> None:
+        """Static inputs for the decode ladder, then a CUDA graph per size (capture=True, on CUDA)
+        or a plain forward over the same static inputs (capture=False: CPU tests of this path),
+        and the same for the cascade family (_capture_cascade_graphs)."""
         t0 = time.monotonic()
         sizes = self._graph_sizes()
         if not sizes:
@@ -537,19 +543,26 @@ class ModelRunner:
         self._g_qsl = self._g_buf[4 * max_bs : 5 * max_bs + 1]
         self._g_block_tables = torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
         self._g_logits: dict[int, torch.Tensor] = {}
+        if not capture:
+            with torch.inference_mode():
+                for size in sizes:
+                    forward = functools.partial(self._static_decode, size, False)
+                    self._g_logits[size] = forward()
+                    self.graphs[size] = _EagerReplay(forward, self._g_logits[size])
+                for size in self._cascade_graph_sizes():
+                    self.cascade_graphs[size] = _EagerReplay(functools.partial(self._static_decode, size, True),
+                                                             self._g_logits[size])
+            return
         pool = self._graph_pool
         stream = torch.cuda.Stream(dev)
         for size in reversed(sizes):
-            meta = self._graph_meta(size)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: Triton autotune/compile outside the capture
-                    hidden = self.model(self._g_input_ids[:size], self._g_positions[:size], self.kv_caches, meta)
-                    self.model.compute_logits(hidden)
+                    self._static_decode(size, False)
             stream.synchronize()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                hidden = self.model(self._g_input_ids[:size], self._g_positions[:size], self.kv_caches, meta)
-                self._g_logits[size] = self.model.compute_logits(hidden)
+                self._g_logits[size] = self._static_decode(size, False)
             pool = graph.pool()
             self.graphs[size] = graph
         self._graph_pool = pool
@@ -558,28 +571,34 @@ class ModelRunner:
                  time.monotonic() - t0)
         self._capture_cascade_graphs(stream)
 
+    def _static_decode(self, size: int, cascade: bool) -> torch.Tensor:
+        """The forward a decode graph of `size` rows records, over the static inputs: logits."""
+        hidden = self.model(self._g_input_ids[:size], self._g_positions[:size], self.kv_caches,
+                            self._graph_meta(size, cascade=cascade))
+        return self.model.compute_logits(hidden)
+
+    def _cascade_graph_sizes(self) -> list[int]:
+        return [size for size in self._graph_sizes() if self.cascade_min_seqs and size >= self.cascade_min_seqs]
+
     def _capture_cascade_graphs(self, stream: torch.cuda.Stream) -> None:
         """A second family of decode graphs, attention through the cascade kernels, for the
         ladder's sizes that cascade_min_seqs rows can reach. Warm-up and capture run at prefix
         length 0 (the kernels' loops read nothing); replays set the length. Each writes its logits
         into the plain graph's buffer of its size (one copy, no second set of logits held)."""
-        sizes = [size for size in self._graph_sizes() if self.cascade_min_seqs and size >= self.cascade_min_seqs]
+        sizes = self._cascade_graph_sizes()
         if not sizes:
             return
         t0 = time.monotonic()
         free_before = torch.cuda.mem_get_info(self.device)[0]
         pool = self._graph_pool
         for size in reversed(sizes):
-            meta = self._graph_meta(size, cascade=True)
-            logits = self._g_logits[size]
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(stream):
                 for _ in range(2):  # Triton compiles outside the capture
-                    self.model(self._g_input_ids[:size], self._g_positions[:size], self.kv_caches, meta)
+                    self._static_decode(size, True)
             stream.synchronize()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                hidden = self.model(self._g_input_ids[:size], self._g_positions[:size], self.kv_caches, meta)
-                logits.copy_(self.model.compute_logits(hidden))
+                self._g_logits[size].copy_(self._static_decode(size, True))
             pool = graph.pool()
             self.cascade_graphs[size] = graph
         self._graph_pool = pool
@@ -621,7 +640,7 @@ class ModelRunner:
         if cascade is not None and size in self.cascade_graphs:
             graph = self.cascade_graphs[size]
             self.cascade_steps += 1
-            # [prefix length | rows' shares, padding rows 0 | prefix blocks] (see _capture_cuda_graphs)
+            # [prefix length | rows' shares, padding rows 0 | prefix blocks] (see _setup_decode_graphs)
             head, at = self._gc_host, self._gc_blocks_at
             head[0] = cascade.tokens
             head[_ALIGN : _ALIGN + n] = cascade.shares
