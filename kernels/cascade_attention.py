@@ -47,6 +47,9 @@ from appliance_kernels.fp8 import check_kv_scales, is_fp8
 # Llama-3-8B's group of 4), keys per iteration, warps, stages. A starting guess for an H100/H200
 # at head_dim 128; bench/cascade.py --sweep times the candidates in PREFIX_TILES.
 PREFIX_TILE = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+# fp32 inputs and head_dim > 128 (Gemma 3's 256): half the rows and keys, so the operand tiles
+# and the fp32 accumulator fit in shared memory and registers (as the prefill tiles halve block_n).
+PREFIX_TILE_WIDE = {"rows": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
 PREFIX_TILES = [
     {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
     {"rows": 128, "block_n": 64, "num_warps": 4, "num_stages": 2},
@@ -326,7 +329,7 @@ def cascade_attention(
     group = num_q_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tile = prefix_tile or PREFIX_TILE
+    tile = prefix_tile or (PREFIX_TILE_WIDE if q.dtype == torch.float32 or head_dim > 128 else PREFIX_TILE)
     block_m = max(16, tile["rows"], group_pad)
     seqs_per_tile = block_m // group_pad  # a GQA group never spans two tiles
     if prefix_splits is None:

@@ -102,16 +102,21 @@ def test_cascade_matches_plain_decode(dtype: torch.dtype, block_size: int, num_q
     assert relative_error(batch.cascade(prefix_len, scale), plain) <= TOLERANCE[dtype]
 
 
+SMALL_TILE = {"rows": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prefix_splits", [1, 2, 8])
-def test_prefix_splits_and_tiles_that_hold_part_of_the_batch(dtype: torch.dtype, prefix_splits: int) -> None:
+@pytest.mark.parametrize("tile", ["small", "default", "wide"])
+def test_prefix_splits_and_tiles_that_hold_part_of_the_batch(dtype: torch.dtype, prefix_splits: int,
+                                                             tile: str) -> None:
     """Several sequence tiles (a 16-row tile holds 4 sequences of a group of 4), prefix partitions
-    that are empty (8 of 20 keys), and a batch that ends mid-tile."""
+    that are empty (8 of 20 keys), and a batch that ends mid-tile; the launcher's two tiles too."""
     generator = torch.Generator().manual_seed(prefix_splits)
     seq_lens = [20 + n for n in (1, 7, 3, 12, 1, 30, 2, 5, 9, 4, 6)]
     batch = SharedBatch(seq_lens, 5, 8, 2, 64, 4, dtype, generator)
-    out = batch.cascade(20, 0.125, prefix_splits=prefix_splits,
-                        prefix_tile={"rows": 16, "block_n": 16, "num_warps": 4, "num_stages": 1})
+    tiles = {"small": SMALL_TILE, "default": cascade_attention.PREFIX_TILE, "wide": cascade_attention.PREFIX_TILE_WIDE}
+    out = batch.cascade(20, 0.125, prefix_splits=prefix_splits, prefix_tile=tiles[tile])
     assert relative_error(out, batch.plain_reference(0.125)) <= TOLERANCE[dtype]
 
 
