@@ -140,22 +140,27 @@ def engine_decode_latency_ms(engine: Any, prompt: list[int], output_tokens: int)
     return (done_at - first_token_at) / max(1, output_tokens - 1) * 1e3
 
 
-def engine_throughput(engine: Any, prompts: list[list[int]], output_tokens: int) -> dict[str, float]:
-    """Submit every request at once, step until all finish."""
-    t0 = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"w1-{i}", prompt, _sampling(output_tokens))
-    generated = 0
-    steps = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                generated += len(out.outputs[0].token_ids)
-        steps += 1
-    elapsed = time.perf_counter() - t0
+def engine_throughput(engine: Any, prompts: list[list[int]], output_tokens: int) -> dict[str, Any]:
+    """Submit every request at once, step until all finish. Also records the cyclic GC's
+    collections and time during the run (a full collection is a host pause the size of a
+    135M W1's regression)."""
+    from appliance_bench.step_host_time import GcWatch
+
+    with GcWatch() as watch:
+        t0 = time.perf_counter()
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"w1-{i}", prompt, _sampling(output_tokens))
+        generated = 0
+        steps = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    generated += len(out.outputs[0].token_ids)
+            steps += 1
+        elapsed = time.perf_counter() - t0
     stats = engine.stats()
     return {"time_s": elapsed, "output_tokens": generated, "steps": steps,
-            "num_preemptions": stats.num_preemptions}
+            "num_preemptions": stats.num_preemptions, **watch.record()}
 
 
 def _free(device: torch.device) -> None:
@@ -198,6 +203,7 @@ def bench_model(model: str, args: argparse.Namespace, device: torch.device, ceil
         result["decode_floor_ms_per_token"] = shape.weight_bytes / ceilings["copy_bytes_per_s"] * 1e3
         checkpoint()
     w1 = engine_throughput(engine, prompts, args.output_tokens)
+    print(f"W1 GC: collections per generation {w1['gc_collections']}, ms {w1['gc_ms']}", flush=True)
     floor = roofline.workload_floor_s(shape, args.num_requests, args.prompt_tokens, args.output_tokens,
                                       max_batch=result["max_num_seqs"] or 512,
                                       copy_bytes_per_s=ceilings["copy_bytes_per_s"],

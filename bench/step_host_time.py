@@ -202,14 +202,14 @@ def _instrument(engine: Any, vocab: int) -> _Phases:
     return phases
 
 
-class _GcWatch:
-    """Collections and seconds per generation, from gc.callbacks."""
+class GcWatch:
+    """The cyclic GC's collections and seconds per generation while active (gc.callbacks); also
+    used by bench/offline.py around W1."""
 
     def __init__(self) -> None:
         self.count = [0, 0, 0]
         self.seconds = [0.0, 0.0, 0.0]
         self._t0 = 0.0
-        gc.callbacks.append(self._callback)
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -218,8 +218,16 @@ class _GcWatch:
             self.count[info["generation"]] += 1
             self.seconds[info["generation"]] += time.perf_counter() - self._t0
 
-    def reset(self) -> None:
+    def __enter__(self) -> GcWatch:
         self.count, self.seconds = [0, 0, 0], [0.0, 0.0, 0.0]
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def record(self) -> dict[str, list[int] | list[float]]:
+        return {"gc_collections": list(self.count), "gc_ms": [round(t * 1e3, 1) for t in self.seconds]}
 
 
 def _w1(engine: Any, llm: Any, phases: _Phases, args: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -290,12 +298,10 @@ def offline_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     engine, llm = _build_offline(args)
     phases = _instrument(engine, args.vocab)
-    watch = _GcWatch()
     for rep in range(args.repeats):
-        watch.reset()
-        run = _w1(engine, llm, phases, args, seed=rep)
-        run["gc_collections"] = watch.count
-        run["gc_ms"] = [round(t * 1e3, 1) for t in watch.seconds]
+        with GcWatch() as watch:
+            run = _w1(engine, llm, phases, args, seed=rep)
+        run.update(watch.record())
         run["tree"] = str(Path(appliance.__file__).resolve().parent.parent)
         print("RESULT " + json.dumps(run), flush=True)
 

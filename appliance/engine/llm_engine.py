@@ -86,6 +86,12 @@ class _InFlight:
     needs_host_ids: bool = False  # a sampling row has penalties: the next launch needs real token ids
 
 
+def _tokens_need_output(params: SamplingParams) -> bool:
+    """Final-only outputs: a token of such a request needs the output stage before its choice
+    finishes (n > 1 forks, stop strings, logprobs, a grammar)."""
+    return params.n > 1 or bool(params.stop) or params.logprobs is not None or params.structured is not None
+
+
 def _has_penalty(params: SamplingParams) -> bool:
     return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
             or params.frequency_penalty != 0.0)
@@ -152,6 +158,7 @@ class EngineCore:
         # only when there are some (most steps: none, and the scan grows with the batch).
         self._num_constrained = 0
         self._num_penalized = 0
+        self._num_token_output = 0  # see _tokens_need_output
         self._in_flight: _InFlight | None = None  # async: the step the device may still be running
         self._num_steps = 0
         self._last_step_time = time.monotonic()
@@ -195,18 +202,21 @@ class EngineCore:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seq = Sequence(request_id, prompt_token_ids, params, index=0, arrival_time=arrival)
         self.requests[request_id] = _Request(request_id, list(prompt_token_ids), params, [seq], arrival)
-        self._num_constrained += params.structured is not None
-        self._num_penalized += _has_penalty(params)
+        self._count_request(params, 1)
         if params.structured is not None and self.structured is not None:
             self.structured.hold(seq)  # [apps] scheduled once its grammar is compiled (off this thread)
         else:
             self.scheduler.add(seq)
 
+    def _count_request(self, params: SamplingParams, sign: int) -> None:
+        self._num_constrained += sign * (params.structured is not None)
+        self._num_penalized += sign * _has_penalty(params)
+        self._num_token_output += sign * _tokens_need_output(params)
+
     def _pop_request(self, request_id: str) -> _Request | None:
         req = self.requests.pop(request_id, None)
         if req is not None:
-            self._num_constrained -= req.params.structured is not None
-            self._num_penalized -= _has_penalty(req.params)
+            self._count_request(req.params, -1)
         return req
 
     def abort(self, request_id: str) -> None:
@@ -296,7 +306,10 @@ class EngineCore:
         forget = self.runner.sampler.forget
         finished_status = SequenceStatus.FINISHED
         # NOTE: this loop runs for every token of every sequence: final-only (offline) requests
-        # without stop strings skip the text until they finish.
+        # without stop strings skip the text until they finish, and when no live request needs
+        # its tokens before the end (_tokens_need_output), only finished sequences are looked at.
+        if not stream and not self._num_token_output:
+            updates = [update for update in updates if update.seq.status is finished_status]
         for update in updates:
             seq = update.seq
             params = seq.sampling_params

@@ -34,6 +34,7 @@ def test_offline_smoke_runs_engine_and_hf_and_writes_json(tmp_path: Path, defaul
     # 4 requests x 6 tokens, EOS ignored: every token must come back.
     assert w1["output_tokens"] == 4 * 6
     assert w1["output_tok_s"] > 0 and 0 < w1["roofline_fraction"]
+    assert len(w1["gc_collections"]) == len(w1["gc_ms"]) == 3  # the GC during W1, per generation
     assert result["startup_s"] > 0
     # A real per-token figure: a CPU forward of even the tiny model takes well over 50 us (a
     # latency taken from final-only outputs came out ~0.001 ms, measuring nothing).
