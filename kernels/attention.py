@@ -56,10 +56,13 @@ DECODE_TILE_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 # rows in mixed batches, so this one stays.
 PREFILL_TILE = {"rows": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
 # Prefill launches whose longest chunk has at least this many tokens go to the Hopper-shaped
-# prefill kernel (kernels/prefill_attention.py). None: never, until bench/longctx.py has measured
-# it against this file's kernel on an H100/H200 (the sweep writes the numbers to set it from).
-# $APPLIANCE_LONG_PREFILL_MIN_QUERY_TOKENS (N or "off"), read once at import, overrides it.
-LONG_PREFILL_MIN_QUERY_TOKENS: int | None = min_query_tokens_from_env(default=None)
+# prefill kernel (kernels/prefill_attention.py). 2048: on an H200 (bench/results/2026-12-01-
+# nvidia-h200-07eace5-longctx.json) that kernel wins from 2,048-token chunks on in every measured
+# case (1.46-1.70x this file's kernel at 8k-32k context, 440-491 TFLOP/s, 57-64% of the measured
+# bf16 matmul rate) and loses at 16 x 512 (0.78x); the engine served 32x8k + 8x32k at 25,435
+# against 22,498 total tok/s with it off. $APPLIANCE_LONG_PREFILL_MIN_QUERY_TOKENS (N or "off"),
+# read once at import, overrides it.
+LONG_PREFILL_MIN_QUERY_TOKENS: int | None = min_query_tokens_from_env(default=2048)
 
 
 @triton.jit

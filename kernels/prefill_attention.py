@@ -107,13 +107,17 @@ def tile_from_env(default: dict[str, int]) -> dict[str, int]:
     return check_tile(tile, f"${ENV_TILE}")
 
 
-# TILE: the starting guess for an H100/H200 with head_dim 128 (FlashAttention-2/3's forward shape),
-# not yet measured; the sweep (bench/longctx.py) tries SWEEP_TILES around it. Compiled offline for
+# TILE: the tile for an H100/H200 with head_dim 128 (FlashAttention-2/3's forward shape),
+# chosen by the sweep (bench/longctx.py tries SWEEP_TILES around it). Compiled offline for
 # sm_90a with Triton 3.6 and 3.7 (`python -m appliance_bench.longctx --phase compile`, ptxas -v):
 # 128 x 64 on 8 warps, 3 stages: ~185 registers, no spill, 128 KiB of shared memory (3 K/V
 # buffers, the next tile loading while a tile is computed; 4 stages: 160 KiB, two); 128 x 128 on 8 warps: 255 registers,
 # ~25 B spilled, 160 KiB (2 stages) / 224 KiB (3). 128-row tiles on 4 warps, 64 x 128 on 4 warps and
 # 256-row tiles spill more, so the sweep leaves them out.
+# Measured on an H200 (bench/results/2026-12-01-nvidia-h200-07eace5-longctx.json), 8k chunks at
+# 0 / 8k / 24k context: this tile 452 / 470 / 441 TFLOP/s, 128 x 128 (8 warps, 3 stages) 450 / 458 /
+# 466. The sweep picked 128 x 128 and the engine's long-context run used it; this one stays the
+# default because it spills nothing and keeps a tile in flight (128 x 128: 28 B spilled, none).
 DEFAULT_TILE = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
 TILE = tile_from_env(DEFAULT_TILE)
 SWEEP_TILES = [

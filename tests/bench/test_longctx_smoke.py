@@ -71,7 +71,7 @@ def test_smoke_runs_both_phases_and_serves_with_the_switch_on(tmp_path: Path) ->
                                              "32k alone TPOT <= vLLM"}
     from appliance_kernels import attention
 
-    assert attention.LONG_PREFILL_MIN_QUERY_TOKENS is None  # the kernel phase restores the switch
+    assert attention.LONG_PREFILL_MIN_QUERY_TOKENS == 2048  # the kernel phase restores the committed switch
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
