@@ -3,9 +3,11 @@
 Contract
 - A block holds `block_size` consecutive token positions of one or more sequences (shared by
   prefix hits and n > 1 forks). `ref_count` = number of block tables that list it.
-- A *full, computed* block gets a chained hash: hash(parent block's hash, its token ids), so equal
-  hashes mean equal whole prefixes. The hash is registered only after the block's K/V are
-  written (`commit`), so a hit never reads K/V that a running step has not produced yet.
+- A *full* block gets a chained hash: hash(parent block's hash, its token ids), so equal hashes
+  mean equal whole prefixes. The hash is registered (`commit`) once a step that writes the
+  block's K/V is scheduled (prompt blocks, by the scheduler) or has run (generated tokens): a hit
+  is only ever read by the same step, after the block's writes (every row's K/V of a layer is
+  stored before any row attends), or by a later one.
 - A block whose ref_count drops to 0 but that holds a registered hash stays reusable: it goes to
   the LRU of cached-free blocks, evicted (hash dropped) only when a fresh block is needed.
 - Sliding windows (`sliding_window`: set when every layer of the model slides, to the widest
@@ -320,7 +322,7 @@ class BlockManager:
             seq.block_table.append(self._take_fresh())
 
     def commit(self, seq: Sequence, num_written_tokens: int | None = None) -> None:
-        """Register the hashes of blocks that became full and computed (after a step).
+        """Register the hashes of blocks that became full (when scheduled or after a step).
 
         num_written_tokens: positions whose K/V the finished step wrote (default: every computed
         one). With async scheduling the next step is already counted in num_computed_tokens.

@@ -17,6 +17,15 @@ The scheduler owns both ends of a step (vLLM v1's contract):
   checks, finishing. Returns one `SequenceUpdate` per new token for the engine's output stage
   (detokenization, stop strings, deltas), which may still finish a sequence (`finish`).
 
+Prompt blocks are hashed for the prefix cache when they are scheduled, not when computed: a
+prompt admitted later in the same step (or in the next, scheduled while this one runs) hits them
+and computes only what follows. That is safe because a step writes every row's K/V of a layer
+before any row of that layer attends (`layers/attention.py`: store, then attend), later steps run
+after it on the stream, and a block stays referenced (so never evicted and rewritten) while a
+step that writes it is in flight. A burst of 256 prompts with one 2,048-token system prompt thus
+computes that prompt once, not once per prompt admitted before the first prefill finished.
+Blocks filled by generated tokens are hashed in the update, once their ids are known.
+
 NOTE (async): a sequence finished while a step that contains it is still in flight keeps its
 blocks until that step is resolved (`resolve`): the device may still be writing its K/V.
 """
@@ -188,6 +197,7 @@ class Scheduler:
             seq.num_computed_tokens = target
             if start < seq.num_prompt_tokens:
                 num_prompt_computed += min(target, seq.num_prompt_tokens) - start
+                bm.commit(seq, min(target, seq.num_prompt_tokens))  # see "prompt blocks" above
             budget -= num_new
             i += 1
 
@@ -215,6 +225,7 @@ class Scheduler:
             seq.num_computed_tokens = target
             if start < seq.num_prompt_tokens:
                 num_prompt_computed += min(target, seq.num_prompt_tokens) - start
+                bm.commit(seq, min(target, seq.num_prompt_tokens))  # see "prompt blocks" above
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
             budget -= num_new

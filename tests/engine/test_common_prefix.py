@@ -94,27 +94,29 @@ def _step(sched: Scheduler, token: int = 5):
     return out
 
 
-def test_prefix_hits_share_the_first_writers_blocks_and_private_copies_do_not() -> None:
+def test_prefix_hits_share_the_first_writers_blocks_even_in_its_own_step() -> None:
     bm = BlockManager(64, BLOCK, enable_prefix_caching=True)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64, common_prefix_min_seqs=2)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     prompt = list(range(10))  # two whole blocks and a bit
-    # One step admits two: the second holds a private copy (its hit would read unwritten K/V).
+    # One step admits two: the second hits the first's prompt blocks, hashed when scheduled (the
+    # step stores every row's K/V before any row attends).
     a, b = Sequence("a", prompt, params), Sequence("b", prompt + [60], params)
     sched.add(a)
     sched.add(b)
-    _step(sched)
-    assert a.block_table[:2] != b.block_table[:2]
-    for rid in "cd":  # later ones hit the first writer's blocks
+    out = _step(sched)
+    assert a.block_table[:2] == b.block_table[:2] and b.num_cached_tokens == 2 * BLOCK
+    assert [item.num_new_tokens for item in out.scheduled] == [10, 3]
+    for rid in "cd":  # later ones hit the same blocks
         sched.add(Sequence(rid, prompt + [50, 51], params))
     assert _step(sched).common_prefix_blocks == []  # a mixed step: not looked for
     out = _step(sched)
     assert len(out.scheduled) == 4 and out.common_prefix_blocks == a.block_table[:2]
-    assert _check(bm, out, 2) == 3  # a, c, d share; b reads its own copy
+    assert _check(bm, out, 2) == 4
     sched.add(Sequence("e", [900], params))  # shares nothing
     _step(sched)
     out = _step(sched)
-    assert out.common_prefix_blocks == a.block_table[:2] and _check(bm, out, 2) == 3
+    assert out.common_prefix_blocks == a.block_table[:2] and _check(bm, out, 2) == 4
 
 
 def test_the_prefix_that_saves_the_most_wins() -> None:

@@ -56,6 +56,27 @@ def test_prefix_hits_reuse_blocks_and_match_a_cold_run(engine):
     assert_idle(engine)
 
 
+def test_a_burst_sharing_a_system_prompt_computes_it_once_and_matches_solo_runs(engine):
+    # Added together, before any step: the first prompt's blocks are hashed when it is scheduled,
+    # and the other three read them in that same step (a step stores every row's K/V of a layer
+    # before any row attends), so the shared system prompt is computed once, not four times.
+    system = "You review pull requests for a storage engine; reply with one short paragraph. " * 6
+    questions = ["Is fsync needed here?", "Why a write-ahead log?", "What is a torn page?", "Name one B-tree cost."]
+    prompts = {f"q{i}": (chat_ids(engine.tokenizer, system + q), SamplingParams(max_tokens=12, temperature=0.0))
+               for i, q in enumerate(questions)}
+    before = engine.stats()
+    burst = run_to_completion(engine, prompts)
+    after = engine.stats()
+    shared_blocks = len(chat_ids(engine.tokenizer, system)) // 16 - 1
+    assert shared_blocks >= 4
+    assert after.prefix_cache_hits - before.prefix_cache_hits >= 3 * shared_blocks * 16
+    assert all(burst[k].num_cached_tokens >= shared_blocks * 16 for k in ("q1", "q2", "q3"))
+    for key, request in prompts.items():  # one at a time, each from the cache the burst left
+        solo = run_to_completion(engine, {key: request})[key]
+        assert solo.outputs[0].token_ids == burst[key].outputs[0].token_ids, key
+    assert_idle(engine)
+
+
 def test_n_greater_than_one_shares_the_prompt_blocks(engine):
     ids = chat_ids(engine.tokenizer, "Give me a random animal name.")
     params = SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)

@@ -83,3 +83,31 @@ def test_lone_prefill_graphs_match_eager() -> None:
     want = _run_alone(_engine(graphs=False, max_num_batched_tokens=64))
     got = _run_alone(graphs)
     assert len(want) == 12 and got == want
+
+
+def _burst(engine: EngineCore) -> dict[str, list[int]]:
+    """48 prompts with one 160-token system prompt, all added before the first step: the first
+    one's prompt blocks are hashed when it is scheduled, and the rest of the step's prompts read
+    them (the step stores every row's K/V of a layer before any row attends)."""
+    rng = random.Random(11)
+    vocab = engine.vocab_size
+    system = [rng.randrange(vocab) for _ in range(160)]
+    for i in range(48):
+        engine.add_request(f"b{i}", system + [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))],
+                           SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            done.setdefault(delta.request_id, []).extend(delta.outputs[0].token_ids)
+    return done
+
+
+def test_a_burst_reads_prompt_blocks_written_in_the_same_step() -> None:
+    cached = _engine(graphs=True, max_num_batched_tokens=1024)
+    stats_before = cached.block_manager.usage().prefix_hits_tokens
+    got = _burst(cached)
+    # The first step holds the first prompt whole and then others that hit its 10 blocks.
+    assert cached.block_manager.usage().prefix_hits_tokens - stats_before >= 40 * 160
+    cold = _engine(graphs=False, max_num_batched_tokens=1024)
+    cold.block_manager.enable_prefix_caching = False
+    assert got == _burst(cold)

@@ -112,6 +112,36 @@ def test_prefix_hit_reuses_committed_blocks_and_leaves_the_last_token_to_compute
     s.block_manager.check_invariants([b.block_table])
 
 
+def test_a_burst_sharing_a_prompt_prefix_computes_it_once_in_the_same_step():
+    # Four prompts with one 8-token system prompt (2 blocks) arrive together: the first one's
+    # prompt blocks are hashed when scheduled, so the others hit them in the same step (the step
+    # writes every row's K/V before any row attends) and compute only their own tokens.
+    s = make(num_blocks=32, block_size=4, budget=64)
+    system = list(range(500, 508))
+    burst = [Sequence(f"r{i}", system + [600 + 10 * i, 601 + 10 * i, 602 + 10 * i], SamplingParams(max_tokens=4))
+             for i in range(4)]
+    for q in burst:
+        s.add(q)
+    out = step(s)
+    assert [item.num_new_tokens for item in out.scheduled] == [11, 3, 3, 3]
+    assert [q.num_cached_tokens for q in burst] == [0, 8, 8, 8]
+    assert all(q.block_table[:2] == burst[0].block_table[:2] for q in burst)
+    assert s.block_manager.blocks[burst[0].block_table[0]].ref_count == 4
+    s.block_manager.check_invariants([q.block_table for q in burst])
+
+
+def test_a_prefill_chunk_hashes_only_the_prompt_blocks_it_covers():
+    s = make(num_blocks=32, block_size=4, budget=6)
+    a = seq(14, rid="a")
+    s.add(a)
+    s.schedule()  # positions 0..5: block 0 full, block 1 half
+    assert a.num_hashed_blocks == 1
+    b = seq(14, rid="b")
+    s.add(b)
+    out = s.schedule()  # a's next chunk (6..11) fills blocks 1 and 2; b waits for budget
+    assert a.num_hashed_blocks == 3 and [item.seq for item in out.scheduled] == [a]
+
+
 def test_fork_copies_the_shared_partial_block_on_write():
     bm = BlockManager(8, 4)
     s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64)

@@ -140,14 +140,28 @@ class SimEngine:
         → after_launch (async: the update is the previous step's, as in EngineCore)."""
         waiting_before = list(self.sched.waiting)
         running_before = list(self.sched.running)
-        out = self.sched.schedule()
+        hashed_before = {b.block_id for b in self.bm.blocks if b.block_hash is not None}
+        take_fresh = self.bm._take_fresh
+        taken: set[int] = set()  # handed out by this schedule (an evicted cached block included)
+
+        def recording_take_fresh() -> int:
+            block_id = take_fresh()
+            taken.add(block_id)
+            return block_id
+
+        self.bm._take_fresh = recording_take_fresh  # type: ignore[method-assign]
+        try:
+            out = self.sched.schedule()
+        finally:
+            del self.bm._take_fresh
         self._check_schedule(out, waiting_before, running_before)
 
         for src, dst in out.blocks_to_copy:  # before the forward, as the model runner does
             self.kv[dst] = list(self.kv[src])
         on_device = self.in_flight[1] if self.in_flight is not None else {}
         sampled: dict[int, Sampled] = {}
-        for item in out.scheduled:
+        written: set[int] = set()
+        for item in out.scheduled:  # every row's K/V first, then attention (as a layer does)
             seq, bs = item.seq, self.block_size
             start, end = item.start, item.start + item.num_new_tokens
             assert seq.num_computed_tokens == end, "schedule() counts the step as computed"
@@ -156,13 +170,22 @@ class SimEngine:
             assert len(seq.block_table) * bs >= end, "block table too short for the step"
             for pos in range(start, end):  # write K/V of the new tokens
                 block = self.bm.blocks[seq.block_table[pos // bs]]
-                assert block.ref_count == 1, f"write into shared block {block}"
-                assert block.block_hash is None, f"write into a cached (hashed) block {block}"
+                # A block hashed before this step is never written again; one hashed by this
+                # step's schedule (a prompt block) may already be listed by prompts admitted after
+                # it in the same step, which only read it, after this write.
+                assert block.block_id not in hashed_before or block.block_id in taken, (
+                    f"write into a cached (hashed) block {block}")
+                assert block.ref_count == 1 or block.block_hash is not None, f"write into shared block {block}"
+                assert (block.block_id, pos % bs) not in written, f"two writes of one slot in a step {block}"
+                written.add((block.block_id, pos % bs))
                 token = seq.token_ids[pos]
                 if token == PLACEHOLDER_TOKEN_ID:  # fed from the step in flight, as on the GPU
                     assert pos == end - 1 == len(seq) - 1, "only a decode feeds a placeholder"
                     token = on_device[seq.seq_id].token_ids[0]
                 self.kv[block.block_id][pos % bs] = token
+        for item in out.scheduled:
+            seq, bs = item.seq, self.block_size
+            end = item.start + item.num_new_tokens
             # Attention reads the whole prefix back through the block table.
             seen = [self.kv[seq.block_table[p // bs]][p % bs] for p in range(end)]
             real = [t for t in seq.token_ids[:end] if t != PLACEHOLDER_TOKEN_ID]
