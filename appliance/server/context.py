@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,8 @@ STATE_KEY = web.AppKey("state", ServiceState)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 REQUEST_LOG_KEY = web.AppKey("request_log", RequestLog)
 TOKEN_TEXTS_KEY = web.AppKey("token_texts", TokenTexts)
+# Threads that parse and tokenize long request bodies off the event loop (routes_openai._parse).
+PARSE_POOL_KEY = web.AppKey("parse_pool", ThreadPoolExecutor)
 
 # Request-dict keys (set by the middlewares). aiohttp >= 3.13 has typed RequestKeys; older
 # releases (the GPU machine's) take plain strings.
