@@ -122,3 +122,23 @@ def test_ignore_eos_only_where_the_server_takes_it(sim: Any, tmp_path: Path,
     assert doc["ignore_eos"] is False
     assert doc["ignore_eos_refused"] == "Unrecognized request argument supplied: ignore_eos"
     assert doc["runs"][0]["completed"] == 3 and doc["runs"][0]["failed"] == 0
+
+
+def test_the_client_honours_the_proxy_environment_as_vllms_does(sim: Any, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like `vllm bench serve` (aiohttp trust_env): HTTP_PROXY routes the requests (here to a port
+    nothing listens on, so each fails as a connection error) unless NO_PROXY names the host."""
+    data = _conversations(tmp_path / "conv.jsonl", 4)
+    args = ["bench", "serve", "--base-url", sim.url, "--model", "sim", "--endpoint", "chat", "--workload", "chat",
+            "--dataset", str(data), "--num-prompts", "4", "--concurrency", "2", "--warmup", "0", "--no-plots",
+            "--no-progress", "--no-server-metrics", "--result-dir", str(tmp_path)]
+    for var in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # discard: closed
+    assert main([*args, "--result-name", "proxied"]) == 1  # nothing completed
+    run = json.loads((tmp_path / "proxied.json").read_text())["runs"][0]
+    assert (run["completed"], run["failed"]) == (0, 4) and list(run["errors"]) == ["connection"]
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert main([*args, "--result-name", "direct"]) == 0
+    run = json.loads((tmp_path / "direct.json").read_text())["runs"][0]
+    assert (run["completed"], run["failed"]) == (4, 0)
