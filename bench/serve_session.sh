@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One device call of a serve-bench session on the lent GPU: our daemon and vLLM 0.26.0 driven by the
+# same client (`vllm bench serve`, ../shared/peer/serve-bench.sh), run by run, each run's JSON and
+# log under $OUT/<run>/ (what bench/serve_pairs.py reads), packed at the end into one $OUT/session.tgz
+# (a call returns at most 8 files).
+#   usage: bench/serve_session.sh STEP [STEP ...]
+#   STEP:  check           the GPU engine tests (graphs vs eager, lone-prefill graphs, same-step prefix hits)
+#          ours8b:RUN      our daemon, 8B shape, the whole suite (W1, prefix, c1, rate24) into $OUT/RUN
+#          vllm8b:RUN      vLLM, the same
+#          ours135m:RUN    our daemon, 135M shape, W1 lengths with 1,024 prompts at once, into $OUT/RUN
+#          vllm135m:RUN    vLLM, the same
+#          offline         bench/offline.py W1 + batch-1 for both shapes (ours only)
+# Needs, carried: .peer (minus the parts: p1..p3 copied to $HOME/vl by earlier calls), build/gpu-deps.
+# Set LLM_APPLIANCE_COMMIT to the short sha being measured.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+O=${OUT:-$PWD/session-out}; mkdir -p "$O"
+mkdir -p /tmp/pp && ln -sfn "$PWD/kernels" /tmp/pp/appliance_kernels && ln -sfn "$PWD/bench" /tmp/pp/appliance_bench
+OURS_PP=$PWD:/tmp/pp:$PWD/${GPU_DEPS:-build/gpu-deps}
+for shape in llama-3.1-8b smollm2-135m; do mkdir -p "/tmp/m-$shape" && cp ".peer/$shape-config.json" "/tmp/m-$shape/config.json"; done
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee "$O/gpu.txt"
+pack() { (cd "$O" && tar -czf /tmp/session.tgz --exclude=session.tgz . && mv /tmp/session.tgz "$O/session.tgz"); }
+trap pack EXIT
+ours_cmd() {  # shape port
+  echo python3 -m appliance.cli serve --model "$1" --set model.load_format=dummy --set model.tokenizer=.peer/tok \
+    --served-model-name m --port "$2" --max-model-len 4096
+}
+vllm_cmd() {  # shape port
+  echo python3 -m vllm.entrypoints.cli.main serve "/tmp/m-$1" --load-format dummy --tokenizer .peer/tok \
+    --dtype bfloat16 --max-model-len 4096 --gpu-memory-utilization 0.9 --port "$2" --served-model-name m
+}
+# W1 lengths, 1,024 prompts at once (the 135M shape: issue 9's "HTTP, 135M shape" row).
+w1_135m() {  # label port dir -- server command
+  local L=$1 P=$2 D=$3; shift 4
+  local t0; t0=$(date +%s)
+  PYTHONPATH=$SP "$@" >"$D/serve_$L.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 600); do curl -fsS "localhost:$P/health" >/dev/null 2>&1 && break; kill -0 $pid 2>/dev/null || break; sleep 0.5; done
+  echo "$L: server healthy after $(( $(date +%s) - t0 )) s"
+  python3 -m vllm.entrypoints.cli.main bench serve --backend vllm --base-url "http://127.0.0.1:$P" --model m \
+    --tokenizer .peer/tok --dataset-name random --ignore-eos --save-result --result-dir "$D" \
+    --request-rate inf --random-input-len 512 --random-output-len 256 --num-prompts 1024 \
+    --result-filename "w1_$L.json" >"$D/w1_$L.log" 2>&1
+  grep -E "Failed|Output token throughput|Median TTFT|P99 TTFT|Median TPOT|Median ITL|P99 ITL" "$D/w1_$L.log" | sed "s/^/w1_$L /"
+  kill $pid; wait $pid 2>/dev/null
+}
+for step in "$@"; do
+  name=${step%%:*}; run=${step#*:}; D=$O/$run
+  echo "=== $step ($(date -u +%T))"
+  case $name in
+    check)
+      PYTHONPATH=$OURS_PP timeout 400 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_gpu_engine.py \
+        tests/engine/test_cascade_gpu_engine.py 2>&1 | tail -15 | tee "$O/check.txt" ;;
+    ours8b|vllm8b)
+      mkdir -p "$D"; ( . .peer/vllm-setup.sh >/dev/null
+        if [ "$name" = ours8b ]; then
+          OUT=$D SERVER_PYTHONPATH=$OURS_PP bash .peer/serve-bench.sh ours 8000 .peer/tok -- $(ours_cmd llama-3.1-8b 8000)
+        else
+          OUT=$D bash .peer/serve-bench.sh vllm 8001 .peer/tok -- $(vllm_cmd llama-3.1-8b 8001)
+        fi ) ;;
+    ours135m|vllm135m)
+      mkdir -p "$D"; ( SP=${PYTHONPATH:-}; . .peer/vllm-setup.sh >/dev/null
+        if [ "$name" = ours135m ]; then SP=$OURS_PP w1_135m ours 8000 "$D" -- $(ours_cmd smollm2-135m 8000)
+        else SP=$PYTHONPATH w1_135m vllm 8001 "$D" -- $(vllm_cmd smollm2-135m 8001); fi ) ;;
+    offline)
+      mkdir -p "$O/offline"; PYTHONPATH=$OURS_PP python3 -m appliance_bench.offline offline --no-hf \
+        --tokenizer .peer/tok --results-dir "$O/offline" 2>&1 | tail -25 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
