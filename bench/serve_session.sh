@@ -9,9 +9,11 @@
 #          vllm8b:RUN      vLLM, the same
 #          ours135m:RUN    our daemon, 135M shape, W1 lengths with 1,024 prompts at once, into $OUT/RUN
 #          vllm135m:RUN    vLLM, the same
+#          crosscheck      issue 14: `llm-appliance bench serve` against `vllm bench serve`, one daemon (8B)
 #          offline         bench/offline.py W1 + batch-1 for both shapes (ours only)
 # Needs, carried: .peer (minus the parts: p1..p3 copied to $HOME/vl by earlier calls), build/gpu-deps.
-# Set LLM_APPLIANCE_COMMIT to the short sha being measured.
+# GPU_DEPS: that folder under another name (default build/gpu-deps; the engine tests need only msgspec
+# and gguf, so a lighter one fits beside a 42 MiB part). Set LLM_APPLIANCE_COMMIT to the short sha.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -50,8 +52,7 @@ for step in "$@"; do
   echo "=== $step ($(date -u +%T))"
   case $name in
     check)
-      PYTHONPATH=$OURS_PP timeout 400 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_gpu_engine.py \
-        tests/engine/test_cascade_gpu_engine.py 2>&1 | tail -15 | tee "$O/check.txt" ;;
+      PYTHONPATH=$OURS_PP timeout 400 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_gpu_engine.py 2>&1 | tail -15 | tee "$O/check.txt" ;;
     ours8b|vllm8b)
       mkdir -p "$D"; ( . .peer/vllm-setup.sh >/dev/null
         if [ "$name" = ours8b ]; then
@@ -63,6 +64,10 @@ for step in "$@"; do
       mkdir -p "$D"; ( SP=${PYTHONPATH:-}; . .peer/vllm-setup.sh >/dev/null
         if [ "$name" = ours135m ]; then SP=$OURS_PP w1_135m ours 8000 "$D" -- $(ours_cmd smollm2-135m 8000)
         else SP=$PYTHONPATH w1_135m vllm 8001 "$D" -- $(vllm_cmd smollm2-135m 8001); fi ) ;;
+    crosscheck)  # issue 14: our client against vLLM's on one daemon (bench/crosscheck_bench_serve.sh)
+      mkdir -p "$O/crosscheck"; ( . .peer/vllm-setup.sh >/dev/null
+        OUT=$O/crosscheck SERVER_PYTHONPATH=$OURS_PP bash bench/crosscheck_bench_serve.sh h200 8000 .peer/tok -- \
+          $(ours_cmd llama-3.1-8b 8000) --set engine.enable_prefix_caching=false ) 2>&1 | tail -40 ;;
     offline)
       mkdir -p "$O/offline"; PYTHONPATH=$OURS_PP python3 -m appliance_bench.offline offline --no-hf \
         --tokenizer .peer/tok --results-dir "$O/offline" 2>&1 | tail -25 ;;
