@@ -16,6 +16,8 @@ Contract
   which the attention kernels never read. With prefix caching only hashed blocks are released and
   the newest hashed one stays (the next hash chains from it); a released hashed block goes to the
   cached-free LRU like any other, so a later prompt can still hit it.
+- Every change of a sequence's block_table bumps `seq.table_version` (the model runner rewrites
+  its row of the step's block tables only then).
 - The caller (Scheduler) is single-threaded; nothing here locks.
 """
 
@@ -244,6 +246,7 @@ class BlockManager:
                 self._decref(block_id)
             raise
         seq.block_table = table
+        seq.table_version += 1
         seq.num_hashed_blocks = len(hits)
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_computed_tokens = len(hits) * self.block_size
@@ -304,6 +307,8 @@ class BlockManager:
             table[i] = FREED_BLOCK
             released += 1
             i -= 1
+        if released:
+            seq.table_version += 1
         return released
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
@@ -320,6 +325,7 @@ class BlockManager:
             seq.block_table[idx] = dst
         while len(seq.block_table) < self.blocks_needed(num_tokens):
             seq.block_table.append(self._take_fresh())
+        seq.table_version += 1
 
     def commit(self, seq: Sequence, num_written_tokens: int | None = None) -> None:
         """Register the hashes of blocks that became full (when scheduled or after a step).
@@ -357,6 +363,7 @@ class BlockManager:
             if block_id != FREED_BLOCK:
                 self._incref(block_id)
         child.block_table = list(parent.block_table)
+        child.table_version += 1
         child.num_hashed_blocks = parent.num_hashed_blocks
 
     def free(self, seq: Sequence) -> None:
@@ -364,6 +371,7 @@ class BlockManager:
             if block_id != FREED_BLOCK:
                 self._decref(block_id)
         seq.block_table = []
+        seq.table_version += 1
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
 

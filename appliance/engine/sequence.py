@@ -162,6 +162,7 @@ class Sequence:
         self.sampling_params = sampling_params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.table_version = 0  # bumped by the block manager on every change of block_table
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by prefix-cache hits (last admission)
         self.num_hashed_blocks = 0  # leading blocks of block_table already hashed (block manager)
