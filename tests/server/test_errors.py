@@ -207,3 +207,29 @@ def test_500_engine_failure_mid_stream_and_after(serve_own, doomed, server_loop)
     assert info.value.status_code == 500 and _error(info.value)["type"] == "engine_error"
     assert http_request("GET", served.base_url + "/health").status_code == 503
     assert served.state.inflight_count == 0
+
+
+def test_long_bodies_parsed_on_the_parse_threads_answer_and_fail_as_inline_ones(serve):
+    """Bodies over 2 KB are parsed and tokenized on the app's parse threads: a valid one serves,
+    an invalid one is the same 400 naming its parameter, and a burst of them all answer."""
+    client = serve().client()
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 80  # ~3.6 KB
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2, temperature=-1)
+    assert _error(info.value)["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_prompt}],
+                                       max_tokens=MAX_MODEL_LEN + 1)
+    assert _error(info.value)["param"] == "max_tokens"
+    answers: list[int] = []
+
+    def ask(i: int) -> None:
+        out = client.completions.create(model=MODEL, prompt=f"{i} " + long_prompt, max_tokens=2)
+        answers.append(out.usage.prompt_tokens)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 6 and min(answers) > 700
