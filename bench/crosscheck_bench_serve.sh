@@ -59,7 +59,7 @@ WARM[c1]="--concurrency 1 --input-len 256 --output-len 128 --num-prompts $WARM_C
 # Ours without its warm-up request (vLLM 0.26 sends none by default) and without sampling /metrics
 # (the script reads it between runs instead, for both clients alike).
 OURS_COMMON=(--base-url "$URL" --model m --tokenizer "$TOK" --ignore-eos --extra-body '{"repetition_penalty": 1.0}'
-             --warmup 0 --no-server-metrics --no-plots --no-progress --percentiles 50,90,99)
+             --warmup 0 --no-server-metrics --no-plots --no-progress --percentiles 50,90,99 --save-itls)
 VLLM_COMMON=(--backend vllm --base-url "$URL" --model m --tokenizer "$TOK" --dataset-name random --ignore-eos
              --metric-percentiles 50,90,99 --percentile-metrics ttft,tpot,itl,e2el --save-result --save-detailed
              --disable-tqdm)

@@ -91,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--no-server-metrics", action="store_true", help="do not sample GET /metrics")
     out.add_argument("--metrics-interval", type=float, default=0.5, help="seconds between /metrics samples")
     out.add_argument("--no-request-details", action="store_true", help="leave per-request rows out of the JSON")
+    out.add_argument("--save-itls", action="store_true",
+                     help="also keep every gap between each request's chunks, in ms (as vLLM's --save-detailed)")
 
 
 def load_points(args: argparse.Namespace) -> list[LoadPoint]:
@@ -154,7 +156,7 @@ class Bench:
         self.options = RunOptions(percentiles=self.percentiles, goodput_limits_ms=self.goodput or None,
                                   slos=self.slos, sample_server_metrics=not args.no_server_metrics,
                                   metrics_interval_s=args.metrics_interval, progress=not args.no_progress,
-                                  keep_requests=not args.no_request_details)
+                                  keep_requests=not args.no_request_details, keep_itls=args.save_itls)
         self.config: ClientConfig | None = None
         self.ignore_eos_refused: str | None = None  # the server's message, when it refused the field
 

@@ -64,6 +64,7 @@ class RunOptions:
     metrics_interval_s: float = 0.5
     progress: bool = True
     keep_requests: bool = True  # per-request figures in the result
+    keep_itls: bool = False  # and every gap between each request's chunks (vLLM's --save-detailed `itls`)
 
 
 def new_session(limit: int | None = None) -> aiohttp.ClientSession:
@@ -121,6 +122,8 @@ async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], poin
                         "client_queue_ms", "finish_reason", "error_kind"],
             "rows": [_row(r) for r in records],
         }
+    if options.keep_itls:
+        result["itls_ms"] = [[round(gap * 1e3, 4) for gap in r.itls_s] for r in records]
     return result
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from appliance.benchserve import capacity
@@ -142,3 +143,19 @@ def test_the_client_honours_the_proxy_environment_as_vllms_does(sim: Any, tmp_pa
     assert main([*args, "--result-name", "direct"]) == 0
     run = json.loads((tmp_path / "direct.json").read_text())["runs"][0]
     assert (run["completed"], run["failed"]) == (4, 0)
+
+
+def test_save_itls_keeps_every_gap_of_every_request(sim: Any, tmp_path: Path) -> None:
+    """--save-itls (as vLLM's --save-detailed): each request's gaps between token chunks, in ms;
+    their pooled percentiles are the run's ITL figures."""
+    data = _conversations(tmp_path / "conv.jsonl", 6)
+    assert main(["bench", "serve", "--base-url", sim.url, "--model", "sim", "--endpoint", "chat", "--workload", "chat",
+                 "--dataset", str(data), "--num-prompts", "6", "--concurrency", "2", "--warmup", "0", "--no-plots",
+                 "--no-progress", "--no-server-metrics", "--save-itls", "--percentiles", "50,99",
+                 "--result-dir", str(tmp_path), "--result-name", "itls"]) == 0
+    run = json.loads((tmp_path / "itls.json").read_text())["runs"][0]
+    gaps = run["itls_ms"]
+    assert len(gaps) == 6 and all(len(g) == run["requests"]["rows"][i][1] - 1 for i, g in enumerate(gaps))
+    pooled = sorted(x for g in gaps for x in g)
+    assert run["latency_ms"]["itl"]["p50"] == pytest.approx(float(np.percentile(pooled, 50)), abs=1e-3)
+    assert all(max(g) == pytest.approx(row[5], abs=1e-3) for g, row in zip(gaps, run["requests"]["rows"], strict=True))
