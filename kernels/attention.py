@@ -32,6 +32,7 @@ captures them into CUDA graphs for decode. The grid depends only on tensor shape
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -43,7 +44,28 @@ from appliance_kernels.prefill_attention import launch_prefill, min_query_tokens
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Split-KV: never give a partition fewer keys than this, and never more partitions than this.
 _MIN_KEYS_PER_SPLIT = 128
-_MAX_SPLITS = 16
+ENV_MAX_SPLITS = "APPLIANCE_MAX_DECODE_SPLITS"
+
+
+def max_splits_from_env(default: int) -> int:
+    """$APPLIANCE_MAX_DECODE_SPLITS: the most partitions a split-KV decode row takes (a power of
+    two >= 1), `default` when unset. Measured on an H200 (bench/results/...-07eace5-longctx.json):
+    one 32k-token row reads 1.97 TB/s with 16 partitions and 3.42 with 64 (131k: 2.15 -> 4.10).
+    But decode graphs are captured at max_model_len, so the cap also applies to short rows on a
+    long-configured server: the variable is there to measure both before the default moves."""
+    text = os.environ.get(ENV_MAX_SPLITS, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"${ENV_MAX_SPLITS}={text!r}: expected a power of two >= 1")
+    return value
+
+
+_MAX_SPLITS = max_splits_from_env(default=16)
 # Decode tile shapes (keys per iteration, warps, pipeline stages), by cache dtype, from a sweep on
 # an H100 (bench/results/...-decode-tile-sweep.json): bf16 at B=512 ctx=640 reads 2.97 TB/s with
 # 64/4/2 (no shape is faster); fp8 tiles convert before the dots, and 128 keys per iteration take

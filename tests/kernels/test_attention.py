@@ -388,3 +388,25 @@ def test_sliding_window_decode_replays_in_a_cuda_graph() -> None:
     shorter = PagedBatch(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, seq_lens,
                          batch.query_start_loc, 1, 700)
     assert relative_error(out, reference_attention(shorter, 0.1, sliding_window=256)) <= 1e-2
+
+
+@pytest.mark.parametrize(("text", "want"), [("", 16), (" ", 16), ("1", 1), ("64", 64)])
+def test_max_decode_splits_from_env(monkeypatch: pytest.MonkeyPatch, text: str, want: int) -> None:
+    monkeypatch.setenv(attention.ENV_MAX_SPLITS, text)
+    assert attention.max_splits_from_env(default=16) == want
+
+
+@pytest.mark.parametrize("text", ["0", "48", "-4", "many"])
+def test_max_decode_splits_from_env_refuses_nonsense(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv(attention.ENV_MAX_SPLITS, text)
+    with pytest.raises(ValueError, match="APPLIANCE_MAX_DECODE_SPLITS='.*': expected a power of two"):
+        attention.max_splits_from_env(default=16)
+
+
+def test_the_split_cap_bounds_a_long_lone_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One 32k-token row of 8 KV heads wants 33 partitions (two waves of 132 SMs): the cap decides.
+    assert attention.choose_num_splits(1, 8, 32768, DEVICE) == 16
+    monkeypatch.setattr(attention, "_MAX_SPLITS", 64)
+    assert attention.choose_num_splits(1, 8, 32768, DEVICE) == 64
+    assert attention.choose_num_splits(1, 8, 4096, DEVICE) == 32  # 4,096 keys: 32 partitions of 128
+    assert attention.choose_num_splits(8, 8, 32768, DEVICE) == 8  # 64 programs: a few splits fill the GPU
