@@ -10,7 +10,7 @@
 #          ours135m:RUN    our daemon, 135M shape, W1 lengths with 1,024 prompts at once, into $OUT/RUN
 #          vllm135m:RUN    vLLM, the same
 #          crosscheck      issue 14: `llm-appliance bench serve` against `vllm bench serve`, one daemon (8B)
-#          offline         bench/offline.py W1 + batch-1 for both shapes (ours only)
+#          offline         bench/offline.py W1 + batch-1 for both shapes (ours only); offline135m, offline8b: one
 # Needs, carried: .peer (minus the parts: p1..p3 copied to $HOME/vl by earlier calls), build/gpu-deps.
 # GPU_DEPS: that folder under another name (default build/gpu-deps; the engine tests need only msgspec
 # and gguf, so a lighter one fits beside a 42 MiB part). Set LLM_APPLIANCE_COMMIT to the short sha.
@@ -68,9 +68,11 @@ for step in "$@"; do
       mkdir -p "$O/crosscheck"; ( . .peer/vllm-setup.sh >/dev/null
         OUT=$O/crosscheck SERVER_PYTHONPATH=$OURS_PP bash bench/crosscheck_bench_serve.sh h200 8000 .peer/tok -- \
           $(ours_cmd llama-3.1-8b 8000) --set engine.enable_prefix_caching=false ) 2>&1 | tail -40 ;;
-    offline)
+    offline|offline135m|offline8b)
+      models=smollm2-135m,llama-3.1-8b; [ "$name" = offline135m ] && models=smollm2-135m
+      [ "$name" = offline8b ] && models=llama-3.1-8b
       mkdir -p "$O/offline"; PYTHONPATH=$OURS_PP python3 -m appliance_bench.offline offline --no-hf \
-        --tokenizer .peer/tok --results-dir "$O/offline" 2>&1 | tail -25 ;;
+        --models "$models" --tokenizer .peer/tok --results-dir "$O/offline" 2>&1 | tail -25 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
