@@ -27,6 +27,19 @@ class SimServer:
         return 1000.0 / self.service_ms
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _loopback_is_never_proxied() -> Iterator[None]:
+    """The client honours proxy variables (as vLLM's does), and so do the fixtures' urllib probes;
+    every server here is on loopback, so a machine with HTTP_PROXY set must not route the tests
+    through it."""
+    import os
+
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("NO_PROXY", "no_proxy"):
+            mp.setenv(var, ",".join(filter(None, [os.environ.get(var, ""), "127.0.0.1", "localhost"])))
+        yield
+
+
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimServer]:
     proc = subprocess.Popen([sys.executable, str(HERE / "sim_server.py"), "--service-ms", str(SERVICE_MS),
