@@ -114,13 +114,21 @@ class _TableRows:
         self.versions = [-1] * rows
         self.lengths = [0] * rows
 
+    def reserve(self, rows: int) -> None:
+        """Room for `rows` rows (once per step; grows only past the batch's high mark)."""
+        have = len(self.seq_ids)
+        if rows <= have:
+            return
+        grown = np.zeros((max(2 * have, rows), self.matrix.shape[1]), dtype=np.int32)
+        grown[:have] = self.matrix
+        extra = grown.shape[0] - have
+        self.matrix = grown
+        self.seq_ids += [-1] * extra
+        self.versions += [-1] * extra
+        self.lengths += [0] * extra
+
     def set(self, row: int, seq: Sequence) -> None:
-        if row >= len(self.seq_ids):  # more rows than ever before: grow (rare: the batch's high mark)
-            grown = np.zeros((max(2 * len(self.seq_ids), row + 1), self.matrix.shape[1]), dtype=np.int32)
-            grown[: len(self.seq_ids)] = self.matrix
-            extra = grown.shape[0] - len(self.seq_ids)
-            self.matrix, self.seq_ids, self.versions, self.lengths = (
-                grown, self.seq_ids + [-1] * extra, self.versions + [-1] * extra, self.lengths + [0] * extra)
+        """Row `row` holds seq's table (after `reserve`)."""
         if self.seq_ids[row] == seq.seq_id and self.versions[row] == seq.table_version:
             return
         table = seq.block_table
@@ -434,6 +442,7 @@ class ModelRunner:
         if hb.num_decodes < len(out.scheduled):
             scheduled += [item for item in out.scheduled if item.num_new_tokens != 1]
         hb.width = max(len(item.seq.block_table) for item in scheduled)
+        self._table_rows.reserve(len(scheduled))
         for row, item in enumerate(scheduled):
             seq, n = item.seq, item.num_new_tokens
             start = item.start  # NOTE: the scheduler has already counted this step as computed

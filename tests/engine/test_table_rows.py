@@ -65,6 +65,7 @@ def test_rows_match_a_fresh_flattening_under_random_traffic(seed: int, window: i
         if rng.random() < 0.3:
             rng.shuffle(live)  # rows change hands (admissions and finishes reorder a batch)
         order = rng.sample(live, rng.randrange(1, len(live) + 1))  # a step need not hold them all
+        rows.reserve(len(order))
         for row, seq in enumerate(order):
             rows.set(row, seq)
         width = max(len(s.block_table) for s in order)
