@@ -11,6 +11,7 @@
 #          vllm135m:RUN    vLLM, the same
 #          crosscheck      issue 14: `llm-appliance bench serve` against `vllm bench serve`, one daemon (8B)
 #          offline         bench/offline.py W1 + batch-1 for both shapes (ours only); offline135m, offline8b: one
+#          sse             bench/sse_capacity.py: the HTTP side alone on this host's CPU (no GPU), 3 loads
 # Needs, carried: .peer (minus the parts: p1..p3 copied to $HOME/vl by earlier calls), build/gpu-deps.
 # GPU_DEPS: that folder under another name (default build/gpu-deps; the engine tests need only msgspec
 # and gguf, so a lighter one fits beside a 42 MiB part). Set LLM_APPLIANCE_COMMIT to the short sha.
@@ -73,6 +74,11 @@ for step in "$@"; do
       [ "$name" = offline8b ] && models=llama-3.1-8b
       mkdir -p "$O/offline"; PYTHONPATH=$OURS_PP python3 -m appliance_bench.offline offline --no-hf \
         --models "$models" --tokenizer .peer/tok --results-dir "$O/offline" 2>&1 | tail -25 ;;
+    sse)
+      mkdir -p "$O/sse"; for load in 256:8 512:6 512:4; do
+        PYTHONPATH=$OURS_PP python3 -m appliance_bench.sse_capacity --streams "${load%%:*}" --step-ms "${load#*:}" \
+          --tokens 256 --tokenizer .peer/tok --out "$O/sse/sse_${load%%:*}_${load#*:}.json" 2>&1 | tail -13
+      done ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

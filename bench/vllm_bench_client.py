@@ -12,10 +12,44 @@ lines on its stdout; anything else it would print goes to stderr. Used by crossc
 
 from __future__ import annotations
 
+import gc
 import os
 import shlex
 import sys
+import time
 import traceback
+
+
+class GcPauses:
+    """The garbage collector's pauses in this process while a run goes (`gc.callbacks`): a pause
+    stalls the loop that timestamps the chunks, so every stream reads one longer gap. Printed
+    at the end of the run's log as one line `gc pauses: ...` (issue 14's ITL p99 question)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.append((info.get("generation", -1), time.perf_counter() - self._start))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> str:
+        parts = []
+        for gen in (0, 1, 2):
+            times = [t for g, t in self.pauses if g == gen]
+            if times:
+                parts.append(f"gen{gen} {len(times)} x, {sum(times) * 1e3:.1f} ms total, max {max(times) * 1e3:.2f} ms")
+        over = sum(1 for _, t in self.pauses if t > 0.005)
+        return "gc pauses: " + ("; ".join(parts) or "none") + f"; over 5 ms: {over}"
 
 
 def run_one(cli_main, log_path: str, argv: list[str]) -> int:  # noqa: ANN001 - vLLM's function
@@ -23,7 +57,7 @@ def run_one(cli_main, log_path: str, argv: list[str]) -> int:  # noqa: ANN001 - 
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab") as log, GcPauses() as pauses:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.argv = ["vllm", "bench", "serve", *argv]
@@ -36,6 +70,7 @@ def run_one(cli_main, log_path: str, argv: list[str]) -> int:  # noqa: ANN001 - 
             traceback.print_exc()
             status = 1
         finally:
+            print(pauses.summary(), flush=True)
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(saved[0], 1)

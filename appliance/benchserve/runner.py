@@ -85,7 +85,8 @@ async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], poin
     offsets = arrivals.schedule_s(len(requests), point.rate, point.burstiness, seed)
     slots = asyncio.Semaphore(point.concurrency) if point.concurrency else None
     bar = ProgressBar(len(requests), point.describe(), enabled=options.progress)
-    async with new_session(point.concurrency) as session, _frozen_heap():
+    pauses = _GcPauses()
+    async with new_session(point.concurrency) as session, _frozen_heap(), pauses:
         sampler = None
         if options.sample_server_metrics:
             sampler = MetricsSampler(session, config.base_url, options.metrics_interval_s, config.headers())
@@ -115,7 +116,7 @@ async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], poin
                                 goodput_limits_ms=options.goodput_limits_ms, slos=options.slos)
     result: dict[str, Any] = {"load": point.to_json(), "seed": seed, **summary,
                               "offered_rate": None if math.isinf(point.rate) else len(requests) / offsets[-1],
-                              "server_metrics": server}
+                              "server_metrics": server, "client_gc": pauses.summary()}
     if options.keep_requests:
         result["requests"] = {
             "columns": ["prompt_tokens", "output_tokens", "ttft_ms", "tpot_ms", "e2e_ms", "max_itl_ms",
@@ -137,6 +138,34 @@ async def _frozen_heap() -> AsyncIterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+class _GcPauses:
+    """The collector's pauses in this process during a point (`gc.callbacks`): each one stalls the
+    loop that timestamps the chunks, so every open stream reads one longer gap; reported so that
+    a client-side tail can be told from the server's (docs/bench-serve.md)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.append(time.perf_counter() - self._start)
+
+    async def __aenter__(self) -> _GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> dict[str, Any]:
+        return {"collections": len(self.pauses), "total_ms": round(sum(self.pauses) * 1e3, 3),
+                "max_ms": round(max(self.pauses, default=0.0) * 1e3, 3),
+                "over_5ms": sum(1 for p in self.pauses if p > 0.005)}
 
 
 def _ms(value: float | None) -> float | None:

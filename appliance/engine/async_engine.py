@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from appliance.engine.core_client import EngineCoreClient
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 class _Stream:
     """The loop-side end of one request."""
 
-    __slots__ = ("acc", "n", "final_only", "woken", "wakeup", "error", "finished", "aborted")
+    __slots__ = ("acc", "n", "final_only", "woken", "wakeup", "error", "finished", "aborted", "push")
 
     def __init__(self, request_id: str, n: int, final_only: bool) -> None:
         self.acc = OutputAccumulator(request_id)
@@ -45,6 +45,7 @@ class _Stream:
         self.error: BaseException | None = None
         self.finished = False  # the consumer has had the last delta
         self.aborted = False  # aborted from outside (operator cancel, shutdown)
+        self.push: Callable[[RequestDelta], bool] | None = None  # see AsyncEngine.set_push
 
 
 class AsyncEngine:
@@ -169,6 +170,20 @@ class AsyncEngine:
                 # The consumer went away (client disconnect, cancel): free the core's blocks.
                 self._client.abort([request_id])
 
+    def set_push(self, request_id: str, push: Callable[[RequestDelta], bool] | None) -> None:
+        """Let the consumer of `request_id` take its deltas synchronously, inside the step's
+        delivery, instead of being woken for each (the SSE route writes them to the socket from
+        there: one engine step, one event, no task switch per request).
+
+        `push(delta)` is called with a delta only when nothing older is waiting for the consumer;
+        it returns False to decline (it is busy, or its client reads slowly), and the delta then
+        takes the normal path: merged in the accumulator, the consumer woken. The last delta
+        (finished) always takes the normal path. An exception from `push` fails the request.
+        """
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.push = push
+
     async def abort(self, request_id: str) -> None:
         """Abort from outside the consumer (operator cancel): the stream ends as 'abort'."""
         stream = self._streams.get(request_id)
@@ -194,6 +209,17 @@ class AsyncEngine:
             stream = streams.get(delta.request_id)
             if stream is None or stream.aborted:
                 continue  # its consumer is gone
+            push = stream.push
+            if push is not None and not delta.finished and stream.error is None and not stream.acc.has_news:
+                try:
+                    if push(delta):
+                        continue
+                except Exception as exc:  # noqa: BLE001 - one request's failure, not the loop's
+                    logger.exception("streaming %s failed", delta.request_id)
+                    stream.push = None
+                    stream.error = exc
+                    stream.wakeup.set()
+                    continue
             stream.acc.add(delta)
             if not stream.final_only or delta.finished or not stream.woken:
                 stream.woken = True

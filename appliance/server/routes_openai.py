@@ -203,7 +203,7 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
             async with aclosing(_merged(engine, engine_ids, parsed.prompts, parsed.params, parsed.stream)) as outputs:
                 if parsed.stream:
-                    return await _stream(request, run, outputs, completion_id, chat)
+                    return await _stream(request, run, outputs, completion_id, chat, engine_ids)
                 async for prompt_index, output in outputs:
                     run.update(prompt_index, output)
         finally:
@@ -214,7 +214,7 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
 
 async def _stream(
     request: web.Request, run: _Run, outputs: AsyncIterator[tuple[int, RequestDelta]], completion_id: str,
-    chat: bool,
+    chat: bool, engine_ids: list[str],
 ) -> web.StreamResponse:
     parsed = run.parsed
     texts = request.app[TOKEN_TEXTS_KEY]
@@ -233,9 +233,22 @@ async def _stream(
     item = await anext(outputs, None)
     writer = SSEWriter(request)
     await writer.open()
+    busy = True  # this task holds an item: the engine's callback must not write past it
+
+    def push(delta: RequestDelta) -> bool:
+        # Called inside the step's delivery (AsyncEngine.set_push): one event, no task switch.
+        if busy or not writer.writable():
+            return False
+        writer.write_nowait(builder.chunks(run.update(0, delta)))
+        return True
+
+    if len(engine_ids) == 1:  # one prompt: its deltas can be pushed (several: the merge's tasks)
+        request.app[ENGINE_KEY].set_push(engine_ids[0], push)
     try:
         while item is not None:
+            busy = True
             await writer.send(builder.chunks(run.update(*item)))
+            busy = False
             item = await anext(outputs, None)
         if parsed.include_usage:
             await writer.send([builder.usage_chunk(run.tracker.usage())])

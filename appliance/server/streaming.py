@@ -6,7 +6,8 @@ role in each choice's first delta and `finish_reason` in its last; with
 carries the usage. An error after the 200 is sent as `data: {"error": {...}}`, which the SDK
 raises as `openai.APIError`.
 
-NOTE: all the chunks produced by one engine step go out in one write, and every engine step
+NOTE: all the chunks produced by one engine step go out in one write (from the engine's per-step
+callback while the client keeps up: `SSEWriter.write_nowait`), and every engine step
 that gave a choice new tokens makes an event, text or not (a partial character, a held-back stop
 prefix): clients time tokens by events, as with vLLM. JSON is encoded by msgspec.
 """
@@ -31,7 +32,19 @@ def _event(payload: dict[str, Any]) -> bytes:
     return b"data: " + _encode(payload) + b"\n\n"
 
 
+# Past this many bytes waiting in the socket's send buffer, a client is reading slower than
+# tokens arrive: events stop being written from the engine's callback (`write_nowait`), the
+# route's task takes over and waits for the buffer to drain, and the steps meanwhile merge.
+_HIGH_WATER_BYTES = 64 * 1024
+
+
 class SSEWriter:
+    """One SSE response. `send` (awaited) goes through aiohttp and waits for a slow client;
+    `write_nowait` (from the engine's per-step callback) writes one HTTP/1.1 chunk straight to the
+    transport, which is what lets a step's events go out without waking each request's task.
+    NOTE: the direct path starts once aiohttp has sent the headers (with the first event) and only
+    on a chunked response (HTTP/1.1; HTTP/1.0 clients always take the awaited path)."""
+
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self.response = web.StreamResponse(
@@ -40,14 +53,41 @@ class SSEWriter:
                      "X-Accel-Buffering": "no"},
         )
         self.prepared = False
+        self._direct = False  # headers out, chunked: events may be written to the transport
 
     async def open(self) -> None:
         await self.response.prepare(self._request)
         self.prepared = True
 
     async def send(self, payloads: list[dict[str, Any]]) -> None:
+        if not payloads:
+            return
+        data = b"".join(_event(p) for p in payloads)
+        if self._direct:
+            self._write_chunk(data)
+            await self._request.writer.drain()  # returns at once unless the client is behind
+            return
+        await self.response.write(data)
+        self._direct = bool(getattr(self._request.writer, "chunked", False))
+
+    def writable(self) -> bool:
+        """True when `write_nowait` may write now: headers out, socket open, client keeping up."""
+        if not self._direct:
+            return False
+        transport = self._request.transport
+        return (transport is not None and not transport.is_closing()
+                and transport.get_write_buffer_size() <= _HIGH_WATER_BYTES)
+
+    def write_nowait(self, payloads: list[dict[str, Any]]) -> None:
+        """Write now (call only when `writable()`); the events of one call go in one chunk."""
         if payloads:
-            await self.response.write(b"".join(_event(p) for p in payloads))
+            self._write_chunk(b"".join(_event(p) for p in payloads))
+
+    def _write_chunk(self, data: bytes) -> None:
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     async def send_error(self, error: dict[str, Any]) -> None:
         await self.response.write(_event({"error": error}) + _DONE)

@@ -100,6 +100,8 @@ def test_random_sweep_against_the_daemon(daemon_url: str, tmp_path: Path,
         assert server["exposed_as"]["kv_cache_usage"] == "vllm:kv_cache_usage_perc"
         assert 0 < server["kv_cache_usage"]["max"] <= 1 and server["requests_running"]["max"] >= 1
         assert server["preemptions"] == 0 and server["rejections"] == 0
+        gc_pauses = run["client_gc"]  # the client's own collector pauses during the run
+        assert gc_pauses["collections"] >= 0 and gc_pauses["max_ms"] <= gc_pauses["total_ms"] + 1e-9
     paced = doc["runs"][0]
     # 4 arrivals at 4 req/s: the last is released at 1 s, so no more than 4 req/s complete.
     assert paced["offered_rate"] == pytest.approx(4.0) and paced["request_throughput"] <= 4.0

@@ -94,3 +94,74 @@ def test_operator_cancel_ends_the_stream_with_abort(serve, server_loop):
     assert finish == "abort"
     wait_until(lambda: _kv_idle(served.engine), what="the cancelled request's blocks")
     assert server_loop.call(served.state.wait_idle(5.0))
+
+
+def _completion_stream(client, **kwargs) -> tuple[str, list[str], int, str | None]:
+    """(text, the logprobs' tokens in order, events with a choice, finish reason) of one stream."""
+    text, tokens, events, finish = "", [], 0, None
+    for chunk in client.completions.create(model=MODEL, stream=True, **kwargs):
+        if not chunk.choices:
+            continue
+        events += 1
+        choice = chunk.choices[0]
+        text += choice.text
+        if choice.logprobs is not None:
+            tokens += choice.logprobs.tokens
+        finish = choice.finish_reason or finish
+    return text, tokens, events, finish
+
+
+def test_a_stream_that_keeps_up_gets_one_event_per_step_written_from_the_step_callback(serve, monkeypatch):
+    """While the client reads, each engine step's event is written inside the step's delivery
+    (SSEWriter.write_nowait through AsyncEngine.set_push), with no task switch per request."""
+    from appliance.server import streaming
+
+    direct = []
+    write_nowait = streaming.SSEWriter.write_nowait
+
+    def counting(self, payloads):
+        direct.append(len(payloads))
+        return write_nowait(self, payloads)
+
+    monkeypatch.setattr(streaming.SSEWriter, "write_nowait", counting)
+    client = serve().client()
+    kwargs = dict(prompt="The capital of France is", max_tokens=12, temperature=0.0, logprobs=1,
+                  extra_body={"ignore_eos": True})
+    text, tokens, events, finish = _completion_stream(client, **kwargs)
+    whole = client.completions.create(model=MODEL, **kwargs).choices[0]
+    assert finish == "length" and text == whole.text and tokens == whole.logprobs.tokens
+    assert len(tokens) == 12
+    # The first event goes out with the headers and the last one ends the stream (the route's
+    # task); the steps in between are pushed, one event each, unless a step came while the
+    # task was still busy with the first (then two merge).
+    assert events >= 11 and len(direct) >= 9 and set(direct) == {1}
+
+
+@pytest.mark.parametrize("declined_every", [2, 3])
+def test_a_client_that_falls_behind_gets_the_missed_steps_merged_in_order(serve, monkeypatch, declined_every):
+    """When the socket is backed up (here: `writable()` says so on every k-th step), the step's
+    delta waits in the accumulator, the route's task writes it after the drain, and the push path
+    resumes after: nothing lost, nothing out of order, the same text as without streaming."""
+    from appliance.server import streaming
+
+    calls = []
+    writable = streaming.SSEWriter.writable
+
+    def backed_up_now_and_then(self):
+        calls.append(None)
+        return writable(self) and len(calls) % declined_every != 0
+
+    monkeypatch.setattr(streaming.SSEWriter, "writable", backed_up_now_and_then)
+    client = serve().client()
+    kwargs = dict(prompt="Once upon a time", max_tokens=16, temperature=0.0, logprobs=2, n=2,
+                  extra_body={"ignore_eos": True})
+    streamed: dict[int, list] = {0: ["", []], 1: ["", []]}
+    for chunk in client.completions.create(model=MODEL, stream=True, **kwargs):
+        for choice in chunk.choices:
+            streamed[choice.index][0] += choice.text
+            streamed[choice.index][1] += choice.logprobs.tokens
+    whole = client.completions.create(model=MODEL, **kwargs)
+    assert len(calls) >= 8  # the push path was asked at (nearly) every step
+    for choice in whole.choices:
+        assert streamed[choice.index][0] == choice.text
+        assert streamed[choice.index][1] == choice.logprobs.tokens and len(choice.logprobs.tokens) == 16
