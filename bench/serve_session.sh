@@ -72,8 +72,9 @@ for step in "$@"; do
     offline|offline135m|offline8b)
       models=smollm2-135m,llama-3.1-8b; [ "$name" = offline135m ] && models=smollm2-135m
       [ "$name" = offline8b ] && models=llama-3.1-8b
-      mkdir -p "$O/offline"; PYTHONPATH=$OURS_PP python3 -m appliance_bench.offline offline --no-hf \
-        --models "$models" --tokenizer .peer/tok --results-dir "$O/offline" 2>&1 | tail -25 ;;
+      # a folder per step: the result file is named by date, device and commit only
+      mkdir -p "$O/$name"; PYTHONPATH=$OURS_PP python3 -m appliance_bench.offline offline --no-hf \
+        --models "$models" --tokenizer .peer/tok --results-dir "$O/$name" 2>&1 | tail -25 ;;
     sse)
       mkdir -p "$O/sse"; for load in 256:8 512:6 512:4; do
         PYTHONPATH=$OURS_PP python3 -m appliance_bench.sse_capacity --streams "${load%%:*}" --step-ms "${load#*:}" \

@@ -429,3 +429,7 @@ class EngineCore:
                          SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         while "__warmup__" in self.requests:
             self.step()
+        if self.device.type == "cuda":  # from now on a Triton compile is a step that waits: logged
+            from appliance.engine.compile_watch import watch_compiles
+
+            watch_compiles()
