@@ -295,6 +295,7 @@ class Daemon:
         """Load, warm up, serve. Returns the HTTP runner, or None when the stop came first."""
         from appliance.engine.async_engine import AsyncEngine
         from appliance.engine.core_client import make_client, resolve_process_mode
+        from appliance.engine.gc_watch import watch_gc_pauses
         from appliance.server.app import make_app, start_site
 
         server = self.config.server
@@ -330,6 +331,7 @@ class Daemon:
         # does the same in the engine's process).
         gc.collect()
         gc.freeze()
+        watch_gc_pauses("daemon")  # a long collection stalls every stream: logged
         self.http_address = f"{server.host}:{port}"
         self.state.set_phase("ready")
         log.info("serving %s on http://%s (loaded and warmed up in %.1f s)",

@@ -70,6 +70,7 @@ def _child_main(config: EngineConfig, conn: Any, log_level: str) -> None:
     # this process took the cores the daemon's event loop needed between steps (2 CPU cores: a
     # lone request's steps 3 ms inline, 83 ms with an engine process; 3 ms with PASSIVE).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from appliance.engine.gc_watch import watch_gc_pauses
     from appliance.engine.llm_engine import EngineCore
     from appliance.logs import setup_logging
 
@@ -87,6 +88,7 @@ def _child_main(config: EngineConfig, conn: Any, log_level: str) -> None:
         send(Progress(f"warming up {core.model_name}"))
         core.warmup()
         install_test_hooks(core)
+        watch_gc_pauses("engine")  # a long collection here is a step that waits: logged
     except BaseException as exc:  # noqa: BLE001 - the parent re-raises it with this text
         send(Failure(WireError.of(exc)))
         raise SystemExit(1) from exc
