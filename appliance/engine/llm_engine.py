@@ -269,6 +269,32 @@ class EngineCore:
         self._last_step_time = time.monotonic()
         return failed + deltas if failed else deltas
 
+    def _warmup_eager_steps(self, token: int) -> None:
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        long_len = self.config.cuda_graph_prefill_max_tokens + self.config.cache.block_size + 1
+        budget = self.config.scheduler.max_num_batched_tokens
+        if long_len + params.max_tokens <= self.max_model_len and long_len <= budget:
+            self.add_request("__warmup_long__", [token] * long_len, params)  # a lone eager prefill
+            while "__warmup_long__" in self.requests:
+                self.step()
+        # Two prompts at once (a multi-sequence prefill), then a third one while they decode (a
+        # mixed step: decode rows and a prefill). Odd lengths (no multiple of the block size), and
+        # prompts that share no block with each other or the ones above (prefix-cache hits
+        # would shrink their prefills to one token).
+        vocab = self.vocab_size
+        if self.max_model_len < 33 + params.max_tokens:
+            return
+
+        def prompt(first: int, length: int) -> list[int]:
+            return [(first + 7 * i) % vocab for i in range(length)]
+
+        self.add_request("__warmup_a__", prompt(1, 33), params)
+        self.add_request("__warmup_b__", prompt(2, 17), params)
+        self.step()
+        self.add_request("__warmup_c__", prompt(3, 9), params)
+        while any(rid in self.requests for rid in ("__warmup_a__", "__warmup_b__", "__warmup_c__")):
+            self.step()
+
     def _admit_compiled(self) -> list[RequestDelta]:
         """[apps] Constrained sequences whose grammar compiled go to the scheduler; a failed compile
         (the front end checks grammars, so an internal error) ends its request as 'abort'."""
@@ -424,11 +450,19 @@ class EngineCore:
         )
 
     def warmup(self) -> None:
-        """One short request end to end (the daemon says READY only after this)."""
-        self.add_request("__warmup__", [self.eos_token_ids[0] if self.eos_token_ids else 0] * 4,
-                         SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        """One short request end to end (the daemon says READY only after this).
+
+        On CUDA also the steps no CUDA graph serves, so that their Triton kernels compile here and
+        not in a user's request (a compile is 0.2-2 s of a step, and every request in it waits):
+        a lone prompt longer than the largest prefill graph (eager), a step that prefills several
+        prompts, and a step that mixes decodes with a prefill.
+        """
+        token = self.eos_token_ids[0] if self.eos_token_ids else 0
+        self.add_request("__warmup__", [token] * 4, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         while "__warmup__" in self.requests:
             self.step()
+        if self.device.type == "cuda":
+            self._warmup_eager_steps(token)
         if self.device.type == "cuda":  # from now on a Triton compile is a step that waits: logged
             from appliance.engine.compile_watch import watch_compiles
 

@@ -170,3 +170,31 @@ def test_stop_token_id_ends_the_output_and_its_text_is_left_out(engine):
     assert choice.token_ids == tokens[: stop_at + 1]
     assert choice.finish_reason == "stop" and choice.stop_reason == stop_id
     assert choice.text == engine.tokenizer.decode(tokens[:stop_at], skip_special_tokens=True)
+
+
+def test_the_cuda_warmup_runs_the_steps_no_graph_serves_and_leaves_the_engine_idle(default_model_dir):
+    """EngineCore.warmup on CUDA also runs, through the normal path, a lone prompt longer than the
+    largest prefill graph, a multi-prompt prefill and a mixed decode+prefill step (their Triton
+    kernels compile at start-up, not in a user's request). The same sequence on the CPU core: the
+    steps it makes are those, and it leaves nothing behind."""
+    import dataclasses
+
+    from appliance.engine.llm_engine import EngineCore
+
+    config = dataclasses.replace(engine_config(default_model_dir, max_num_batched_tokens=256),
+                                 cuda_graph_prefill_max_tokens=32)
+    core = EngineCore(config)
+    steps = []
+    launch = core.runner.launch
+
+    def recording(out, *args, **kwargs):
+        steps.append([item.num_new_tokens for item in out.scheduled])
+        return launch(out, *args, **kwargs)
+
+    core.runner.launch = recording
+    core._warmup_eager_steps(core.eos_token_ids[0])
+    assert [32 + config.cache.block_size + 1] in steps  # the lone prompt past the largest graph, in one step
+    assert any(sum(1 for n in step if n > 1) >= 2 for step in steps)  # two prefills in one step
+    assert any(1 in step and any(n > 1 for n in step) for step in steps)  # decodes and a prefill
+    assert not core.requests and not core.has_unfinished_requests()
+    assert_idle(core)
