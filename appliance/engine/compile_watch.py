@@ -88,3 +88,8 @@ def watch_compiles() -> CompileWatch | None:
             return None
         _WATCH = watch
     return _WATCH
+
+
+def compiles_so_far() -> int:
+    """Compiles seen by this process's watch since it was installed (0 without one)."""
+    return _WATCH.count if _WATCH is not None else 0

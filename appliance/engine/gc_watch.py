@@ -64,3 +64,8 @@ def watch_gc_pauses(where: str) -> GcPauseWatch:
     elif where not in _WATCH.where.split("+"):
         _WATCH.where += "+" + where
     return _WATCH
+
+
+def long_pauses_so_far() -> int:
+    """Long pauses seen by this process's watch since it was installed (0 without one)."""
+    return _WATCH.long_pauses if _WATCH is not None else 0

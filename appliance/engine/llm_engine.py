@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from appliance.config import EngineConfig
+from appliance.engine import compile_watch, gc_watch
 from appliance.engine.block_manager import BlockManager, kv_free_window
 from appliance.engine.detokenizer import IncrementalDetokenizer
 from appliance.engine.model_runner import ModelRunner, StepHandle, resolve_device_dtype
@@ -447,6 +448,8 @@ class EngineCore:
             num_steps=self._num_steps,
             last_step_time=self._last_step_time,
             requests=snapshots,
+            kernel_compiles=compile_watch.compiles_so_far(),
+            gc_long_pauses=gc_watch.long_pauses_so_far(),
         )
 
     def warmup(self) -> None:

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from appliance.engine import gc_watch
+
 if TYPE_CHECKING:
     from appliance.engine.async_engine import AsyncEngine
 
@@ -83,6 +85,15 @@ class _EngineCollector(Collector):
                       stats.num_preemptions)
         yield gauge("llm_appliance_engine_alive", "1 while the engine loop is alive.",
                     0.0 if self._engine.dead else 1.0)
+        yield counter("llm_appliance_kernel_compiles",
+                      "Triton kernels compiled after the warm-up: each one held a step (and its requests) "
+                      "for the compile.", stats.kernel_compiles)
+        yield counter("llm_appliance_engine_gc_long_pauses",
+                      "Garbage-collector pauses of 50 ms or more in the engine's process (inline: the daemon's).",
+                      stats.gc_long_pauses)
+        yield counter("llm_appliance_daemon_gc_long_pauses",
+                      "Garbage-collector pauses of 50 ms or more in the daemon's process (every stream waits).",
+                      gc_watch.long_pauses_so_far())
 
     def _iterations(self, num_steps: int, num_tokens: int) -> HistogramMetricFamily:
         steps, tokens = num_steps - self._last_steps, num_tokens - self._last_tokens
