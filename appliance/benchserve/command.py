@@ -321,6 +321,9 @@ def run(args: argparse.Namespace) -> int:
     errors = report.errors_text(runs)
     if errors:
         print(errors)
+    warnings = report.warnings_text(runs)
+    if warnings:
+        print(warnings)
     print(f"wrote {path}" + "".join(f"\nwrote {path.parent / p}" for p in payload.get("plots", [])))
     if "capacity" in payload:
         print(payload["capacity"]["answer"])

@@ -107,6 +107,27 @@ def _counter(run: dict[str, Any], field: str) -> str:
     return "n/a" if value is None else _fmt(value, 0)
 
 
+# A client whose event loop runs this late at p99 stamps its chunks late by as much.
+LOOP_LAG_WARN_MS = 5.0
+
+
+def warnings_text(runs: list[dict[str, Any]]) -> str:
+    """One line per run in which the client itself was too busy for its figures to be the server's."""
+    lines = []
+    for run in runs:
+        lag = run.get("client_loop_lag_ms") or {}
+        p99 = lag.get("p99")
+        if p99 is None or p99 < LOOP_LAG_WARN_MS:
+            continue
+        itl = run["latency_ms"]["itl"].get("p50")
+        lines.append(
+            f"warning at {run['load']['rate']} r/s c={run['load']['concurrency']}: this client's event loop ran "
+            f"{p99:.1f} ms late at p99 (max {lag['max']:.1f} ms), so chunk times carry up to that much of the "
+            f"client's own delay" + (f" (ITL p50 {itl:.2f} ms)" if itl is not None else "")
+            + ": run it on a machine with idle cores, or fewer streams, to measure the server")
+    return "\n".join(lines)
+
+
 def errors_text(runs: list[dict[str, Any]]) -> str:
     lines = []
     for run in runs:

@@ -86,7 +86,8 @@ async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], poin
     slots = asyncio.Semaphore(point.concurrency) if point.concurrency else None
     bar = ProgressBar(len(requests), point.describe(), enabled=options.progress)
     pauses = _GcPauses()
-    async with new_session(point.concurrency) as session, _frozen_heap(), pauses:
+    lag = _LoopLag()
+    async with new_session(point.concurrency) as session, _frozen_heap(), pauses, lag:
         sampler = None
         if options.sample_server_metrics:
             sampler = MetricsSampler(session, config.base_url, options.metrics_interval_s, config.headers())
@@ -116,7 +117,8 @@ async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], poin
                                 goodput_limits_ms=options.goodput_limits_ms, slos=options.slos)
     result: dict[str, Any] = {"load": point.to_json(), "seed": seed, **summary,
                               "offered_rate": None if math.isinf(point.rate) else len(requests) / offsets[-1],
-                              "server_metrics": server, "client_gc": pauses.summary()}
+                              "server_metrics": server, "client_gc": pauses.summary(),
+                              "client_loop_lag_ms": lag.summary()}
     if options.keep_requests:
         result["requests"] = {
             "columns": ["prompt_tokens", "output_tokens", "ttft_ms", "tpot_ms", "e2e_ms", "max_itl_ms",
@@ -138,6 +140,46 @@ async def _frozen_heap() -> AsyncIterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+class _LoopLag:
+    """How late this client's event loop ran during a point: a task asks to wake every
+    `interval_s` and records by how much each wake-up came late. A chunk read while the loop is
+    late is stamped late by as much, so when the lag is comparable to the gaps being measured
+    (a saturated client: thousands of streams, or a busy machine), ITL and TTFT carry the
+    client's delay and say less about the server (report.warnings_text says so)."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.lags_s: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            self.lags_s.append(max(0.0, loop.time() - due))
+
+    async def __aenter__(self) -> _LoopLag:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def summary(self) -> dict[str, Any]:
+        lags = sorted(self.lags_s)
+        if not lags:
+            return {"samples": 0, "p50": None, "p99": None, "max": None}
+
+        def at(q: float) -> float:
+            return round(lags[min(len(lags) - 1, int(q * len(lags)))] * 1e3, 3)
+
+        return {"samples": len(lags), "p50": at(0.5), "p99": at(0.99), "max": round(lags[-1] * 1e3, 3)}
 
 
 class _GcPauses:
