@@ -67,6 +67,10 @@ class SchedulerConfig:
     max_num_seqs: int = 512  # W1-style bursts run as one wave (decode graphs go to 512)
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
+    # In a step that also decodes, at most this many prompt tokens (0: no cap but the step's
+    # budget): a burst of prompts then cannot stretch one step, and every stream's gap in it, to
+    # the time of a max_num_batched_tokens prefill. Only with chunked prefill.
+    max_prefill_tokens_with_decodes: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,8 @@ _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "engine.max_model_len": (_positive, "an integer >= 1 (or leave it unset)"),
     "engine.max_num_seqs": (_positive, "an integer >= 1"),
     "engine.max_num_batched_tokens": (_positive, "an integer >= 1"),
+    "engine.max_prefill_tokens_with_decodes": (_non_negative,
+                                               "an integer >= 0 (0: no cap but engine.max_num_batched_tokens)"),
     "engine.cuda_graph_batch_sizes": (lambda v: all(x >= 1 for x in v), "a list of integers >= 1"),
     "engine.cuda_graph_prefill_max_tokens": (_non_negative, "an integer >= 0 (0: lone prefills run eager)"),
     "engine.cascade_attention": (lambda v: v in ("auto", "off"), "one of \"auto\", \"off\""),

@@ -25,9 +25,9 @@ for shape in llama-3.1-8b smollm2-135m; do mkdir -p "/tmp/m-$shape" && cp ".peer
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee "$O/gpu.txt"
 pack() { (cd "$O" && tar -czf /tmp/session.tgz --exclude=session.tgz . && mv /tmp/session.tgz "$O/session.tgz"); }
 trap pack EXIT
-ours_cmd() {  # shape port
+ours_cmd() {  # shape port (OURS_EXTRA: more daemon arguments, e.g. "--set engine.max_prefill_tokens_with_decodes=1024")
   echo python3 -m appliance.cli serve --model "$1" --set model.load_format=dummy --set model.tokenizer=.peer/tok \
-    --served-model-name m --port "$2" --max-model-len 4096
+    --served-model-name m --port "$2" --max-model-len 4096 ${OURS_EXTRA:-}
 }
 vllm_cmd() {  # shape port
   echo python3 -m vllm.entrypoints.cli.main serve "/tmp/m-$1" --load-format dummy --tokenizer .peer/tok \

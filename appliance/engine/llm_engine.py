@@ -148,6 +148,7 @@ class EngineCore:
             eos_token_ids=self.eos_token_ids,
             async_scheduling=self.async_scheduling,
             common_prefix_min_seqs=self.runner.cascade_min_seqs,  # 0: cascade attention off
+            max_prefill_tokens_with_decodes=sched.max_prefill_tokens_with_decodes,
         )
         self.detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         # [apps] constrained decoding: grammars compile off this thread; the sampler applies the masks.

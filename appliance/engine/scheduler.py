@@ -105,8 +105,11 @@ class Scheduler:
         eos_token_ids: list[int] | tuple[int, ...] = (),
         async_scheduling: bool = False,
         common_prefix_min_seqs: int = 0,
+        max_prefill_tokens_with_decodes: int = 0,
     ) -> None:
         self.block_manager = block_manager
+        # In a step with decode rows, prompt tokens past this wait for a later step (0: no cap).
+        self.max_prefill_tokens_with_decodes = max_prefill_tokens_with_decodes
         self.common_prefix_min_seqs = common_prefix_min_seqs  # 0: never computed
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -169,6 +172,12 @@ class Scheduler:
         # NOTE: one pass per step over up to max_num_seqs sequences: it also counts the tokens as
         # computed (a victim of preemption is always newer than the sequence being scheduled, so
         # nothing counted here is taken back).
+        # Prompt tokens this step may take: the budget, or the cap when the step also decodes.
+        prefill_left = budget
+        cap = self.max_prefill_tokens_with_decodes
+        if 0 < cap < budget and self.enable_chunked_prefill and any(
+                not s.finish_pending and len(s.token_ids) - s.num_computed_tokens == 1 for s in running):
+            prefill_left = cap
         i = 0
         num_finishing = 0
         while i < len(running) and budget > 0:
@@ -180,6 +189,12 @@ class Scheduler:
             num_known = len(seq.token_ids)
             start = seq.num_computed_tokens
             num_new = num_known - start
+            if num_new > 1:  # a prompt chunk: within what the step may still prefill
+                if prefill_left <= 0:
+                    i += 1
+                    continue  # waits for a later step, still running
+                num_new = min(num_new, prefill_left)
+                prefill_left -= min(num_new, budget)
             if num_new > budget:
                 num_new = budget
             assert num_new > 0, f"{seq} is running with nothing to compute"
@@ -203,19 +218,20 @@ class Scheduler:
 
         # 2. Waiting sequences, FCFS, while there is room. None are admitted past one that does
         # not fit, so a long prompt is not starved by short ones behind it.
-        while (self.waiting and budget > 0 and len(self.running) - num_finishing < self.max_num_seqs
-               and not out.preempted):
+        while (self.waiting and budget > 0 and prefill_left > 0
+               and len(self.running) - num_finishing < self.max_num_seqs and not out.preempted):
             seq = self.waiting[0]
+            room = min(budget, prefill_left)
             # (with a sliding window, an admission covers the cached prefix and this step's chunk)
-            if not bm.can_allocate(seq, max_new_tokens=budget):
+            if not bm.can_allocate(seq, max_new_tokens=room):
                 break
-            bm.allocate(seq, budget)
+            bm.allocate(seq, room)
             num_new = seq.num_uncomputed_tokens
-            if num_new > budget:
+            if num_new > room:
                 if not self.enable_chunked_prefill and out.scheduled:
                     bm.free(seq)
                     break
-                num_new = budget
+                num_new = room
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             running.append(seq)
@@ -229,6 +245,7 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
             budget -= num_new
+            prefill_left -= num_new
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         out.blocks_to_copy = bm.take_pending_copies()

@@ -47,6 +47,9 @@ def test_no_file_and_flags_override_the_file(tmp_path: Path) -> None:
     assert config.control.mode == 0o600
     fp8 = load_config(str(path), {"engine.kv_cache_dtype": "fp8"})
     assert fp8.engine.cache.kv_cache_dtype == "fp8" and AppConfig().engine.cache.kv_cache_dtype == "auto"
+    capped = load_config(str(path), {"engine.max_prefill_tokens_with_decodes": 512})
+    assert capped.engine.scheduler.max_prefill_tokens_with_decodes == 512
+    assert AppConfig().engine.scheduler.max_prefill_tokens_with_decodes == 0
     assert config.source_path == str(path)
 
 
@@ -75,6 +78,8 @@ BROKEN = [
     ("[engine]\nmax_num_seqs = 64\nmax_num_batched_tokens = 32\n",
      "engine.max_num_batched_tokens: expected an integer >= engine.max_num_seqs (64), got 32"),
     ("[engine]\nenable_prefix_caching = \"yes\"\n", "engine.enable_prefix_caching: expected true or false, got 'yes'"),
+    ("[engine]\nmax_prefill_tokens_with_decodes = -1\n",
+     "engine.max_prefill_tokens_with_decodes: expected an integer >= 0 (0: no cap but engine.max_num_batched_tokens), got -1"),
     ("[model]\ndtype = \"fp8\"\n", "model.dtype: expected one of \"auto\", \"float32\", \"bfloat16\", \"float16\", got 'fp8'"),
     ("[server]\nport = 70000\n", "server.port: expected a port number from 0 to 65535, got 70000"),
     ("[server]\ncors_allow_origins = \"*\"\n", "server.cors_allow_origins: expected a list of strings, got '*'"),

@@ -198,3 +198,44 @@ def test_the_cuda_warmup_runs_the_steps_no_graph_serves_and_leaves_the_engine_id
     assert any(1 in step and any(n > 1 for n in step) for step in steps)  # decodes and a prefill
     assert not core.requests and not core.has_unfinished_requests()
     assert_idle(core)
+
+
+def test_a_prompt_token_cap_in_decoding_steps_keeps_the_tokens_and_bounds_each_step(engine, default_model_dir):
+    """scheduler.max_prefill_tokens_with_decodes: prompts that arrive while others decode are
+    prefilled at most N tokens per step; greedy outputs are the same as without the cap."""
+    from appliance.engine.llm_engine import EngineCore
+
+    cap = 8
+    capped = EngineCore(engine_config(default_model_dir, max_prefill_tokens_with_decodes=cap))
+    steps = []
+    launch = capped.runner.launch
+
+    def recording(out, *args, **kwargs):
+        steps.append([item.num_new_tokens for item in out.scheduled])
+        return launch(out, *args, **kwargs)
+
+    capped.runner.launch = recording
+    from appliance.engine.outputs import OutputAccumulator
+
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    late = {f"late{i}": (chat_ids(capped.tokenizer, CHAT_PROMPTS[i]), params) for i in (3, 6)}
+    assert min(len(ids) for ids, _ in late.values()) > 3 * cap  # several chunks each
+    accs = {"a": OutputAccumulator("a", keep_all=True)}
+    capped.add_request("a", chat_ids(capped.tokenizer, CHAT_PROMPTS[0]), params)
+    for _ in range(3):  # "a" is decoding now
+        for delta in capped.step():
+            accs[delta.request_id].add(delta)
+    for rid, (ids, p) in late.items():
+        capped.add_request(rid, ids, p)
+        accs[rid] = OutputAccumulator(rid, ids, keep_all=True)
+    while capped.has_unfinished_requests():
+        for delta in capped.step():
+            accs[delta.request_id].add(delta)
+    mixed = [s for s in steps if 1 in s and any(n > 1 for n in s)]
+    assert mixed, steps  # the late prompts were prefilled beside a decode
+    assert all(sum(n for n in s if n > 1) <= cap for s in mixed), mixed
+    reference = run_to_completion(engine, late)
+    for key in late:
+        assert accs[key].output().outputs[0].token_ids == reference[key].outputs[0].token_ids, key
+        assert len(reference[key].outputs[0].token_ids) == 10
+    assert_idle(capped)

@@ -87,6 +87,7 @@ class SimEngine:
         prefix_caching: bool,
         chunked_prefill: bool = True,
         async_scheduling: bool = False,
+        prefill_cap: int = 0,
     ) -> None:
         self.block_size = block_size
         self.async_scheduling = async_scheduling
@@ -102,6 +103,7 @@ class SimEngine:
             enable_chunked_prefill=chunked_prefill,
             eos_token_ids=[EOS],
             async_scheduling=async_scheduling,
+            max_prefill_tokens_with_decodes=prefill_cap,
         )
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.requests: dict[str, list[Sequence]] = {}
@@ -140,6 +142,9 @@ class SimEngine:
         → after_launch (async: the update is the previous step's, as in EngineCore)."""
         waiting_before = list(self.sched.waiting)
         running_before = list(self.sched.running)
+        # A row that would decode (one token to compute) before this schedule: the prompt-token cap applies.
+        self.could_decode = any(not s.finish_pending and len(s.token_ids) - s.num_computed_tokens == 1
+                                for s in running_before)
         hashed_before = {b.block_id for b in self.bm.blocks if b.block_hash is not None}
         take_fresh = self.bm._take_fresh
         taken: set[int] = set()  # handed out by this schedule (an evicted cached block included)
@@ -229,6 +234,13 @@ class SimEngine:
     ) -> None:
         assert out.num_batched_tokens == sum(i.num_new_tokens for i in out.scheduled)
         assert out.num_batched_tokens <= self.sched.max_num_batched_tokens
+        cap = self.sched.max_prefill_tokens_with_decodes
+        if cap and self.sched.enable_chunked_prefill and self.could_decode:
+            # A step that could decode takes at most `cap` tokens of prompt chunks (rows of more
+            # than one token; admissions count whole).
+            admitted = [i for i in out.scheduled if i.seq in waiting_before]
+            chunks = [i for i in out.scheduled if i.num_new_tokens > 1 and i.seq not in waiting_before]
+            assert sum(i.num_new_tokens for i in chunks + admitted) <= cap
         assert len({id(i.seq) for i in out.scheduled}) == len(out.scheduled)
         # Preemption takes the newest running sequences first.
         assert out.preempted == list(reversed(running_before))[: len(out.preempted)]
@@ -315,6 +327,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         prefix_caching=st.booleans(),
         chunked_prefill=st.booleans(),
         async_scheduling=st.booleans(),
+        prefill_cap=st.sampled_from([0, 0, 1, 2, 3, 5]),
     )
     def setup(
         self,
@@ -325,9 +338,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         prefix_caching: bool,
         chunked_prefill: bool,
         async_scheduling: bool,
+        prefill_cap: int,
     ) -> None:
         self.engine = SimEngine(num_blocks, block_size, budget, max_seqs, prefix_caching, chunked_prefill,
-                                async_scheduling)
+                                async_scheduling, prefill_cap)
 
     @rule(
         base=st.integers(0, len(BASES) - 1),
