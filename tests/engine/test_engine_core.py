@@ -184,14 +184,7 @@ def test_the_cuda_warmup_runs_the_steps_no_graph_serves_and_leaves_the_engine_id
     config = dataclasses.replace(engine_config(default_model_dir, max_num_batched_tokens=256),
                                  cuda_graph_prefill_max_tokens=32)
     core = EngineCore(config)
-    steps = []
-    launch = core.runner.launch
-
-    def recording(out, *args, **kwargs):
-        steps.append([item.num_new_tokens for item in out.scheduled])
-        return launch(out, *args, **kwargs)
-
-    core.runner.launch = recording
+    steps = _record_steps(core)
     core._warmup_eager_steps(core.eos_token_ids[0])
     assert [32 + config.cache.block_size + 1] in steps  # the lone prompt past the largest graph, in one step
     assert any(sum(1 for n in step if n > 1) >= 2 for step in steps)  # two prefills in one step
@@ -207,14 +200,7 @@ def test_a_prompt_token_cap_in_decoding_steps_keeps_the_tokens_and_bounds_each_s
 
     cap = 8
     capped = EngineCore(engine_config(default_model_dir, max_prefill_tokens_with_decodes=cap))
-    steps = []
-    launch = capped.runner.launch
-
-    def recording(out, *args, **kwargs):
-        steps.append([item.num_new_tokens for item in out.scheduled])
-        return launch(out, *args, **kwargs)
-
-    capped.runner.launch = recording
+    steps = _record_steps(capped)
     from appliance.engine.outputs import OutputAccumulator
 
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -239,3 +225,16 @@ def test_a_prompt_token_cap_in_decoding_steps_keeps_the_tokens_and_bounds_each_s
         assert accs[key].output().outputs[0].token_ids == reference[key].outputs[0].token_ids, key
         assert len(reference[key].outputs[0].token_ids) == 10
     assert_idle(capped)
+
+
+def _record_steps(core) -> list[list[int]]:
+    """Each launched step's rows, as their numbers of new tokens (the real launch runs)."""
+    steps: list[list[int]] = []
+    launch = core.runner.launch
+
+    def recording(out, *args, **kwargs):
+        steps.append([item.num_new_tokens for item in out.scheduled])
+        return launch(out, *args, **kwargs)
+
+    core.runner.launch = recording
+    return steps
