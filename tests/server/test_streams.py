@@ -165,3 +165,29 @@ def test_a_client_that_falls_behind_gets_the_missed_steps_merged_in_order(serve,
     for choice in whole.choices:
         assert streamed[choice.index][0] == choice.text
         assert streamed[choice.index][1] == choice.logprobs.tokens and len(choice.logprobs.tokens) == 16
+
+
+def test_an_http_1_0_client_gets_a_whole_stream_without_chunked_framing(serve):
+    """HTTP/1.0 has no chunked encoding: the events go through aiohttp's own writes (the push path
+    writes HTTP/1.1 chunks, so it stays off) and the body ends when the connection closes."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    served = serve()
+    url = urlsplit(served.base_url)
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 6, "temperature": 0, "stream": True,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=60) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        raw = b""
+        while chunk := conn.recv(65536):
+            raw += chunk
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower(), head
+    events = [line[6:] for line in payload.split(b"\n\n") if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert sum(1 for c in chunks if c["choices"]) >= 5
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
