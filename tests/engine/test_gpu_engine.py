@@ -111,3 +111,34 @@ def test_a_burst_reads_prompt_blocks_written_in_the_same_step() -> None:
     cold = _engine(graphs=False, max_num_batched_tokens=1024)
     cold.block_manager.enable_prefix_caching = False
     assert got == _burst(cold)
+
+
+def test_the_warmup_runs_the_steps_no_graph_serves_and_leaves_the_engine_serving() -> None:
+    """EngineCore.warmup on CUDA: the short request, then a lone prompt past the largest prefill
+    graph (eager), a two-prompt prefill and a mixed decode+prefill step, so their kernels compile
+    before READY; after it the engine is idle, every block free, and serves a request."""
+    config = EngineConfig(
+        model=ModelConfig(model="tiny-llama", load_format="dummy", device="cuda", dtype="bfloat16", seed=3),
+        cache=CacheConfig(num_kv_blocks=1024),
+        scheduler=SchedulerConfig(max_model_len=4096, max_num_seqs=24, max_num_batched_tokens=4096),
+        cuda_graph_prefill_max_tokens=256,
+    )
+    core = EngineCore(config, stream_outputs=False)
+    steps: list[list[int]] = []
+    launch = core.runner.launch
+
+    def recording(out, *args, **kwargs):  # noqa: ANN001, ANN202 - the real launch, recorded
+        steps.append([item.num_new_tokens for item in out.scheduled])
+        return launch(out, *args, **kwargs)
+
+    core.runner.launch = recording
+    core.warmup()
+    assert [256 + config.cache.block_size + 1] in steps
+    assert any(1 in s and any(n > 1 for n in s) for s in steps)
+    stats = core.stats()
+    assert not core.has_unfinished_requests() and stats.num_kv_blocks_used == 0
+    core.add_request("after", [5] * 10, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    deltas = []
+    while core.has_unfinished_requests():
+        deltas += core.step()
+    assert deltas[-1].finished and len(deltas[-1].outputs[0].token_ids) == 4
