@@ -55,6 +55,8 @@ class EngineStatus:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_steps: int
+    kernel_compiles: int = 0  # Triton compiles after the warm-up: each held a step (engine/compile_watch.py)
+    gc_long_pauses: int = 0  # collector pauses >= 50 ms in the engine's process (engine/gc_watch.py)
 
     @classmethod
     def from_stats(cls, stats: Any, *, progressing: bool, dead: bool) -> EngineStatus:
@@ -132,6 +134,7 @@ class StatusSnapshot:
     latency: Latency = field(default_factory=Latency)
     queue: QueueStatus = field(default_factory=QueueStatus)
     clients: list[ClientUsage] = field(default_factory=list)
+    daemon_gc_long_pauses: int = 0  # collector pauses >= 50 ms in the daemon's process (every stream waits)
 
 
 @dataclass(frozen=True)

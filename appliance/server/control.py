@@ -35,6 +35,7 @@ from aiohttp import web
 
 from appliance import __version__
 from appliance.config import LOG_LEVELS, ControlConfig
+from appliance.engine import gc_watch
 from appliance.errors import ConfigError
 from appliance.server.control_history import (
     MINUTE_S,
@@ -262,6 +263,7 @@ class ControlServer:
                 rejected_last_minute=self._minute_delta(lambda s: s.rejected),
             ),
             clients=self._clients(),
+            daemon_gc_long_pauses=gc_watch.long_pauses_so_far(),
         )
 
     def _throughput(self) -> Throughput:

@@ -160,8 +160,12 @@ def test_ctl_status_text_and_json(daemon: DaemonProcess) -> None:
     assert text.returncode == 0, text.stderr
     assert "  phase       ready" in text.stdout and "SmolLM2-135M-Instruct" in text.stdout
     assert "kv cache" in text.stdout and "tokens/s" in text.stdout
+    # The stalls line: what held steps or streams (a CPU engine compiles nothing; no long GC here).
+    assert "  stalls      0 kernel compiles while serving, garbage-collector pauses >= 50 ms: " in text.stdout
     as_json = json.loads(ctl(daemon, "--json", "status").stdout)
     assert as_json["phase"] == "ready"
+    assert as_json["engine"]["kernel_compiles"] == 0 and as_json["engine"]["gc_long_pauses"] >= 0
+    assert as_json["daemon_gc_long_pauses"] >= 0
 
 
 def test_ctl_without_a_daemon(daemon: DaemonProcess) -> None:
