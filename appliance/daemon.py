@@ -295,7 +295,7 @@ class Daemon:
         """Load, warm up, serve. Returns the HTTP runner, or None when the stop came first."""
         from appliance.engine.async_engine import AsyncEngine
         from appliance.engine.core_client import make_client, resolve_process_mode
-        from appliance.engine.gc_watch import watch_gc_pauses
+        from appliance.gc_watch import watch_gc_pauses
         from appliance.server.app import make_app, start_site
 
         server = self.config.server

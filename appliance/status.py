@@ -56,7 +56,7 @@ class EngineStatus:
     generation_tokens_total: int
     num_steps: int
     kernel_compiles: int = 0  # Triton compiles after the warm-up: each held a step (engine/compile_watch.py)
-    gc_long_pauses: int = 0  # collector pauses >= 50 ms in the engine's process (engine/gc_watch.py)
+    gc_long_pauses: int = 0  # collector pauses >= 50 ms in the engine's process (appliance/gc_watch.py)
 
     @classmethod
     def from_stats(cls, stats: Any, *, progressing: bool, dead: bool) -> EngineStatus:

@@ -27,6 +27,7 @@ from appliance.benchserve.progress import ProgressBar
 from appliance.benchserve.record import RequestRecord
 from appliance.benchserve.server_metrics import MetricsSampler
 from appliance.benchserve.workload import BenchRequest
+from appliance.gc_watch import GcPauseWatch
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,8 @@ async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], poin
     offsets = arrivals.schedule_s(len(requests), point.rate, point.burstiness, seed)
     slots = asyncio.Semaphore(point.concurrency) if point.concurrency else None
     bar = ProgressBar(len(requests), point.describe(), enabled=options.progress)
-    pauses = _GcPauses()
     lag = _LoopLag()
-    async with new_session(point.concurrency) as session, _frozen_heap(), pauses, lag:
+    async with new_session(point.concurrency) as session, _frozen_heap() as pauses, lag:
         sampler = None
         if options.sample_server_metrics:
             sampler = MetricsSampler(session, config.base_url, options.metrics_interval_s, config.headers())
@@ -117,7 +117,7 @@ async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], poin
                                 goodput_limits_ms=options.goodput_limits_ms, slos=options.slos)
     result: dict[str, Any] = {"load": point.to_json(), "seed": seed, **summary,
                               "offered_rate": None if math.isinf(point.rate) else len(requests) / offsets[-1],
-                              "server_metrics": server, "client_gc": pauses.summary(),
+                              "server_metrics": server, "client_gc": _gc_summary(pauses),
                               "client_loop_lag_ms": lag.summary()}
     if options.keep_requests:
         result["requests"] = {
@@ -131,15 +131,25 @@ async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], poin
 
 
 @contextlib.asynccontextmanager
-async def _frozen_heap() -> AsyncIterator[None]:
+async def _frozen_heap() -> AsyncIterator[GcPauseWatch]:
     """Everything alive now leaves the collector's view for the run (objects made during it are
-    still collected by the young generations, as always); back in view afterwards."""
+    still collected by the young generations, as always); back in view afterwards. Meanwhile the
+    collector's pauses are counted: each one stalls the loop that timestamps the chunks, so every
+    open stream reads one longer gap (reported so that a client-side tail can be told from the
+    server's, docs/bench-serve.md)."""
     gc.collect()
     gc.freeze()
+    pauses = GcPauseWatch("bench serve client", threshold_s=0.005, log_long=False).install()
     try:
-        yield
+        yield pauses
     finally:
+        pauses.uninstall()
         gc.unfreeze()
+
+
+def _gc_summary(pauses: GcPauseWatch) -> dict[str, Any]:
+    return {"collections": pauses.collections, "total_ms": round(pauses.total_s * 1e3, 3),
+            "max_ms": round(pauses.longest_s * 1e3, 3), "over_5ms": pauses.long_pauses}
 
 
 class _LoopLag:
@@ -172,42 +182,11 @@ class _LoopLag:
                 await self._task
 
     def summary(self) -> dict[str, Any]:
-        lags = sorted(self.lags_s)
+        lags = self.lags_s
         if not lags:
             return {"samples": 0, "p50": None, "p99": None, "max": None}
-
-        def at(q: float) -> float:
-            return round(lags[min(len(lags) - 1, int(q * len(lags)))] * 1e3, 3)
-
-        return {"samples": len(lags), "p50": at(0.5), "p99": at(0.99), "max": round(lags[-1] * 1e3, 3)}
-
-
-class _GcPauses:
-    """The collector's pauses in this process during a point (`gc.callbacks`): each one stalls the
-    loop that timestamps the chunks, so every open stream reads one longer gap; reported so that
-    a client-side tail can be told from the server's (docs/bench-serve.md)."""
-
-    def __init__(self) -> None:
-        self.pauses: list[float] = []
-        self._start = 0.0
-
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.pauses.append(time.perf_counter() - self._start)
-
-    async def __aenter__(self) -> _GcPauses:
-        gc.callbacks.append(self)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        gc.callbacks.remove(self)
-
-    def summary(self) -> dict[str, Any]:
-        return {"collections": len(self.pauses), "total_ms": round(sum(self.pauses) * 1e3, 3),
-                "max_ms": round(max(self.pauses, default=0.0) * 1e3, 3),
-                "over_5ms": sum(1 for p in self.pauses if p > 0.005)}
+        return {"samples": len(lags), "p50": round(metrics.percentile(lags, 50) * 1e3, 3),
+                "p99": round(metrics.percentile(lags, 99) * 1e3, 3), "max": round(max(lags) * 1e3, 3)}
 
 
 def _ms(value: float | None) -> float | None:

@@ -70,8 +70,8 @@ def _child_main(config: EngineConfig, conn: Any, log_level: str) -> None:
     # this process took the cores the daemon's event loop needed between steps (2 CPU cores: a
     # lone request's steps 3 ms inline, 83 ms with an engine process; 3 ms with PASSIVE).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from appliance.engine.gc_watch import watch_gc_pauses
     from appliance.engine.llm_engine import EngineCore
+    from appliance.gc_watch import watch_gc_pauses
     from appliance.logs import setup_logging
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

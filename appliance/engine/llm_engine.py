@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
+from appliance import gc_watch
 from appliance.config import EngineConfig
-from appliance.engine import compile_watch, gc_watch
+from appliance.engine import compile_watch
 from appliance.engine.block_manager import BlockManager, kv_free_window
 from appliance.engine.detokenizer import IncrementalDetokenizer
 from appliance.engine.model_runner import ModelRunner, StepHandle, resolve_device_dtype
@@ -283,9 +284,9 @@ class EngineCore:
         # mixed step: decode rows and a prefill). Odd lengths (no multiple of the block size), and
         # prompts that share no block with each other or the ones above (prefix-cache hits
         # would shrink their prefills to one token).
-        vocab = self.vocab_size
         if self.max_model_len < 33 + params.max_tokens:
             return
+        vocab = self.vocab_size
 
         def prompt(first: int, length: int) -> list[int]:
             return [(first + 7 * i) % vocab for i in range(length)]
@@ -467,7 +468,4 @@ class EngineCore:
             self.step()
         if self.device.type == "cuda":
             self._warmup_eager_steps(token)
-        if self.device.type == "cuda":  # from now on a Triton compile is a step that waits: logged
-            from appliance.engine.compile_watch import watch_compiles
-
-            watch_compiles()
+            compile_watch.watch_compiles()  # from now on a Triton compile is a step that waits: logged

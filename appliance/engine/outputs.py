@@ -112,7 +112,7 @@ class EngineStats(msgspec.Struct, array_like=True, gc=False):
     last_step_time: float  # time.monotonic() of the last finished step (for stall detection)
     requests: list[RequestSnapshot] = msgspec.field(default_factory=list)
     kernel_compiles: int = 0  # Triton compiles after the warm-up (engine/compile_watch.py), cumulative
-    gc_long_pauses: int = 0  # the engine process's collector pauses >= 50 ms (engine/gc_watch.py), cumulative
+    gc_long_pauses: int = 0  # the engine process's collector pauses >= 50 ms (appliance/gc_watch.py), cumulative
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -193,8 +193,8 @@ class Scheduler:
                 if prefill_left <= 0:
                     i += 1
                     continue  # waits for a later step, still running
-                num_new = min(num_new, prefill_left)
-                prefill_left -= min(num_new, budget)
+                num_new = min(num_new, prefill_left, budget)
+                prefill_left -= num_new
             if num_new > budget:
                 num_new = budget
             assert num_new > 0, f"{seq} is running with nothing to compute"

@@ -33,9 +33,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from appliance import __version__
+from appliance import __version__, gc_watch
 from appliance.config import LOG_LEVELS, ControlConfig
-from appliance.engine import gc_watch
 from appliance.errors import ConfigError
 from appliance.server.control_history import (
     MINUTE_S,

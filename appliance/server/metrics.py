@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from appliance.engine import gc_watch
+from appliance import gc_watch
 
 if TYPE_CHECKING:
     from appliance.engine.async_engine import AsyncEngine
@@ -105,12 +105,18 @@ class _EngineCollector(Collector):
         self._last_steps, self._last_tokens = num_steps, num_tokens
         family = HistogramMetricFamily("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
                                        labels=["model_name"])
-        cumulative, buckets = 0, []
-        for bound, count in zip((*_ITERATION_BUCKETS, float("inf")), self._iteration_buckets, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-        family.add_metric([self._model_name], buckets, self._iteration_sum)
+        family.add_metric([self._model_name], _cumulative(_ITERATION_BUCKETS, self._iteration_buckets),
+                          self._iteration_sum)
         return family
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts (the last one past every bound) as Prometheus' cumulative `le` buckets."""
+    cumulative, buckets = 0, []
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+    return buckets
 
 
 class _LoopHistogram(Collector):
@@ -138,11 +144,7 @@ class _LoopHistogram(Collector):
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=["model_name"])
-        cumulative, buckets = 0, []
-        for bound, count in zip((*self._bounds, float("inf")), self._counts, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-        family.add_metric([self._model_name], buckets, self._sum)
+        family.add_metric([self._model_name], _cumulative(self._bounds, self._counts), self._sum)
         yield family
 
 

@@ -1,11 +1,11 @@
-"""engine/gc_watch.py: a long pause of the cyclic garbage collector is logged with its duration."""
+"""appliance/gc_watch.py: a long pause of the cyclic garbage collector is logged with its duration."""
 
 from __future__ import annotations
 
 import gc
 import logging
 
-from appliance.engine.gc_watch import GcPauseWatch, watch_gc_pauses
+from appliance.gc_watch import GcPauseWatch, watch_gc_pauses
 
 
 def _cyclic_garbage(n: int) -> None:
@@ -20,7 +20,7 @@ def test_a_collection_over_the_threshold_is_logged_and_shorter_ones_counted(capl
     quiet = GcPauseWatch("engine", threshold_s=3600.0).install()
     try:
         _cyclic_garbage(10_000)
-        with caplog.at_level(logging.WARNING, logger="appliance.engine.gc_watch"):
+        with caplog.at_level(logging.WARNING, logger="appliance.gc_watch"):
             gc.collect()
     finally:
         watch.uninstall()
@@ -34,7 +34,7 @@ def test_a_collection_over_the_threshold_is_logged_and_shorter_ones_counted(capl
 
 
 def test_one_watch_per_process_names_every_role(monkeypatch):
-    from appliance.engine import gc_watch
+    from appliance import gc_watch
 
     monkeypatch.setattr(gc_watch, "_WATCH", None)  # this process's own stays as it is
     first = watch_gc_pauses("engine")

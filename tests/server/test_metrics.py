@@ -64,7 +64,7 @@ def test_metrics_parse_and_move(serve):
     assert moved("llm_appliance_client_prompt_tokens_total", client="m") == 2 * out.usage.prompt_tokens
     assert moved("llm_appliance_client_generation_tokens_total", client="m") == 8
     assert _value(after, "llm_appliance_engine_alive", **model) == 1
-    # Health counters (engine/compile_watch.py, engine/gc_watch.py): present, whole, never moving back.
+    # Health counters (engine/compile_watch.py, gc_watch.py): present, whole, never moving back.
     for name in ("llm_appliance_kernel_compiles_total", "llm_appliance_engine_gc_long_pauses_total",
                  "llm_appliance_daemon_gc_long_pauses_total"):
         assert (name, tuple(sorted(model.items()))) in after, name
@@ -74,7 +74,7 @@ def test_metrics_parse_and_move(serve):
 def test_a_long_collector_pause_of_the_server_process_is_counted_in_metrics(serve, monkeypatch):
     import gc
 
-    from appliance.engine import gc_watch
+    from appliance import gc_watch
 
     watch = gc_watch.GcPauseWatch("daemon", threshold_s=0.0).install()  # every collection counts as long
     monkeypatch.setattr(gc_watch, "_WATCH", watch)

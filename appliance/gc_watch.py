@@ -7,6 +7,7 @@ pause of hundreds of milliseconds in the middle of a step (engine) or of every s
 WARNING with their generation and duration; shorter ones are only counted. Installed by the
 engine's process (`core_process`) once warm and by the daemon once serving (an inline engine
 shares the daemon's process and its watch), never by a library user of `EngineCore`/`LLM`.
+`llm-appliance bench serve` counts its own client's pauses with the same class (log=False).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ DEFAULT_THRESHOLD_S = 0.05
 
 
 class GcPauseWatch:
-    def __init__(self, where: str, threshold_s: float = DEFAULT_THRESHOLD_S) -> None:
+    def __init__(self, where: str, threshold_s: float = DEFAULT_THRESHOLD_S, *, log_long: bool = True) -> None:
         self.where = where
         self.threshold_s = threshold_s
+        self.log_long = log_long
         self.collections = 0
         self.long_pauses = 0
         self.longest_s = 0.0
+        self.total_s = 0.0
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
@@ -36,11 +39,13 @@ class GcPauseWatch:
             return
         seconds = time.perf_counter() - self._started
         self.collections += 1
+        self.total_s += seconds
         self.longest_s = max(self.longest_s, seconds)
         if seconds >= self.threshold_s:
             self.long_pauses += 1
-            log.warning("%s: the garbage collector paused %.0f ms (generation %s, %s objects collected)",
-                        self.where, seconds * 1e3, info.get("generation"), info.get("collected"))
+            if self.log_long:
+                log.warning("%s: the garbage collector paused %.0f ms (generation %s, %s objects collected)",
+                            self.where, seconds * 1e3, info.get("generation"), info.get("collected"))
 
     def install(self) -> GcPauseWatch:
         if self not in gc.callbacks:
