@@ -120,7 +120,7 @@ def test_the_warmup_runs_the_steps_no_graph_serves_and_leaves_the_engine_serving
     config = EngineConfig(
         model=ModelConfig(model="tiny-llama", load_format="dummy", device="cuda", dtype="bfloat16", seed=3),
         cache=CacheConfig(num_kv_blocks=1024),
-        scheduler=SchedulerConfig(max_model_len=4096, max_num_seqs=24, max_num_batched_tokens=4096),
+        scheduler=SchedulerConfig(max_model_len=1024, max_num_seqs=24, max_num_batched_tokens=1024),
         cuda_graph_prefill_max_tokens=256,
     )
     core = EngineCore(config, stream_outputs=False)
