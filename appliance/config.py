@@ -85,6 +85,10 @@ class EngineConfig:
     # to the next of 16, 32, ... up to this many tokens: an eager 8B prefill spends ~15 ms of host
     # time launching ~300 kernels, more than the device needs for a short prompt. 0: eager.
     cuda_graph_prefill_max_tokens: int = 2048
+    # The other steps (decodes with a prompt chunk, several prompts) replay CUDA graphs cut at each
+    # layer's attention, padded to a ladder of token counts up to this many (attention runs eagerly
+    # between the pieces, appliance/engine/piecewise.py). 0: such steps run eager.
+    cuda_graph_piecewise_max_tokens: int = 0
     # Schedule and launch step N before step N-1's sampled ids reach the host, so the host work
     # of a step (scheduling, inputs, stop checks, outputs) overlaps the device's forward pass.
     # Same tokens either way; False: the plain schedule -> execute -> update loop.
@@ -224,6 +228,8 @@ _VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
                                                "an integer >= 0 (0: no cap but engine.max_num_batched_tokens)"),
     "engine.cuda_graph_batch_sizes": (lambda v: all(x >= 1 for x in v), "a list of integers >= 1"),
     "engine.cuda_graph_prefill_max_tokens": (_non_negative, "an integer >= 0 (0: lone prefills run eager)"),
+    "engine.cuda_graph_piecewise_max_tokens": (lambda v: v == 0 or v >= 16,
+                                               "0 (mixed and multi-prompt steps run eager) or an integer >= 16"),
     "engine.cascade_attention": (lambda v: v in ("auto", "off"), "one of \"auto\", \"off\""),
     "engine.process": (lambda v: v in ("auto", "inline", "separate"), "one of \"auto\", \"inline\", \"separate\""),
     "server.host": (bool, "a host name or address"),

@@ -120,7 +120,22 @@ def profile_window(engine: Any, num_steps: int, top: int) -> dict[str, Any]:
         wall = (time.perf_counter() - t0) / num_steps
     rows, busy_us = kernel_table(prof, num_steps, top)
     return {"steps": num_steps, "wall_ms_per_step": wall * 1e3, "gpu_busy_ms_per_step": busy_us / 1e3,
-            "gpu_busy_fraction": busy_us / 1e3 / (wall * 1e3), "batch": batch, "kernels": rows}
+            "gpu_busy_fraction": busy_us / 1e3 / (wall * 1e3), "batch": batch, "kernels": rows,
+            "host_ops": host_op_table(prof, num_steps, top)}
+
+
+def host_op_table(prof: Any, num_steps: int, top: int) -> list[dict[str, Any]]:
+    """Host time by operator, per step, from the same trace (CPU activities): what the host does
+    while the GPU waits (launches: cudaLaunchKernel, cudaGraphLaunch; torch ops by name)."""
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        entry = totals[evt.name]
+        entry[0] += evt.self_cpu_time_total
+        entry[1] += 1
+    return [{"op": name[:90], "self_us_per_step": t / num_steps, "calls_per_step": n / num_steps}
+            for name, (t, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tokenizer")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--piecewise-max-tokens", type=int, help="engine.cuda_graph_piecewise_max_tokens")
     parser.add_argument("--no-async-scheduling", action="store_true")
     parser.add_argument("--profile-after", type=int, default=40, help="decode steps before the profiled window")
     parser.add_argument("--profile-steps", type=int, default=8)
@@ -235,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             for row in prof["kernels"]:
                 print(f"  {row['us_per_step']:9.1f} us {row['calls_per_step']:6.1f}x {100 * row['share']:5.1f}%  "
                       f"{row['kernel']}")
+            print("  host, self time per step:")
+            for row in prof["host_ops"][:12]:
+                print(f"  {row['self_us_per_step']:9.1f} us {row['calls_per_step']:6.1f}x  {row['op']}")
     print(f"output tok/s {result['output_tok_s']:.0f} ({result['elapsed_s']:.2f} s)")
     kind = "profile" + (f"-{args.tag}" if args.tag else "") + ("-smoke" if args.smoke else "")
     print("wrote", write_result(result, kind, args.results_dir))

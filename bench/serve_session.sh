@@ -11,6 +11,9 @@
 #          vllm135m:RUN    vLLM, the same
 #          crosscheck      issue 14: `llm-appliance bench serve` against `vllm bench serve`, one daemon (8B)
 #          offline         bench/offline.py W1 + batch-1 for both shapes (ours only); offline135m, offline8b: one
+#                          (offline135m:RUN: results into $OUT/RUN; OFFLINE_EXTRA: more arguments, e.g.
+#                          "--piecewise-max-tokens 8192")
+#          profile135m:RUN bench/profile_step.py on the 135M W1 (a prefill window and a decode window; OFFLINE_EXTRA)
 #          sse             bench/sse_capacity.py: the HTTP side alone on this host's CPU (no GPU), 3 loads
 # Needs, carried: .peer (minus the parts: p1..p3 copied to $HOME/vl by earlier calls), build/gpu-deps.
 # GPU_DEPS: that folder under another name (default build/gpu-deps; the engine tests need only msgspec
@@ -73,8 +76,12 @@ for step in "$@"; do
       models=smollm2-135m,llama-3.1-8b; [ "$name" = offline135m ] && models=smollm2-135m
       [ "$name" = offline8b ] && models=llama-3.1-8b
       # a folder per step: the result file is named by date, device and commit only
-      mkdir -p "$O/$name"; PYTHONPATH=$OURS_PP python3 -m appliance_bench.offline offline --no-hf \
-        --models "$models" --tokenizer .peer/tok --results-dir "$O/$name" 2>&1 | tail -25 ;;
+      mkdir -p "$O/$run"; PYTHONPATH=$OURS_PP python3 -m appliance_bench.offline offline --no-hf \
+        --models "$models" --tokenizer .peer/tok --results-dir "$O/$run" ${OFFLINE_EXTRA:-} 2>&1 | tail -25 ;;
+    profile135m)  # where the 135M W1's steps spend their time (host phases, GPU kernels, host ops)
+      mkdir -p "$O/$run"; PYTHONPATH=$OURS_PP python3 -m appliance_bench.profile_step --model smollm2-135m \
+        --num-requests 512 --max-num-seqs 512 --tokenizer .peer/tok --profile-prefill-steps 4 --profile-prefill-at 4 \
+        --top 20 --results-dir "$O/$run" ${OFFLINE_EXTRA:-} 2>&1 | grep -v "^$" | tail -60 ;;
     sse)
       mkdir -p "$O/sse"; for load in 256:8 512:6 512:4; do
         PYTHONPATH=$OURS_PP python3 -m appliance_bench.sse_capacity --streams "${load%%:*}" --step-ms "${load#*:}" \

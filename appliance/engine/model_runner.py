@@ -25,6 +25,7 @@ import torch
 
 from appliance.config import EngineConfig
 from appliance.engine.outputs import TokenLogprob
+from appliance.engine.piecewise import PiecewiseForward, Recorder, attention_modules, cutting, piecewise_sizes
 from appliance.engine.sampler import PendingSamples, Sampler, SampleResult, SampleRow
 from appliance.engine.scheduler import SchedulerOutput
 from appliance.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence
@@ -228,12 +229,16 @@ class ModelRunner:
         self.cascade_min_seqs = self._cascade_min_seqs()  # 0: cascade attention off
         self.cascade_steps = 0  # steps that attended a shared prefix once (tests, logs)
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
+        # Steps no other graph serves (mixed, several prompts): pieces cut at attention, by size.
+        self.piecewise: dict[int, PiecewiseForward] = {}
+        self.piecewise_steps = 0  # steps served by them (tests, logs)
         self._graph_pool = None
         self._staging = _Staging(device)
         self._table_rows = _TableRows(self.max_blocks_per_seq)
         if device.type == "cuda" and not config.enforce_eager:
             self._setup_decode_graphs(capture=True)
             self._setup_prefill_graphs(capture=True)
+            self._setup_piecewise_graphs(capture=True)
 
     def _cascade_min_seqs(self) -> int:
         """Rows that must share a prefix for a step to use cascade attention; 0: never (off, or
@@ -368,10 +373,13 @@ class ModelRunner:
         cascade = self._cascade_plan(out) if out.common_prefix_blocks and len(hb.ids) == num_seqs else None
         graph_size = self._graph_size_for(num_seqs) if decode else None
         prefill_size = None if decode else self._prefill_graph_size_for(hb)
+        piecewise_size = None if graph_size or prefill_size or cascade else self._piecewise_size_for(hb)
         if graph_size is not None:
             logits = self._replay(hb, graph_size, prev, cascade)
         elif prefill_size is not None:
             logits = self._replay_prefill(hb, prefill_size)
+        elif piecewise_size is not None:
+            logits = self._replay_piecewise(hb, piecewise_size, prev)
         else:
             batch = self._upload_eager(hb, prev, cascade)
             self.cascade_steps += batch.meta.use_cascade
@@ -468,7 +476,15 @@ class ModelRunner:
                     hb.prompt_lp.append((seq, len(ids), start, n))  # [apps]
                 ids.extend(seq.token_ids[start : start + n])
                 positions.extend(span)
-                slots.extend([table[p // bs] * bs + p % bs for p in span])
+                # A run of consecutive slots per block (a 512-token chunk: 32 ranges, not 512 ints
+                # computed one by one in Python).
+                p, end = start, start + n
+                while p < end:
+                    off = p % bs
+                    take = min(bs - off, end - p)
+                    base = table[p // bs] * bs + off
+                    slots.extend(range(base, base + take))
+                    p += take
             set_row(row, seq)
             hb.q_lens.append(n)
             hb.seq_lens.append(start + n)
@@ -809,6 +825,132 @@ class ModelRunner:
         self._upload([host, hb.tables], dst=self._p_buf)
         self.prefill_graphs[size].replay()
         return self._p_logits[size][: len(hb.logits_rows)]
+
+    # ------------------------------------------------------------------ piecewise graphs (the other steps)
+    # appliance/engine/piecewise.py: every layer's non-attention work captured per token count,
+    # attention launched eagerly between the pieces over the step's live metadata.
+    def _piecewise_sizes(self) -> list[int]:
+        cap = min(self.config.cuda_graph_piecewise_max_tokens, self.config.scheduler.max_num_batched_tokens)
+        return piecewise_sizes(cap) if cap >= 16 else []
+
+    def _piecewise_size_for(self, hb: _HostBatch) -> int | None:
+        if not self.piecewise or hb.prompt_lp:
+            return None
+        n = len(hb.ids)
+        for size in self.piecewise:  # ascending
+            if size >= n:
+                return size
+        return None
+
+    def _setup_piecewise_graphs(self, *, capture: bool) -> None:
+        """Static inputs shared by every size, then each size's pieces (capture=True, on CUDA) or an
+        eager stand-in over the same buffers (capture=False: CPU tests of this path).
+
+        One int32 device buffer, one copy per step: [ids | positions | slots] (P each, P the largest
+        size, aligned), the sampled rows (R = min(P, max_num_seqs)), then the step's attention
+        metadata: query starts, sequence lengths, block tables, placeholder gather indices."""
+        sizes = self._piecewise_sizes()
+        if not sizes:
+            return
+        t0 = time.monotonic()
+        big, dev = sizes[-1], self.device
+        max_seqs = self.config.scheduler.max_num_seqs
+        span = -(-big // _ALIGN) * _ALIGN
+        rows = min(big, max_seqs)
+        self._w_span, self._w_rows_at = span, 3 * span
+        fixed = 3 * span + -(-rows // _ALIGN) * _ALIGN
+        self._w_host = np.zeros(fixed, dtype=np.int32)
+        self._w_host[2 * span : 3 * span] = -1
+        meta_room = 5 * (max_seqs + 1 + _ALIGN) + max_seqs * self.max_blocks_per_seq + _ALIGN
+        self._w_buf = torch.zeros(fixed + meta_room, dtype=torch.int32, device=dev)
+        self._w_buf[:fixed].copy_(torch.from_numpy(self._w_host))
+        ids, pos, slots = self._w_buf[: 3 * span].view(3, span)
+        self._w_ids = ids
+        sample_rows = self._w_buf[3 * span : 3 * span + rows]
+        width = max(m.num_heads * m.head_dim for m in attention_modules(self.model))
+        q_buf = torch.empty(big * width, dtype=self.dtype, device=dev)
+        out_buf = torch.empty(big * width, dtype=self.dtype, device=dev)
+        # Never read by the pieces (their attention is cut out), but a valid batch of one sequence.
+        dummy_qsl = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+        dummy_lens = torch.ones(1, dtype=torch.int32, device=dev)
+        dummy_tables = torch.zeros((1, 1), dtype=torch.int32, device=dev)
+        logits_buf: list[torch.Tensor] = []
+
+        def forward(size: int) -> None:
+            meta = AttentionMetadata(slot_mapping=slots[:size], query_start_loc=dummy_qsl, seq_lens=dummy_lens,
+                                     block_tables=dummy_tables, max_query_len=1, max_seq_len=1)
+            hidden = self.model(ids[:size], pos[:size], self.kv_caches, meta)
+            r = min(size, max_seqs)
+            logits = self.model.compute_logits(hidden.index_select(0, sample_rows[:r]))
+            if not logits_buf:  # the first (warm-up) call sizes the shared logits buffer
+                logits_buf.append(torch.empty((rows, logits.shape[1]), dtype=logits.dtype, device=dev))
+            logits_buf[0][:r].copy_(logits)
+
+        with torch.inference_mode():
+            if not capture:
+                with cutting(self.model, Recorder(q_buf, out_buf)):
+                    forward(sizes[0])
+                for size in sizes:
+                    def eager(meta: AttentionMetadata, size: int = size) -> None:
+                        recorder = Recorder(q_buf, out_buf)
+                        recorder.live = meta
+                        with cutting(self.model, recorder):
+                            forward(size)
+                    self.piecewise[size] = PiecewiseForward(size, [], [], logits_buf[0][: min(size, max_seqs)],
+                                                            eager=eager)
+            else:
+                pool = self._graph_pool
+                stream = torch.cuda.Stream(dev)
+                for size in reversed(sizes):
+                    with torch.cuda.stream(stream), cutting(self.model, Recorder(q_buf, out_buf)):
+                        for _ in range(2):  # Triton compiles and cuBLAS picks outside the capture
+                            forward(size)
+                    stream.synchronize()
+                    recorder = Recorder(q_buf, out_buf, capture=True, pool=pool)
+                    with torch.cuda.stream(stream), cutting(self.model, recorder):
+                        recorder.begin()
+                        forward(size)
+                        recorder.end()
+                    pool = recorder.pool
+                    self.piecewise[size] = PiecewiseForward(size, recorder.pieces, recorder.cuts,
+                                                            logits_buf[0][: min(size, max_seqs)])
+                self._graph_pool = pool
+                torch.cuda.synchronize(dev)
+        self.piecewise = dict(sorted(self.piecewise.items()))
+        log.info("%s piecewise graphs for %d sizes (%d..%d tokens, %d pieces each) in %.1f s",
+                 "captured" if capture else "built", len(sizes), sizes[0], big,
+                 len(attention_modules(self.model)) + 1, time.monotonic() - t0)
+
+    def _replay_piecewise(self, hb: _HostBatch, size: int, prev: StepHandle | None) -> torch.Tensor:
+        """Fill the static inputs (one copy: padding, sampled rows and the attention metadata) and
+        replay the size's pieces around the eager attention launches."""
+        n, num_seqs, num_rows = len(hb.ids), len(hb.q_lens), len(hb.logits_rows)
+        host, span, at = self._w_host, self._w_span, self._w_rows_at
+        for k, (values, pad) in enumerate(((hb.ids, 0), (hb.positions, 0), (hb.slots, -1))):
+            base = k * span
+            host[base : base + n] = values
+            host[base + n : base + size] = pad
+        host[at : at + num_rows] = hb.logits_rows
+        host[at + num_rows : at + min(size, self.config.scheduler.max_num_seqs)] = 0
+        qsl = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(hb.q_lens, out=qsl[1:])
+        src = self._gather_src(hb, prev)
+        parts: list[list[int] | np.ndarray] = [host, qsl, hb.seq_lens, hb.tables, hb.gather_dst, src]
+        dev, (_, o_qsl, o_lens, o_tables, o_dst, o_src) = self._upload(parts, dst=self._w_buf)
+        if src:
+            self._gather_placeholders(self._w_ids, dev[o_dst : o_dst + len(src)], dev[o_src : o_src + len(src)], prev)
+        meta = AttentionMetadata(
+            slot_mapping=self._w_buf[2 * span : 2 * span + size],
+            query_start_loc=dev[o_qsl : o_qsl + num_seqs + 1],
+            seq_lens=dev[o_lens : o_lens + num_seqs],
+            block_tables=dev[o_tables : o_tables + num_seqs * hb.width].view(num_seqs, hb.width),
+            max_query_len=max(hb.q_lens),
+            max_seq_len=max(hb.seq_lens),
+            is_decode_only=n == num_seqs,
+            num_decodes=hb.num_decodes,
+        )
+        self.piecewise_steps += 1
+        return self.piecewise[size].replay(meta)[:num_rows]
 
 
 class _EagerReplay:

@@ -14,6 +14,7 @@ clamp(x / scale, ±448) and read back as fp8 * scale. The per-tensor scales are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,10 @@ class Attention(nn.Module):
         self.scale = scale
         self.k_scale = k_scale
         self.v_scale = v_scale
+        # Set by the model runner only while it records a piecewise CUDA graph
+        # (appliance/engine/piecewise.py): attend() hands the call to it, which cuts the graph there.
+        self.cut: Callable[[Attention, torch.Tensor, tuple[torch.Tensor, torch.Tensor], AttentionMetadata],
+                           torch.Tensor] | None = None
 
     def forward(
         self,
@@ -119,24 +124,29 @@ class Attention(nn.Module):
         q: torch.Tensor,  # [T, Hq, D]
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [N, BS, Hkv, D], this step's k/v already stored
         meta: AttentionMetadata,
+        out: torch.Tensor | None = None,  # [T, Hq, D] like q: written in place (piecewise replay)
     ) -> torch.Tensor:  # [T, Hq, D]
         """Attend only: the caller has written this step's k/v (e.g. `RotaryEmbedding.rotate_and_store`)."""
+        if self.cut is not None:
+            return self.cut(self, q, kv_cache, meta)
         k_cache, v_cache = kv_cache
         if meta.use_cascade and self.sliding_window is None:
-            return self._attend_cascade(q, k_cache, v_cache, meta)
+            result = self._attend_cascade(q, k_cache, v_cache, meta)
+            return result if out is None else out.copy_(result)
         if q.is_cuda:
             from appliance_kernels import attention as triton_attention
 
             return triton_attention.paged_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                 self.scale, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
-                is_decode_only=meta.is_decode_only, k_scale=self.k_scale, v_scale=self.v_scale,
+                is_decode_only=meta.is_decode_only, out=out, k_scale=self.k_scale, v_scale=self.v_scale,
                 num_decodes=meta.num_decodes, sliding_window=self.sliding_window,
             )
-        return reference.paged_attention_ref(
+        result = reference.paged_attention_ref(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
             self.k_scale, self.v_scale, self.sliding_window,
         )
+        return result if out is None else out.copy_(result)
 
     def _attend_cascade(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         meta: AttentionMetadata) -> torch.Tensor:

@@ -29,3 +29,17 @@ def test_profile_step_smoke_writes_phases(tmp_path: Path) -> None:
         assert 0 < inside <= step["wall_ms"] * 1.01, step
     assert sum(s["seqs"] for s in record["steps"] if s["kind"] == "decode") > 0
     assert record["output_tok_s"] > 0
+
+
+def test_host_op_table_sums_self_time_per_step() -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(4):
+            x = torch.mm(x, x).tanh_()
+    rows = profile_step.host_op_table(prof, num_steps=4, top=10)
+    by_op = {row["op"]: row for row in rows}
+    assert by_op["aten::mm"]["calls_per_step"] == 1.0 and by_op["aten::mm"]["self_us_per_step"] > 0
+    assert rows == sorted(rows, key=lambda r: -r["self_us_per_step"])

@@ -50,6 +50,9 @@ def test_no_file_and_flags_override_the_file(tmp_path: Path) -> None:
     capped = load_config(str(path), {"engine.max_prefill_tokens_with_decodes": 512})
     assert capped.engine.scheduler.max_prefill_tokens_with_decodes == 512
     assert AppConfig().engine.scheduler.max_prefill_tokens_with_decodes == 0
+    piecewise = load_config(str(path), {"engine.cuda_graph_piecewise_max_tokens": 8192})
+    assert piecewise.engine.cuda_graph_piecewise_max_tokens == 8192
+    assert AppConfig().engine.cuda_graph_piecewise_max_tokens == 0
     assert config.source_path == str(path)
 
 
@@ -80,6 +83,8 @@ BROKEN = [
     ("[engine]\nenable_prefix_caching = \"yes\"\n", "engine.enable_prefix_caching: expected true or false, got 'yes'"),
     ("[engine]\nmax_prefill_tokens_with_decodes = -1\n",
      "engine.max_prefill_tokens_with_decodes: expected an integer >= 0 (0: no cap but engine.max_num_batched_tokens), got -1"),
+    ("[engine]\ncuda_graph_piecewise_max_tokens = 8\n",
+     "engine.cuda_graph_piecewise_max_tokens: expected 0 (mixed and multi-prompt steps run eager) or an integer >= 16, got 8"),
     ("[model]\ndtype = \"fp8\"\n", "model.dtype: expected one of \"auto\", \"float32\", \"bfloat16\", \"float16\", got 'fp8'"),
     ("[server]\nport = 70000\n", "server.port: expected a port number from 0 to 65535, got 70000"),
     ("[server]\ncors_allow_origins = \"*\"\n", "server.cors_allow_origins: expected a list of strings, got '*'"),

@@ -1,8 +1,9 @@
 """CUDA only: the engine with CUDA graphs and async scheduling against eager, synchronous steps.
 
 Decode steps replay graphs captured at padded batch sizes, fed by one host->device copy into
-persistent inputs and by the in-flight step's sampled ids (placeholders); prefill and mixed
-steps run eagerly. A tiny dummy Llama in float32 (exact dot products in the kernels) must give
+persistent inputs and by the in-flight step's sampled ids (placeholders); lone prefills replay
+prefill graphs; mixed steps run eagerly, or through piecewise graphs when they are turned on. A
+tiny dummy Llama in float32 (exact dot products in the kernels) must give
 the same greedy tokens both ways while requests arrive, finish and shrink the batch through
 several graph sizes.
 """
@@ -21,13 +22,14 @@ from appliance.engine.sequence import SamplingParams
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _engine(graphs: bool, max_num_batched_tokens: int = 256) -> EngineCore:
+def _engine(graphs: bool, max_num_batched_tokens: int = 256, piecewise: int = 0) -> EngineCore:
     config = EngineConfig(
         model=ModelConfig(model="tiny-llama", load_format="dummy", device="cuda", dtype="float32", seed=3),
         cache=CacheConfig(num_kv_blocks=512),
         scheduler=SchedulerConfig(max_model_len=256, max_num_seqs=24, max_num_batched_tokens=max_num_batched_tokens),
         enforce_eager=not graphs,
         async_scheduling=graphs,
+        cuda_graph_piecewise_max_tokens=piecewise,
     )
     return EngineCore(config, stream_outputs=False)
 
@@ -60,6 +62,19 @@ def test_graphs_and_async_match_eager_sync() -> None:
     assert len(want) == 40 and got.keys() == want.keys()
     diverged = [(r, want[r], got[r]) for r in want if got[r] != want[r]]
     assert not diverged, diverged[:3]
+
+
+def test_piecewise_graphs_match_eager_sync() -> None:
+    """The mixed and multi-prompt steps of `_run` replay the pieces cut at attention (padded token
+    counts, attention launched between them) and give the eager, synchronous tokens."""
+    graphs = _engine(graphs=True, piecewise=256)
+    assert sorted(graphs.runner.piecewise) == [16, 32, 64, 128, 256]
+    assert all(len(pw.pieces) == graphs.runner.model.num_layers + 1 for pw in graphs.runner.piecewise.values())
+    want = _run(_engine(graphs=False))
+    got = _run(graphs)
+    assert graphs.runner.piecewise_steps > 5
+    diverged = [(r, want[r], got[r]) for r in want if got[r] != want[r]]
+    assert len(want) == 40 and not diverged, diverged[:3]
 
 
 def _run_alone(engine: EngineCore) -> dict[str, list[int]]:

@@ -1,0 +1,124 @@
+"""Mixed and multi-prompt steps through the static inputs that the piecewise CUDA graphs replay.
+
+On CUDA such steps replay graphs captured per token count and cut at each layer's attention
+(appliance/engine/piecewise.py); here (CPU) `_setup_piecewise_graphs(capture=False)` runs the same
+forward over the same static buffers, with each layer's attention computed from the step's live
+metadata into the shared q/out buffers. So the padding, the one-copy upload of tokens, sampled rows
+and attention metadata, the placeholder gather of async scheduling and the cut at every layer are
+checked against plain eager steps on the real default model. (tests/engine/test_gpu_engine.py
+replays the captured pieces on a GPU.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from appliance.engine.llm_engine import EngineCore
+from appliance.engine.piecewise import Recorder, cutting, piecewise_sizes
+from appliance.engine.sequence import SamplingParams
+
+from .conftest import CHAT_PROMPTS, chat_ids, engine_config, run_to_completion
+
+
+def _with_piecewise(engine: EngineCore) -> list[tuple[int, int, int]]:
+    """Route the steps no other graph serves through the static piecewise path; returns, per step
+    it served, (tokens, sequences, padded size)."""
+    runner = engine.runner
+    runner._setup_piecewise_graphs(capture=False)
+    served: list[tuple[int, int, int]] = []
+    replay = runner._replay_piecewise
+
+    def counting(hb, size, prev):
+        served.append((len(hb.ids), len(hb.q_lens), size))
+        assert size >= len(hb.ids) and size in runner.piecewise
+        return replay(hb, size, prev)
+
+    runner._replay_piecewise = counting
+    return served
+
+
+def _config(model_dir, **overrides):
+    config = engine_config(model_dir, max_num_batched_tokens=64, max_num_seqs=8, **overrides)
+    return dataclasses.replace(config, cuda_graph_piecewise_max_tokens=64)
+
+
+def _burst(engine: EngineCore, prompts: dict[str, list[int]], max_tokens: int) -> dict[str, object]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=2)
+    return run_to_completion(engine, {rid: (ids, params) for rid, ids in prompts.items()})
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_mixed_steps_match_eager_steps(engine, default_model_dir, async_scheduling):
+    prompts = {f"p{i}": chat_ids(engine.tokenizer, p) for i, p in enumerate(CHAT_PROMPTS[:5])}
+    # A second wave of the same prompts: prefix-cache hits, so those prefills start mid-prompt.
+    prompts.update({f"again{i}": ids for i, ids in enumerate(list(prompts.values())[:3])})
+    config = dataclasses.replace(_config(default_model_dir), async_scheduling=async_scheduling)
+    want = _burst(EngineCore(dataclasses.replace(config, cuda_graph_piecewise_max_tokens=0)), prompts, 10)
+    static = EngineCore(config)
+    served = _with_piecewise(static)
+    assert sorted(static.runner.piecewise) == [16, 32, 64]
+    got = _burst(static, prompts, 10)
+    for rid, out in want.items():
+        assert got[rid].outputs[0].token_ids == out.outputs[0].token_ids, rid
+        for a, b in zip(got[rid].outputs[0].logprobs, out.outputs[0].logprobs, strict=True):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+    # Chunked prefills with decodes riding along, several prompts in one step, and padded sizes.
+    assert any(seqs > 1 and tokens > seqs for tokens, seqs, _ in served), served
+    assert any(size > tokens for tokens, _, size in served), served
+    assert static.runner.piecewise_steps == len(served)
+    assert static.stats().prefix_cache_hits > 0
+
+
+def test_every_layer_is_cut_once_into_two_shared_buffers(default_model_dir):
+    import torch
+
+    from appliance.layers.attention import AttentionMetadata
+
+    runner = EngineCore(_config(default_model_dir)).runner
+    width = runner.model.num_heads * runner.model.head_dim
+    q_buf, out_buf = torch.zeros(64 * width), torch.zeros(64 * width)
+    recorder = Recorder(q_buf, out_buf)  # neither capturing nor live: the attention is skipped
+    ids = torch.zeros(32, dtype=torch.int32)
+    meta = AttentionMetadata(slot_mapping=torch.full((32,), -1, dtype=torch.int32),
+                             query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+                             seq_lens=torch.ones(1, dtype=torch.int32),
+                             block_tables=torch.zeros((1, 1), dtype=torch.int32), max_query_len=1, max_seq_len=1)
+    layers = runner.model.model.layers
+    with cutting(runner.model, recorder):
+        runner.model(ids, ids, runner.kv_caches, meta)
+    assert [c.attn for c in recorder.cuts] == [layer.self_attn.attn for layer in layers]
+    assert all(c.q.data_ptr() == q_buf.data_ptr() and c.out.data_ptr() == out_buf.data_ptr()
+               and c.q.shape == (32, runner.model.num_heads, runner.model.head_dim) for c in recorder.cuts)
+    assert all(layer.self_attn.attn.cut is None for layer in layers)  # attending normally again
+
+
+def test_prompt_logprob_steps_stay_eager(engine, default_model_dir):
+    static = EngineCore(_config(default_model_dir))
+    served = _with_piecewise(static)
+    ids = chat_ids(static.tokenizer, CHAT_PROMPTS[0])
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    out = run_to_completion(static, {"a": (ids, params), "b": (ids[:20], params)})
+    assert out["a"].prompt_logprobs is not None and len(out["a"].prompt_logprobs) == len(ids)
+    assert all(tokens == seqs for tokens, seqs, _ in served), served  # only the decode steps
+
+
+def test_the_ladder():
+    sizes = piecewise_sizes(8192)
+    assert sizes[:6] == [16, 32, 64, 128, 256, 384] and sizes[-2:] == [7680, 8192]
+    assert piecewise_sizes(100) == [16, 32, 64, 100] and piecewise_sizes(16) == [16]
+
+    def padded(n: int) -> int:
+        return next(s for s in sizes if s >= n)
+
+    assert all(padded(n) - n < n / 2 for n in range(257, 8193))
+    assert all(padded(n) - n < n / 4 for n in range(2049, 8193))
+
+
+def test_turned_off_by_default(default_model_dir):
+    config = engine_config(default_model_dir)
+    assert config.cuda_graph_piecewise_max_tokens == 0
+    engine = EngineCore(config)
+    engine.runner._setup_piecewise_graphs(capture=False)
+    assert engine.runner.piecewise == {}
