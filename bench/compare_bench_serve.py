@@ -265,7 +265,8 @@ def crosscheck(directory: Path, tolerance: float) -> dict[str, Any]:
                                     + (f"; off: {', '.join(off)}" if off else "")),
                         "agree": bool(judged) and bool(sides["ours"]) and bool(sides["vllm"]) and not off}
     return {"what": "llm-appliance bench serve against vllm bench serve: one server, the same workloads, "
-                    "the clients alternated (medians over rounds)",
+                    "the clients alternated (medians over rounds); workloads named <w>s: both clients at "
+                    "once, each with half the prompts and half the concurrency",
             **meta, "tolerance": tolerance, "workloads": workloads,
             "agree": bool(workloads) and all(v["agree"] for v in workloads.values())}
 

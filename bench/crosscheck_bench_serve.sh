@@ -19,6 +19,12 @@
 # Per workload: one unmeasured warm-up pass (the shapes' first-use costs), then rounds
 # (odd: ours, vLLM; even: vLLM, ours), each run with its own seed; /metrics is read before and after
 # every run (outside both clients' clocks) for the server's own token counts and latency sums.
+# Side by side (SIDE, default "c8 w1c64"; "" for none): after the alternated rounds, the workload
+# again as workload "<w>s", both clients at once against the server, each with half the prompts and
+# half the concurrency, ROUNDS times. Both then measure the same server in the same seconds, so the
+# server's run-to-run spread (which alternated runs cannot separate from the clients: c8's TTFT p50
+# moved 31% between two runs of ours at b78de70, the server's own mean TTFT 38%) is common to both.
+# The /metrics scrapes around such a round are the two clients' load together.
 # vLLM's client is imported once, while the server starts (bench/vllm_bench_client.py); if it
 # fails to come up, each run falls back to `python3 -m vllm.entrypoints.cli.main bench serve`.
 # BUDGET_S (default 225) stops starting runs that would not finish within it.
@@ -30,7 +36,7 @@ O=${OUT:-$PWD/crosscheck-out}; mkdir -p "$O"
 ROUNDS=${ROUNDS:-2}; W1_PROMPTS=${W1_PROMPTS:-512}; C1_PROMPTS=${C1_PROMPTS:-16}; C8_PROMPTS=${C8_PROMPTS:-256}
 BUDGET_S=${BUDGET_S:-330}
 WARM_W1=${WARM_W1_PROMPTS:-128}; WARM_C1=${WARM_C1_PROMPTS:-4}; WARM_C8=${WARM_C8_PROMPTS:-16}
-ONLY=${ONLY:-w1c64 c1 c8}; RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-150}  # a run past it is stopped (status 124)
+ONLY=${ONLY:-w1c64 c1 c8}; SIDE=${SIDE-c8 w1c64}; RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-150}  # a run past it is stopped (status 124)
 HERE=$(cd "$(dirname "$0")" && pwd)
 OURPP=${SERVER_PYTHONPATH-${PYTHONPATH:-}}
 URL="http://127.0.0.1:$P"
@@ -63,6 +69,11 @@ WARM[c1]="--concurrency 1 --input-len 256 --output-len 128 --num-prompts $WARM_C
 OURS[c8]="--concurrency 8 --input-len 128 --output-len 128 --num-prompts $C8_PROMPTS"
 VLLM[c8]="--max-concurrency 8 --request-rate inf --random-input-len 128 --random-output-len 128 --num-prompts $C8_PROMPTS"
 WARM[c8]="--concurrency 8 --input-len 128 --output-len 128 --num-prompts $WARM_C8"
+# Side by side: each client half of the workload, at the same time.
+OURS[w1c64s]="--concurrency 32 --input-len 512 --output-len 256 --num-prompts $((W1_PROMPTS / 2))"
+VLLM[w1c64s]="--max-concurrency 32 --request-rate inf --random-input-len 512 --random-output-len 256 --num-prompts $((W1_PROMPTS / 2))"
+OURS[c8s]="--concurrency 4 --input-len 128 --output-len 128 --num-prompts $((C8_PROMPTS / 2))"
+VLLM[c8s]="--max-concurrency 4 --request-rate inf --random-input-len 128 --random-output-len 128 --num-prompts $((C8_PROMPTS / 2))"
 # Both send vLLM's completions body: ignore_eos, stream_options.include_usage, repetition_penalty 1.
 # Ours without its warm-up request (vLLM 0.26 sends none by default) and without sampling /metrics
 # (the script reads it between runs instead, for both clients alike).
@@ -111,6 +122,27 @@ measure() {  # WORKLOAD CLIENT ROUND SEED
   echo "$name: exit $status, $((LAST_MS[$w] / 1000)) s"
 }
 
+side() {  # WORKLOAD ROUND SEED_OURS SEED_VLLM: both clients at once (workload "<w>s")
+  local w=$1s r=$2 a=$3 b=$4 start end so sv pid
+  local no="${w}_ours_r$r" nv="${w}_vllm_r$r"
+  start=$(ms)
+  if (( start + ${LAST_MS[$w]:-0} > BUDGET_S * 1000 )); then
+    echo "$w round $r: skipped (would end past ${BUDGET_S} s)"
+    printf "%s\t%s\t%s\t%s\t%s\t\tskipped\n" "$w" ours "$r" "$a" "$start" >>"$O/runs.tsv"
+    printf "%s\t%s\t%s\t%s\t%s\t\tskipped\n" "$w" vllm "$r" "$b" "$start" >>"$O/runs.tsv"; return
+  fi
+  curl -fsS "$URL/metrics" >"$O/$no.before.prom" 2>/dev/null; cp "$O/$no.before.prom" "$O/$nv.before.prom"
+  ours "$no" "$a" ${OURS[$w]} &
+  pid=$!
+  theirs "$nv" "$b" ${VLLM[$w]}; sv=$?
+  wait $pid; so=$?
+  curl -fsS "$URL/metrics" >"$O/$no.after.prom" 2>/dev/null; cp "$O/$no.after.prom" "$O/$nv.after.prom"
+  end=$(ms); LAST_MS[$w]=$((end - start))
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$w" ours "$r" "$a" "$start" "$end" "$so" >>"$O/runs.tsv"
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$w" vllm "$r" "$b" "$start" "$end" "$sv" >>"$O/runs.tsv"
+  echo "$w round $r: exit $so (ours) $sv (vLLM), $((LAST_MS[$w] / 1000)) s side by side"
+}
+
 wi=0
 for w in $ONLY; do
   wi=$((wi + 1))
@@ -121,6 +153,10 @@ for w in $ONLY; do
     else measure "$w" vllm "$r" $b; measure "$w" ours "$r" $a; fi
   done
 done
+for w in $SIDE; do
+  wi=$((wi + 1))
+  for r in $(seq "$ROUNDS"); do side "$w" "$r" $((1000 * wi + 10 * r + 1)) $((1000 * wi + 10 * r + 2)); done
+done
 (( LOOP )) && echo quit >&"$VC_IN"
 kill $SP; wait $SP 2>/dev/null
 cat >"$O/meta.json" <<EOF
@@ -128,7 +164,7 @@ cat >"$O/meta.json" <<EOF
  "device": "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)",
  "commit": "${LLM_APPLIANCE_COMMIT:-$(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || echo unknown)}", "date": "$(date -u +%FT%TZ)",
  "server_command": $(python3 -c 'import json,sys; print(json.dumps(" ".join(sys.argv[1:])))' "$@"), "rounds": $ROUNDS,
- "w1_prompts": $W1_PROMPTS, "c1_prompts": $C1_PROMPTS, "wall_s": $(el)}
+ "w1_prompts": $W1_PROMPTS, "c1_prompts": $C1_PROMPTS, "side_by_side": "$SIDE", "wall_s": $(el)}
 EOF
 PYTHONPATH=$OURPP python3 "$HERE/compare_bench_serve.py" --crosscheck "$O" --json "$O/crosscheck_$L.json"
 status=$?
