@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 from appliance_kernels.checks import check_out
+from appliance_kernels.intmath import cdiv, next_power_of_2
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -68,8 +69,8 @@ def _act_and_mul(op: str, x: torch.Tensor, out: torch.Tensor | None, *, gelu_tan
     out = check_out(op, "out", out, x[:, :intermediate])
     if num_tokens == 0 or intermediate == 0:
         return out
-    block = min(1024, triton.next_power_of_2(intermediate))
-    _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
+    block = min(1024, next_power_of_2(intermediate))
+    _silu_and_mul_kernel[(num_tokens, cdiv(intermediate, block))](
         out, x, x.stride(0), INTERMEDIATE=intermediate, BLOCK=block, GELU_TANH=gelu_tanh, num_warps=4,
     )
     return out

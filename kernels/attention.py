@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from appliance_kernels.checks import check_out, check_same_device
 from appliance_kernels.fp8 import FP8_DTYPE, check_kv_scales, is_fp8, to_cache
+from appliance_kernels.intmath import cdiv, next_power_of_2
 from appliance_kernels.prefill_attention import launch_prefill, min_query_tokens_from_env
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -151,7 +152,7 @@ def store_kv(
     row_elems = num_kv_heads * head_dim
     _store_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, float(k_scale), float(v_scale), k.stride(0), v.stride(0),
-        ROW_ELEMS=row_elems, BLOCK=triton.next_power_of_2(row_elems), IS_FP8=is_fp8(k_cache), num_warps=4,
+        ROW_ELEMS=row_elems, BLOCK=next_power_of_2(row_elems), IS_FP8=is_fp8(k_cache), num_warps=4,
     )
 
 
@@ -347,10 +348,10 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device
     """Partitions per decode row: enough programs to fill about two waves of the GPU, no partition
     under _MIN_KEYS_PER_SPLIT keys. A power of two, so few kernel variants get compiled."""
     programs = max(1, num_seqs * num_kv_heads)
-    wanted = triton.cdiv(2 * _num_sms(device), programs)
-    by_length = triton.cdiv(max(1, max_seq_len), _MIN_KEYS_PER_SPLIT)
+    wanted = cdiv(2 * _num_sms(device), programs)
+    by_length = cdiv(max(1, max_seq_len), _MIN_KEYS_PER_SPLIT)
     splits = max(1, min(wanted, by_length, _MAX_SPLITS))
-    return 1 if splits == 1 else triton.next_power_of_2(splits)
+    return 1 if splits == 1 else next_power_of_2(splits)
 
 
 def paged_attention(
@@ -510,8 +511,8 @@ def _launch(
     num_seqs = seq_end - seq_start
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    group_pad = triton.next_power_of_2(group)
+    block_d = max(16, next_power_of_2(head_dim))
+    group_pad = next_power_of_2(group)
     if max_query_len == 1:
         tile = DECODE_TILE_FP8 if is_fp8(k_cache) else DECODE_TILE
         block_q, block_n, num_warps, num_stages = 1, tile["block_n"], tile["num_warps"], tile["num_stages"]
@@ -523,7 +524,7 @@ def _launch(
         block_n = tile["block_n"] if head_dim <= 128 else tile["block_n"] // 2
         num_warps, num_stages = tile["num_warps"], tile["num_stages"]
     block_m = max(16, block_q * group_pad)
-    q_tiles = triton.cdiv(max_query_len, block_q)
+    q_tiles = cdiv(max_query_len, block_q)
 
     if num_splits > 1:
         part_acc = torch.empty((num_tokens, num_q_heads, num_splits, block_d), dtype=torch.float32, device=q.device)

@@ -42,6 +42,7 @@ import triton.language as tl
 from appliance_kernels.attention import _num_sms, check_q_and_caches
 from appliance_kernels.checks import check_out, check_same_device
 from appliance_kernels.fp8 import check_kv_scales, is_fp8
+from appliance_kernels.intmath import cdiv, next_power_of_2
 
 # Prefix tile: rows = sequences x GQA heads of one kv head per program (so 32 sequences of
 # Llama-3-8B's group of 4), keys per iteration, warps, stages. A starting guess for an H100/H200
@@ -256,12 +257,12 @@ def choose_prefix_splits(num_seqs: int, num_kv_heads: int, group: int, max_prefi
                          device: torch.device, rows: int = PREFIX_TILE["rows"]) -> int:
     """Prefix partitions: enough programs for about two waves of the GPU, none under
     _MIN_PREFIX_KEYS_PER_SPLIT keys of `max_prefix_len`; a power of two (few kernel variants)."""
-    group_pad = triton.next_power_of_2(group)
-    seq_tiles = triton.cdiv(max(1, num_seqs), max(16, rows, group_pad) // group_pad)
-    wanted = triton.cdiv(2 * _num_sms(device), seq_tiles * num_kv_heads)
-    by_length = triton.cdiv(max(1, max_prefix_len), _MIN_PREFIX_KEYS_PER_SPLIT)
+    group_pad = next_power_of_2(group)
+    seq_tiles = cdiv(max(1, num_seqs), max(16, rows, group_pad) // group_pad)
+    wanted = cdiv(2 * _num_sms(device), seq_tiles * num_kv_heads)
+    by_length = cdiv(max(1, max_prefix_len), _MIN_PREFIX_KEYS_PER_SPLIT)
     splits = max(1, min(wanted, by_length, _MAX_PREFIX_SPLITS))
-    return triton.next_power_of_2(splits)
+    return next_power_of_2(splits)
 
 
 def cascade_attention(
@@ -327,8 +328,8 @@ def cascade_attention(
         return out
 
     group = num_q_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    group_pad = next_power_of_2(group)
+    block_d = max(16, next_power_of_2(head_dim))
     tile = prefix_tile or (PREFIX_TILE_WIDE if q.dtype == torch.float32 or head_dim > 128 else PREFIX_TILE)
     block_m = max(16, tile["rows"], group_pad)
     seqs_per_tile = block_m // group_pad  # a GQA group never spans two tiles
@@ -343,7 +344,7 @@ def cascade_attention(
     part_acc = torch.empty((num_seqs, num_q_heads, prefix_splits, block_d), dtype=torch.float32, device=q.device)
     part_max = torch.empty((num_seqs, num_q_heads, prefix_splits), dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
-    _cascade_prefix_kernel[(triton.cdiv(num_seqs, seqs_per_tile), prefix_splits, num_kv_heads)](
+    _cascade_prefix_kernel[(cdiv(num_seqs, seqs_per_tile), prefix_splits, num_kv_heads)](
         part_acc, part_max, part_sum, q, k_cache, v_cache, prefix_blocks, prefix_len, row_prefix_lens, seq_lens,
         num_seqs, stride_rp, scale_log2, float(v_scale), q.stride(0), q.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, GROUP_PAD=group_pad,

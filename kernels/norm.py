@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 from appliance_kernels.checks import check_out, check_same_device
+from appliance_kernels.intmath import next_power_of_2
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -75,7 +76,7 @@ def rms_norm(
     new_residual = check_out("rms_norm", "residual_out", residual_out, x) if residual is not None else None
     if num_tokens == 0:
         return out, new_residual
-    block = triton.next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     res = residual if residual is not None else x
     nres = new_residual if new_residual is not None else out
     _rms_norm_kernel[(num_tokens,)](

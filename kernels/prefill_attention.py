@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 from appliance_kernels.fp8 import is_fp8
+from appliance_kernels.intmath import cdiv, next_power_of_2
 
 # Environment overrides, read once at import (the engine captures CUDA graphs with whatever the
 # launcher chooses then, so a later change could not reach them; a bad value fails the import):
@@ -355,8 +356,8 @@ def launch_prefill(
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    group_pad = next_power_of_2(group)
+    block_d = max(16, next_power_of_2(head_dim))
     # A GQA group never spans two programs; past 128 dims (Gemma 3: 256) the row and key tiles
     # halve, so the fp32 accumulator (rows x head_dim) stays within the registers of 128 x 128.
     rows = tile["rows"] if head_dim <= 128 else max(16, tile["rows"] // 2)
@@ -370,7 +371,7 @@ def launch_prefill(
     if use_tma and q.is_cuda:
         _ensure_tma_allocator()
     scale_log2 = float(scale) * float(k_scale) * 1.4426950408889634
-    grid = (num_kv_heads, seq_end - seq_start, triton.cdiv(max_query_len, block_q))
+    grid = (num_kv_heads, seq_end - seq_start, cdiv(max_query_len, block_q))
     _prefill_attention_kernel[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale_log2, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), seq_start,

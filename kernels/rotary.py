@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 from appliance_kernels.checks import check_out, check_same_device
+from appliance_kernels.intmath import next_power_of_2
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -124,7 +125,7 @@ def rotary_embedding(
         q_out, k_out, q, k, positions, cos_sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads,
-        Q_HEADS_PAD=triton.next_power_of_2(num_q_heads), KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM=head_dim, HALF_PAD=triton.next_power_of_2(head_dim // 2), num_warps=4,
+        Q_HEADS_PAD=next_power_of_2(num_q_heads), KV_HEADS_PAD=next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, HALF_PAD=next_power_of_2(head_dim // 2), num_warps=4,
     )
     return q_out, k_out

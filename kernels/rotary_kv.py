@@ -20,6 +20,7 @@ import triton.language as tl
 from appliance_kernels.attention import check_cache_dtypes
 from appliance_kernels.checks import check_out, check_same_device
 from appliance_kernels.fp8 import check_kv_scales, is_fp8, to_cache
+from appliance_kernels.intmath import next_power_of_2
 from appliance_kernels.rotary import _cos_sin_row, _rotate_heads
 
 
@@ -135,8 +136,8 @@ def rotary_store_kv(
         q_out, k_cache, v_cache, q, k, v, positions, slot_mapping, cos_sin_cache, float(k_scale), float(v_scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads,
-        Q_HEADS_PAD=triton.next_power_of_2(num_q_heads), KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM=head_dim, HALF_PAD=triton.next_power_of_2(head_dim // 2),
-        DIM_PAD=triton.next_power_of_2(head_dim), IS_FP8=is_fp8(k_cache), num_warps=4,
+        Q_HEADS_PAD=next_power_of_2(num_q_heads), KV_HEADS_PAD=next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, HALF_PAD=next_power_of_2(head_dim // 2),
+        DIM_PAD=next_power_of_2(head_dim), IS_FP8=is_fp8(k_cache), num_warps=4,
     )
     return q_out

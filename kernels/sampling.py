@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from appliance_kernels.checks import check_same_device
+from appliance_kernels.intmath import cdiv, next_power_of_2
 
 _BLOCK = 2048  # vocab entries per program
 _INT32_MAX = 2**31 - 1
@@ -81,7 +82,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:  # [N, V] -> int32 [N]
     out = torch.empty(num_rows, dtype=torch.int32, device=logits.device)
     if num_rows == 0:
         return out
-    num_chunks = triton.cdiv(vocab, _BLOCK)
+    num_chunks = cdiv(vocab, _BLOCK)
     part_val = torch.empty((num_rows, num_chunks), dtype=torch.float32, device=logits.device)
     part_idx = torch.empty((2, num_rows, num_chunks), dtype=torch.int32, device=logits.device)
     check_same_device("argmax", logits, out, part_val, part_idx)
@@ -89,6 +90,6 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:  # [N, V] -> int32 [N]
         logits, part_val, part_idx[0], part_idx[1], logits.stride(0), vocab, NUM_CHUNKS=num_chunks, BLOCK=_BLOCK, num_warps=4,
     )
     _argmax_final_kernel[(num_rows,)](
-        part_val, part_idx[0], part_idx[1], out, NUM_CHUNKS=num_chunks, CHUNKS_PAD=triton.next_power_of_2(num_chunks), num_warps=1,
+        part_val, part_idx[0], part_idx[1], out, NUM_CHUNKS=num_chunks, CHUNKS_PAD=next_power_of_2(num_chunks), num_warps=1,
     )
     return out

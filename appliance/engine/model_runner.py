@@ -450,41 +450,57 @@ class ModelRunner:
         if hb.num_decodes < len(out.scheduled):
             scheduled += [item for item in out.scheduled if item.num_new_tokens != 1]
         hb.width = max(len(item.seq.block_table) for item in scheduled)
-        self._table_rows.reserve(len(scheduled))
-        for row, item in enumerate(scheduled):
+        table_rows = self._table_rows
+        table_rows.reserve(len(scheduled))
+        # The one-token rows, in a loop of their own (a decode step is nothing else: 512 rows): row
+        # r is token r, and the table row is rewritten only when its sequence or table changed.
+        num_decodes = hb.num_decodes
+        row_seq_ids, row_versions = table_rows.seq_ids, table_rows.versions
+        seq_lens, logits_rows, sample_rows = hb.seq_lens, hb.logits_rows, hb.rows
+        gather_dst, gather_seqs = hb.gather_dst, hb.gather_seqs
+        ids_append, positions_append, slots_append = ids.append, positions.append, slots.append
+        for row in range(num_decodes):
+            item = scheduled[row]
+            seq, start = item.seq, item.start
+            token = seq.token_ids[start]
+            if token == PLACEHOLDER_TOKEN_ID:
+                # Filled on the device from the step in flight (see _gather_placeholders).
+                gather_dst.append(row)
+                gather_seqs.append(seq.seq_id)
+                token = 0
+            if seq.sampling_params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                hb.prompt_lp.append((seq, row, start, 1))  # [apps] a one-token prompt chunk
+            ids_append(token)
+            positions_append(start)
+            slots_append(seq.block_table[start // bs] * bs + start % bs)
+            if row_seq_ids[row] != seq.seq_id or row_versions[row] != seq.table_version:
+                set_row(row, seq)
+            seq_lens.append(start + 1)
+            if item.sample:
+                logits_rows.append(row)
+                sample_rows.append(SampleRow(seq, 1 + seq.pending_forks))
+        hb.q_lens = [1] * num_decodes
+        for row in range(num_decodes, len(scheduled)):
+            item = scheduled[row]
             seq, n = item.seq, item.num_new_tokens
             start = item.start  # NOTE: the scheduler has already counted this step as computed
             table = seq.block_table
-            if n == 1:
-                token = seq.token_ids[start]
-                if token == PLACEHOLDER_TOKEN_ID:
-                    # Filled on the device from the step in flight (see _gather_placeholders).
-                    hb.gather_dst.append(len(ids))
-                    hb.gather_seqs.append(seq.seq_id)
-                    token = 0
-                if seq.sampling_params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
-                    hb.prompt_lp.append((seq, len(ids), start, 1))  # [apps] a one-token prompt chunk
-                ids.append(token)
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                span = range(start, start + n)
-                # NOTE: only a decode may feed a placeholder: a sequence is never (re)prefilled
-                # before its last sampled token has reached the host (it is the last token).
-                assert seq.token_ids[start + n - 1] != PLACEHOLDER_TOKEN_ID, seq
-                if seq.sampling_params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
-                    hb.prompt_lp.append((seq, len(ids), start, n))  # [apps]
-                ids.extend(seq.token_ids[start : start + n])
-                positions.extend(span)
-                # A run of consecutive slots per block (a 512-token chunk: 32 ranges, not 512 ints
-                # computed one by one in Python).
-                p, end = start, start + n
-                while p < end:
-                    off = p % bs
-                    take = min(bs - off, end - p)
-                    base = table[p // bs] * bs + off
-                    slots.extend(range(base, base + take))
-                    p += take
+            # NOTE: only a decode may feed a placeholder: a sequence is never (re)prefilled
+            # before its last sampled token has reached the host (it is the last token).
+            assert seq.token_ids[start + n - 1] != PLACEHOLDER_TOKEN_ID, seq
+            if seq.sampling_params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                hb.prompt_lp.append((seq, len(ids), start, n))  # [apps]
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            # A run of consecutive slots per block (a 512-token chunk: 32 ranges, not 512 ints
+            # computed one by one in Python).
+            p, end = start, start + n
+            while p < end:
+                off = p % bs
+                take = min(bs - off, end - p)
+                base = table[p // bs] * bs + off
+                slots.extend(range(base, base + take))
+                p += take
             set_row(row, seq)
             hb.q_lens.append(n)
             hb.seq_lens.append(start + n)
