@@ -164,7 +164,8 @@ def engine_throughput(engine: Any, prompts: list[list[int]], output_tokens: int)
         elapsed = time.perf_counter() - t0
     stats = engine.stats()
     return {"time_s": elapsed, "output_tokens": generated, "steps": steps,
-            "num_preemptions": stats.num_preemptions, **watch.record()}
+            "num_preemptions": stats.num_preemptions, "piecewise_steps": getattr(engine.runner, "piecewise_steps", 0),
+            **watch.record()}
 
 
 def _free(device: torch.device) -> None:

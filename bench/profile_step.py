@@ -200,6 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "num_requests": args.num_requests, "prompt_tokens": args.prompt_tokens,
             "output_tokens": args.output_tokens, "max_num_seqs": engine.scheduler.max_num_seqs,
             "async_scheduling": engine.async_scheduling, "elapsed_s": elapsed,
+            "piecewise_sizes": sorted(engine.runner.piecewise), "piecewise_steps": engine.runner.piecewise_steps,
             "output_tok_s": args.num_requests * args.output_tokens / elapsed,
             "by_kind": summary, "profile": prof_summary, "profile_prefill": prefill_summary, "steps": steps if args.keep_steps else []}
 
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             print("  host, self time per step:")
             for row in prof["host_ops"][:12]:
                 print(f"  {row['self_us_per_step']:9.1f} us {row['calls_per_step']:6.1f}x  {row['op']}")
+    if result["piecewise_sizes"]:
+        print(f"piecewise graphs: {result['piecewise_steps']} steps served, sizes {result['piecewise_sizes']}")
     print(f"output tok/s {result['output_tok_s']:.0f} ({result['elapsed_s']:.2f} s)")
     kind = "profile" + (f"-{args.tag}" if args.tag else "") + ("-smoke" if args.smoke else "")
     print("wrote", write_result(result, kind, args.results_dir))
