@@ -23,9 +23,11 @@ Contract
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -47,10 +49,14 @@ class NoFreeBlocksError(RuntimeError):
     """Raised by allocation when the pool is exhausted; the scheduler checks first and preempts."""
 
 
+@functools.lru_cache(maxsize=64)
+def _packer(num_tokens: int) -> Callable[..., bytes]:
+    return struct.Struct(f"<{num_tokens}q").pack  # compiled once per length (a block's: one)
+
+
 def chain_hash(parent_hash: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent_hash or b"root")
-    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    h = hashlib.blake2b(parent_hash or b"root", digest_size=16)
+    h.update(_packer(len(token_ids))(*token_ids))
     return h.digest()
 
 
