@@ -19,10 +19,12 @@ L + 1 graphs, cut where each layer attends:
 
 A step pads its tokens to the next size (padding tokens: slot -1, no store; never attended,
 never sampled; rows are independent everywhere else) and replays the pieces with the attention
-launches between them. Pieces share one memory pool and always replay in capture order, as the
-CUDA graph rules for a shared pool ask. Tensors that cross a cut live in static buffers shared by
-every size (q and the attention output; the logits of the sampled rows), so holding the pieces
-costs one layer's activations per size, not one per layer.
+launches between them. All pieces (and the decode and lone-prefill graphs) share the runner's one
+memory pool: a size's pieces always replay in their capture order, one step at a time on one
+stream, and what one step leaves allocated in the pool (the residual stream between two pieces)
+is dead by its end. q and the attention output cross each cut through static buffers shared by
+every size, as do the logits of the sampled rows; so the pieces hold one layer's activations, not
+one per layer.
 
 On CPU (tests) nothing is captured: a "replay" runs the forward over the same static inputs with
 the attention of each cut computed from the live metadata into the same buffers.
