@@ -122,3 +122,42 @@ def test_turned_off_by_default(default_model_dir):
     engine = EngineCore(config)
     engine.runner._setup_piecewise_graphs(capture=False)
     assert engine.runner.piecewise == {}
+
+
+def test_capture_cuts_the_forward_into_one_piece_more_than_layers(default_model_dir, monkeypatch):
+    """The capture sequencing without a GPU: CUDA's graph API (which cannot run here) is replaced
+    by a log of its calls; tests/engine/test_gpu_engine.py runs the real one. One piece per layer
+    plus one, each ended before the next begins, all in one pool, q copied into the static buffer
+    before its piece ends."""
+    import torch
+
+    from appliance.layers.attention import AttentionMetadata
+
+    calls: list[str] = []
+
+    class LoggedGraph:
+        def capture_begin(self, pool=None):
+            calls.append(f"begin {pool}")
+
+        def capture_end(self):
+            calls.append("end")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", LoggedGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool-1")
+    runner = EngineCore(_config(default_model_dir)).runner
+    width = runner.model.num_heads * runner.model.head_dim
+    q_buf, out_buf = torch.zeros(64 * width), torch.zeros(64 * width)
+    recorder = Recorder(q_buf, out_buf, capture=True)
+    ids = torch.arange(32, dtype=torch.int32)
+    meta = AttentionMetadata(slot_mapping=torch.full((32,), -1, dtype=torch.int32),
+                             query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+                             seq_lens=torch.ones(1, dtype=torch.int32),
+                             block_tables=torch.zeros((1, 1), dtype=torch.int32), max_query_len=1, max_seq_len=1)
+    with torch.inference_mode(), cutting(runner.model, recorder):
+        recorder.begin()
+        runner.model(ids, ids, runner.kv_caches, meta)
+        recorder.end()
+    layers = runner.model.num_layers
+    assert calls == ["begin pool-1", "end"] * (layers + 1)
+    assert len(recorder.pieces) == layers + 1 and len(recorder.cuts) == layers
+    assert q_buf[: 32 * width].abs().sum() > 0  # the last layer's q, copied in
