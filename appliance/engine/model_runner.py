@@ -918,15 +918,22 @@ class ModelRunner:
                 pool = self._graph_pool
                 stream = torch.cuda.Stream(dev)
                 for size in reversed(sizes):
-                    with torch.cuda.stream(stream), cutting(self.model, Recorder(q_buf, out_buf)):
-                        for _ in range(2):  # Triton compiles and cuBLAS picks outside the capture
-                            forward(size)
-                    stream.synchronize()
                     recorder = Recorder(q_buf, out_buf, capture=True, pool=pool)
-                    with torch.cuda.stream(stream), cutting(self.model, recorder):
-                        recorder.begin()
-                        forward(size)
-                        recorder.end()
+                    try:
+                        with torch.cuda.stream(stream), cutting(self.model, Recorder(q_buf, out_buf)):
+                            for _ in range(2):  # Triton compiles and cuBLAS picks outside the capture
+                                forward(size)
+                        stream.synchronize()
+                        with torch.cuda.stream(stream), cutting(self.model, recorder):
+                            recorder.begin()
+                            forward(size)
+                            recorder.end()
+                    except (RuntimeError, torch.OutOfMemoryError) as exc:
+                        from appliance.errors import ModelLoadError
+
+                        raise ModelLoadError(
+                            f"capturing the piecewise CUDA graphs of {size} tokens failed ({exc}); set "
+                            "engine.cuda_graph_piecewise_max_tokens lower, or 0 to run those steps eagerly") from exc
                     pool = recorder.pool
                     self.piecewise[size] = PiecewiseForward(size, recorder.pieces, recorder.cuts,
                                                             logits_buf[0][: min(size, max_seqs)])
