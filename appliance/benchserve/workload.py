@@ -307,13 +307,38 @@ class JsonTokenizer:
 
 
 def load_tokenizer(name_or_dir: str) -> Tokenizer:
-    """tokenizer.json of a local dir; else transformers (a hub name where the hub is reachable)."""
+    """tokenizer.json of a local dir; else transformers: the local Hugging Face cache first, then
+    the hub, only when its host resolves (an offline box would otherwise spend ~25 s in retries
+    before the same error)."""
     path = Path(name_or_dir).expanduser()
     if (path / "tokenizer.json").is_file():
         return JsonTokenizer(path / "tokenizer.json")
     from transformers import AutoTokenizer
 
     try:
+        return AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if not _hub_resolves():
+        raise ValueError(f"cannot load a tokenizer from {name_or_dir!r}: not a local directory with "
+                         "tokenizer.json, not in the Hugging Face cache, and the hub is out of reach (HF_HUB_OFFLINE, "
+                         "or its host does not resolve); pass --tokenizer DIR")
+    try:
         return AutoTokenizer.from_pretrained(name_or_dir)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load a tokenizer from {name_or_dir!r} ({exc}); pass --tokenizer DIR") from None
+
+
+def _hub_resolves() -> bool:
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True

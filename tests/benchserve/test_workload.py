@@ -137,3 +137,22 @@ def test_batch_encoding_draws_the_same_prompts(tok: workload.Tokenizer) -> None:
     spec = WorkloadSpec("random", 12, LengthRange(24, 80), LengthRange(4, 4), seed=3)
     assert hasattr(tok, "encode_batch")
     assert workload.build(spec, _OneByOne(tok)) == workload.build(spec, tok)
+
+
+def test_a_tokenizer_name_out_of_reach_fails_without_trying_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a local dir, not in the Hugging Face cache, the hub marked offline: the error names the
+    flag to pass, and no download is attempted (an offline box used to sit in the hub's retries)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tried: list[str] = []
+    import transformers
+
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def recording(name, *args, **kwargs):  # noqa: ANN001, ANN202 - the real loader, recorded
+        tried.append("local" if kwargs.get("local_files_only") else "hub")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recording)
+    with pytest.raises(ValueError, match=r"no-such-org/no-such-tokenizer.*pass --tokenizer DIR"):
+        workload.load_tokenizer("no-such-org/no-such-tokenizer")
+    assert tried == ["local"]
