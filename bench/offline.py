@@ -100,8 +100,7 @@ def build_engine(model: str, args: argparse.Namespace, device: torch.device) -> 
         ),
         enforce_eager=args.enforce_eager,
         async_scheduling=not args.no_async_scheduling,
-        cuda_graph_piecewise_max_tokens=getattr(args, "piecewise_max_tokens", None)
-        or defaults.cuda_graph_piecewise_max_tokens,
+        cuda_graph_piecewise_max_tokens=args.piecewise_max_tokens or defaults.cuda_graph_piecewise_max_tokens,
     )
     # Offline, like `LLM.generate`: outputs for finished requests only (the HTTP server streams).
     return EngineCore(config, stream_outputs=False)
@@ -164,7 +163,7 @@ def engine_throughput(engine: Any, prompts: list[list[int]], output_tokens: int)
         elapsed = time.perf_counter() - t0
     stats = engine.stats()
     return {"time_s": elapsed, "output_tokens": generated, "steps": steps,
-            "num_preemptions": stats.num_preemptions, "piecewise_steps": getattr(engine.runner, "piecewise_steps", 0),
+            "num_preemptions": stats.num_preemptions, "piecewise_steps": engine.runner.piecewise_steps,
             **watch.record()}
 
 

@@ -712,10 +712,7 @@ class ModelRunner:
         max_bs = self._g_input_ids.shape[0]
         host = self._g_host
         # Padding rows [n, size): token 0 at position 0, slot -1 (stores nothing), length 1.
-        for k, (values, pad) in enumerate(((hb.ids, 0), (hb.positions, 0), (hb.slots, -1), (hb.seq_lens, 1))):
-            base = k * max_bs
-            host[base : base + n] = values
-            host[base + n : base + size] = pad
+        _fill_padded(host, max_bs, n, size, ((hb.ids, 0), (hb.positions, 0), (hb.slots, -1), (hb.seq_lens, 1)))
         src = self._gather_src(hb, prev)
         parts: list[list[int] | np.ndarray] = [host, hb.tables, hb.gather_dst, src]
         graph = self.graphs[size]
@@ -763,11 +760,7 @@ class ModelRunner:
     def _prefill_graph_size_for(self, hb: _HostBatch) -> int | None:
         if not self.prefill_graphs or len(hb.q_lens) != 1 or hb.prompt_lp or hb.gather_dst:
             return None
-        n = len(hb.ids)
-        for size in self.prefill_graphs:  # ascending
-            if size >= n:
-                return size
-        return None
+        return _first_at_least(self.prefill_graphs, len(hb.ids))
 
     def _setup_prefill_graphs(self, *, capture: bool) -> None:
         """Static inputs for every size, then a CUDA graph per size (capture=True, on CUDA) or a
@@ -830,10 +823,7 @@ class ModelRunner:
         n = len(hb.ids)
         host = self._p_host
         big = max(self.prefill_graphs)
-        for k, (values, pad) in enumerate(((hb.ids, 0), (hb.positions, 0), (hb.slots, -1))):
-            base = k * big
-            host[base : base + n] = values
-            host[base + n : base + size] = pad
+        _fill_padded(host, big, n, size, ((hb.ids, 0), (hb.positions, 0), (hb.slots, -1)))
         host[3 * big + 1] = n
         host[3 * big + 2] = hb.seq_lens[0]
         host[3 * big + 3] = hb.logits_rows[0] if hb.logits_rows else n - 1
@@ -852,11 +842,7 @@ class ModelRunner:
     def _piecewise_size_for(self, hb: _HostBatch) -> int | None:
         if not self.piecewise or hb.prompt_lp:
             return None
-        n = len(hb.ids)
-        for size in self.piecewise:  # ascending
-            if size >= n:
-                return size
-        return None
+        return _first_at_least(self.piecewise, len(hb.ids))
 
     def _setup_piecewise_graphs(self, *, capture: bool) -> None:
         """Static inputs shared by every size, then each size's pieces (capture=True, on CUDA) or an
@@ -912,7 +898,7 @@ class ModelRunner:
                         recorder.live = meta
                         with cutting(self.model, recorder):
                             forward(size)
-                    self.piecewise[size] = PiecewiseForward(size, [], [], logits_buf[0][: min(size, max_seqs)],
+                    self.piecewise[size] = PiecewiseForward([], [], logits_buf[0][: min(size, max_seqs)],
                                                             eager=eager)
             else:
                 pool = self._graph_pool
@@ -935,7 +921,7 @@ class ModelRunner:
                             f"capturing the piecewise CUDA graphs of {size} tokens failed ({exc}); set "
                             "engine.cuda_graph_piecewise_max_tokens lower, or 0 to run those steps eagerly") from exc
                     pool = recorder.pool
-                    self.piecewise[size] = PiecewiseForward(size, recorder.pieces, recorder.cuts,
+                    self.piecewise[size] = PiecewiseForward(recorder.pieces, recorder.cuts,
                                                             logits_buf[0][: min(size, max_seqs)])
                 self._graph_pool = pool
                 torch.cuda.synchronize(dev)
@@ -949,10 +935,7 @@ class ModelRunner:
         replay the size's pieces around the eager attention launches."""
         n, num_seqs, num_rows = len(hb.ids), len(hb.q_lens), len(hb.logits_rows)
         host, span, at = self._w_host, self._w_span, self._w_rows_at
-        for k, (values, pad) in enumerate(((hb.ids, 0), (hb.positions, 0), (hb.slots, -1))):
-            base = k * span
-            host[base : base + n] = values
-            host[base + n : base + size] = pad
+        _fill_padded(host, span, n, size, ((hb.ids, 0), (hb.positions, 0), (hb.slots, -1)))
         host[at : at + num_rows] = hb.logits_rows
         host[at + num_rows : at + min(size, self.config.scheduler.max_num_seqs)] = 0
         qsl = np.zeros(num_seqs + 1, dtype=np.int32)
@@ -974,6 +957,23 @@ class ModelRunner:
         )
         self.piecewise_steps += 1
         return self.piecewise[size].replay(meta)[:num_rows]
+
+
+def _fill_padded(host: np.ndarray, stride: int, n: int, size: int,
+                 columns: tuple[tuple[list[int], int], ...]) -> None:
+    """A graph's static host inputs: column k's n values at k * stride, then its pad value up to size."""
+    for k, (values, pad) in enumerate(columns):
+        base = k * stride
+        host[base : base + n] = values
+        host[base + n : base + size] = pad
+
+
+def _first_at_least(sizes: dict[int, object], n: int) -> int | None:
+    """The smallest captured size (keys in ascending order) that holds n, if any."""
+    for size in sizes:
+        if size >= n:
+            return size
+    return None
 
 
 class _EagerReplay:

@@ -63,11 +63,10 @@ class _Cut:
 
 
 class PiecewiseForward:
-    """One token count's forward: `pieces` (CUDA graphs, or None on CPU) around `cuts`."""
+    """One token count's forward: `pieces` (CUDA graphs; none on CPU, where `eager` runs it) around `cuts`."""
 
-    def __init__(self, size: int, pieces: list[torch.cuda.CUDAGraph], cuts: list[_Cut], logits: torch.Tensor,
+    def __init__(self, pieces: list[torch.cuda.CUDAGraph], cuts: list[_Cut], logits: torch.Tensor,
                  eager: Callable[[AttentionMetadata], None] | None = None) -> None:
-        self.size = size
         self.pieces = pieces
         self.cuts = cuts
         self.logits = logits  # [rows, vocab], the static logits of this size's sampled rows
