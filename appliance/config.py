@@ -87,8 +87,10 @@ class EngineConfig:
     cuda_graph_prefill_max_tokens: int = 2048
     # The other steps (decodes with a prompt chunk, several prompts) replay CUDA graphs cut at each
     # layer's attention, padded to a ladder of token counts up to this many (attention runs eagerly
-    # between the pieces, appliance/engine/piecewise.py). 0: such steps run eager.
-    cuda_graph_piecewise_max_tokens: int = 0
+    # between the pieces, appliance/engine/piecewise.py). Capped at max_num_batched_tokens; 0: such
+    # steps run eager. On an H200 the 135M offline W1 went from 56-70k to 82-108k tok/s
+    # (docs/ARCHITECTURE.md, "Piecewise graphs").
+    cuda_graph_piecewise_max_tokens: int = 8192
     # Schedule and launch step N before step N-1's sampled ids reach the host, so the host work
     # of a step (scheduling, inputs, stop checks, outputs) overlaps the device's forward pass.
     # Same tokens either way; False: the plain schedule -> execute -> update loop.

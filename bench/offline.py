@@ -48,7 +48,7 @@ def add_arguments_bench(parser: argparse.ArgumentParser) -> None:
                         help="engine KV-cache dtype (fp8: float8 e4m3, half the KV bytes of bf16)")
     parser.add_argument("--enforce-eager", action="store_true", help="engine without CUDA graphs")
     parser.add_argument("--piecewise-max-tokens", type=int,
-                        help="engine.cuda_graph_piecewise_max_tokens (default: the engine's)")
+                        help="engine.cuda_graph_piecewise_max_tokens (default: the engine's; 0: those steps eager)")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="engine waits for each step's tokens before scheduling the next")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
@@ -100,7 +100,8 @@ def build_engine(model: str, args: argparse.Namespace, device: torch.device) -> 
         ),
         enforce_eager=args.enforce_eager,
         async_scheduling=not args.no_async_scheduling,
-        cuda_graph_piecewise_max_tokens=args.piecewise_max_tokens or defaults.cuda_graph_piecewise_max_tokens,
+        cuda_graph_piecewise_max_tokens=(defaults.cuda_graph_piecewise_max_tokens if args.piecewise_max_tokens is None
+                                         else args.piecewise_max_tokens),
     )
     # Offline, like `LLM.generate`: outputs for finished requests only (the HTTP server streams).
     return EngineCore(config, stream_outputs=False)

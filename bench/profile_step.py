@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tokenizer")
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--piecewise-max-tokens", type=int, help="engine.cuda_graph_piecewise_max_tokens")
+    parser.add_argument("--piecewise-max-tokens", type=int,
+                        help="engine.cuda_graph_piecewise_max_tokens (default: the engine's; 0: those steps eager)")
     parser.add_argument("--no-async-scheduling", action="store_true")
     parser.add_argument("--profile-after", type=int, default=40, help="decode steps before the profiled window")
     parser.add_argument("--profile-steps", type=int, default=8)

@@ -50,9 +50,9 @@ def test_no_file_and_flags_override_the_file(tmp_path: Path) -> None:
     capped = load_config(str(path), {"engine.max_prefill_tokens_with_decodes": 512})
     assert capped.engine.scheduler.max_prefill_tokens_with_decodes == 512
     assert AppConfig().engine.scheduler.max_prefill_tokens_with_decodes == 0
-    piecewise = load_config(str(path), {"engine.cuda_graph_piecewise_max_tokens": 8192})
-    assert piecewise.engine.cuda_graph_piecewise_max_tokens == 8192
-    assert AppConfig().engine.cuda_graph_piecewise_max_tokens == 0
+    piecewise = load_config(str(path), {"engine.cuda_graph_piecewise_max_tokens": 0})
+    assert piecewise.engine.cuda_graph_piecewise_max_tokens == 0
+    assert AppConfig().engine.cuda_graph_piecewise_max_tokens == 8192
     assert config.source_path == str(path)
 
 

@@ -116,12 +116,17 @@ def test_the_ladder():
     assert all(padded(n) - n < n / 4 for n in range(2049, 8193))
 
 
-def test_turned_off_by_default(default_model_dir):
+def test_on_by_default_captured_on_cuda_only(default_model_dir):
+    """On by default (8,192 tokens, capped by max_num_batched_tokens); a CPU engine captures
+    nothing (its steps run eager), and 0 turns the ladder off."""
     config = engine_config(default_model_dir)
-    assert config.cuda_graph_piecewise_max_tokens == 0
+    assert config.cuda_graph_piecewise_max_tokens == 8192
     engine = EngineCore(config)
-    engine.runner._setup_piecewise_graphs(capture=False)
     assert engine.runner.piecewise == {}
+    assert engine.runner._piecewise_sizes()[-1] == min(8192, config.scheduler.max_num_batched_tokens)
+    off = EngineCore(dataclasses.replace(config, cuda_graph_piecewise_max_tokens=0))
+    off.runner._setup_piecewise_graphs(capture=False)
+    assert off.runner.piecewise == {}
 
 
 def test_capture_cuts_the_forward_into_one_piece_more_than_layers(default_model_dir, monkeypatch):
