@@ -14,8 +14,10 @@ TTFT, TPOT and ITL (vLLM writes p50 as `median_*`). `--json FILE` writes the tab
 
 `--crosscheck DIR` reads what bench/crosscheck_bench_serve.sh left there (runs.tsv, each run's
 JSON, the server's /metrics before and after each run, meta.json) and writes one document for
-bench/results/: per workload, every run's figures, the medians per client with their spread, the
-ratio of medians and the verdict against the tolerance; the server's own count of the tokens each
+bench/results/: per workload, every run's figures, the medians per client with their spread and the
+ratio of medians; each client's rounds pooled (every request of every round as one sample, through
+our arithmetic on both clients' per-request records) with the ratio and the verdict against the
+tolerance (on the medians where a client left no per-request records); the server's own count of the tokens each
 run cost it (the same workload, seen from the server) and its mean TTFT/ITL/E2E per client's runs
 (so a difference the server made is told from one the clients measured); and the arithmetic check: each vLLM run's
 figures recomputed by our `metrics.summarize` from vLLM's own per-request records
@@ -153,6 +155,37 @@ def vllm_records(doc: dict[str, Any]) -> list[RequestRecord]:
     return records
 
 
+def our_records(run: dict[str, Any]) -> list[RequestRecord]:
+    """Our run's per-request rows and chunk gaps (`--save-itls`) as records, each sent at 0: its
+    TTFT, then one token time per gap."""
+    table, gaps = run.get("requests"), run.get("itls_ms")
+    if not isinstance(table, dict) or not isinstance(gaps, list) or len(gaps) != len(table.get("rows", [])):
+        raise ValueError("no per-request records in our result (run it with --save-itls)")
+    col = {name: i for i, name in enumerate(table["columns"])}
+    records = []
+    for i, (row, itls) in enumerate(zip(table["rows"], gaps, strict=True)):
+        record = RequestRecord(index=i, due_s=0.0, prompt_tokens=row[col["prompt_tokens"]] or 0)
+        if row[col["error_kind"]] is not None or row[col["ttft_ms"]] is None:
+            record.error_kind = row[col["error_kind"]] or "no first token"
+        else:
+            t = row[col["ttft_ms"]] / 1e3
+            record.token_times_s = [t]
+            for gap in itls:
+                t += gap / 1e3
+                record.token_times_s.append(t)
+            record.output_tokens, record.output_tokens_source = row[col["output_tokens"]], "usage"
+        records.append(record)
+    return records
+
+
+def pooled_figures(runs: list[tuple[list[RequestRecord], float]]) -> dict[str, Any]:
+    """One client's rounds as one sample: every request of every round, over the rounds' summed
+    duration, through our arithmetic (a p99 of 16 requests per round is one or two requests; pooled,
+    it is a percentile of all of them)."""
+    records = [r for recs, _ in runs for r in recs]
+    return our_figures(metrics.summarize(records, sum(d for _, d in runs), percentiles=(50.0, 90.0, 99.0)))
+
+
 def arithmetic_check(doc: dict[str, Any]) -> dict[str, Any]:
     """vLLM's reported figures against ours computed from vLLM's own records."""
     summary = metrics.summarize(vllm_records(doc), float(doc["duration"]), percentiles=(50.0, 90.0, 99.0))
@@ -226,6 +259,7 @@ def crosscheck(directory: Path, tolerance: float) -> dict[str, Any]:
     workloads: dict[str, Any] = {}
     for w in dict.fromkeys(r["workload"] for r in rows):
         runs, sides = [], {"ours": [], "vllm": []}
+        records: dict[str, list[tuple[list[RequestRecord], float]] | None] = {"ours": [], "vllm": []}
         for r in (r for r in rows if r["workload"] == w):
             name = f"{w}_{r['client']}_r{r['round']}"
             entry: dict[str, Any] = {"client": r["client"], "round": int(r["round"]), "seed": int(r["seed"]),
@@ -238,25 +272,40 @@ def crosscheck(directory: Path, tolerance: float) -> dict[str, Any]:
                 continue
             doc = json.loads(path.read_text())
             if r["client"] == "ours":
-                entry["figures"] = our_figures(our_run(doc, 0))
+                run = our_run(doc, 0)
+                entry["figures"] = our_figures(run)
             else:
                 entry["figures"] = vllm_figures(doc)
                 try:
                     entry["arithmetic"] = arithmetic_check(doc)
                 except (ValueError, KeyError) as exc:
                     entry["arithmetic"] = {"ok": None, "error": str(exc)}
+            pool = records[r["client"]]
+            if pool is not None:
+                try:
+                    recs = our_records(run) if r["client"] == "ours" else vllm_records(doc)
+                    pool.append((recs, float(entry["figures"]["duration (s)"])))
+                except (ValueError, KeyError, TypeError):
+                    records[r["client"]] = None  # a round without records: no pooled figures
             before, after = directory / f"{name}.before.prom", directory / f"{name}.after.prom"
             if before.is_file() and after.is_file():
                 entry["server"] = server_view(before.read_text(), after.read_text())
             sides[r["client"]].append(entry["figures"])
         table = compare(sides["ours"], sides["vllm"], tolerance)
+        pooled = None
+        if records["ours"] and records["vllm"]:
+            pooled = compare([pooled_figures(records["ours"])], [pooled_figures(records["vllm"])], tolerance)
+        judged_table = pooled if pooled is not None else table
         # The server's own figures for the runs of each client: a difference here is the server's.
         served = {c: [r["server"] for r in runs if r["client"] == c and "server" in r and "figures" in r]
                   for c in ("ours", "vllm")}
         server_table = compare(served["ours"], served["vllm"], tolerance, [*SERVER_MEANS, *SERVER_COUNTERS], set())
-        judged = [t for t in table if t["within"] is not None]
+        judged = [t for t in judged_table if t["within"] is not None]
         off = [t["figure"] for t in judged if not t["within"]]
-        workloads[w] = {"runs": runs, "figures": table, "server_figures": server_table,
+        off_medians = [t["figure"] for t in table if t["within"] is False]
+        workloads[w] = {"runs": runs, "figures": table, "pooled_figures": pooled,
+                        "judged_on": "pooled" if pooled is not None else "medians of the rounds",
+                        "medians_off": off_medians, "server_figures": server_table,
                         "server_work_identical": _same_server_work(runs),
                         "client_minus_server_mean_ttft_ms": _client_overhead(runs),
                         "arithmetic_identical": _all_ok(runs),
@@ -265,8 +314,10 @@ def crosscheck(directory: Path, tolerance: float) -> dict[str, Any]:
                                     + (f"; off: {', '.join(off)}" if off else "")),
                         "agree": bool(judged) and bool(sides["ours"]) and bool(sides["vllm"]) and not off}
     return {"what": "llm-appliance bench serve against vllm bench serve: one server, the same workloads, "
-                    "the clients alternated (medians over rounds); workloads named <w>s: both clients at "
-                    "once, each with half the prompts and half the concurrency",
+                    "the clients alternated; per figure the median over each client's rounds, and the "
+                    "figures of each client's rounds pooled (every request of every round, one sample; "
+                    "the verdict is on these when both clients left per-request records); workloads "
+                    "named <w>s: both clients at once, each with half the prompts and half the concurrency",
             **meta, "tolerance": tolerance, "workloads": workloads,
             "agree": bool(workloads) and all(v["agree"] for v in workloads.values())}
 
@@ -337,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name}: {w['verdict']}; server work identical: {w['server_work_identical']}; "
                   f"vLLM's figures from its records by our arithmetic: {w['arithmetic_identical']}; "
                   f"client - server mean TTFT (ms): {w['client_minus_server_mean_ttft_ms']}")
+            if w["pooled_figures"] is not None:
+                print("-- pooled over the rounds (judged):")
+                print_table(w["pooled_figures"], args.tolerance)
+                print("-- medians of the rounds (shown; off: " + (", ".join(w["medians_off"]) or "none") + "):")
             print_table(w["figures"], args.tolerance)
             print("-- the server's own view of the same runs (its /metrics):")
             print_table(w["server_figures"], args.tolerance)

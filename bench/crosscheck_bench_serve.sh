@@ -19,12 +19,19 @@
 # Per workload: one unmeasured warm-up pass (the shapes' first-use costs), then rounds
 # (odd: ours, vLLM; even: vLLM, ours), each run with its own seed; /metrics is read before and after
 # every run (outside both clients' clocks) for the server's own token counts and latency sums.
-# Side by side (SIDE, default "c8 w1c64"; "" for none): after the alternated rounds, the workload
+# Side by side (SIDE, default "c8 w1c64 p12"; "" for none): after the alternated rounds, the workload
 # again as workload "<w>s", both clients at once against the server, each with half the prompts and
 # half the concurrency, ROUNDS times. Both then measure the same server in the same seconds, so the
 # server's run-to-run spread (which alternated runs cannot separate from the clients: c8's TTFT p50
 # moved 31% between two runs of ours at b78de70, the server's own mean TTFT 38%) is common to both.
 # The /metrics scrapes around such a round are the two clients' load together.
+#   p12s   side by side only: W1 prompts 512 -> 128, each client its own Poisson arrivals at 6 req/s
+#          (P12_PROMPTS / 2 each, default 144). A closed loop (a concurrency limit) ties each client's
+#          next request to its own last answer: at w1c64s the 64 streams run in waves, a wave's prompts
+#          are prefilled in arrival order, and the client that turns its slots around later queues
+#          behind the other (83c6700: our half's mean TTFT 13 ms above vLLM's half, and more prefill
+#          steps inside its streams). Two independent open-loop processes interleave at random: each
+#          half is a random sample of one server's service, whatever either client's turnaround.
 # vLLM's client is imported once, while the server starts (bench/vllm_bench_client.py); if it
 # fails to come up, each run falls back to `python3 -m vllm.entrypoints.cli.main bench serve`.
 # BUDGET_S (default 225) stops starting runs that would not finish within it.
@@ -36,7 +43,8 @@ O=${OUT:-$PWD/crosscheck-out}; mkdir -p "$O"
 ROUNDS=${ROUNDS:-2}; W1_PROMPTS=${W1_PROMPTS:-512}; C1_PROMPTS=${C1_PROMPTS:-16}; C8_PROMPTS=${C8_PROMPTS:-256}
 BUDGET_S=${BUDGET_S:-330}
 WARM_W1=${WARM_W1_PROMPTS:-128}; WARM_C1=${WARM_C1_PROMPTS:-4}; WARM_C8=${WARM_C8_PROMPTS:-16}
-ONLY=${ONLY:-w1c64 c1 c8}; SIDE=${SIDE-c8 w1c64}; RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-150}  # a run past it is stopped (status 124)
+P12_PROMPTS=${P12_PROMPTS:-288}
+ONLY=${ONLY:-w1c64 c1 c8}; SIDE=${SIDE-c8 w1c64 p12}; RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-150}  # a run past it is stopped (status 124)
 HERE=$(cd "$(dirname "$0")" && pwd)
 OURPP=${SERVER_PYTHONPATH-${PYTHONPATH:-}}
 URL="http://127.0.0.1:$P"
@@ -73,6 +81,8 @@ WARM[c8]="--concurrency 8 --input-len 128 --output-len 128 --num-prompts $WARM_C
 OURS[w1c64s]="--concurrency 32 --input-len 512 --output-len 256 --num-prompts $((W1_PROMPTS / 2))"
 VLLM[w1c64s]="--max-concurrency 32 --request-rate inf --random-input-len 512 --random-output-len 256 --num-prompts $((W1_PROMPTS / 2))"
 OURS[c8s]="--concurrency 4 --input-len 128 --output-len 128 --num-prompts $((C8_PROMPTS / 2))"
+OURS[p12s]="--rate 6 --input-len 512 --output-len 128 --num-prompts $((P12_PROMPTS / 2))"
+VLLM[p12s]="--request-rate 6 --burstiness 1.0 --random-input-len 512 --random-output-len 128 --num-prompts $((P12_PROMPTS / 2))"
 VLLM[c8s]="--max-concurrency 4 --request-rate inf --random-input-len 128 --random-output-len 128 --num-prompts $((C8_PROMPTS / 2))"
 # Both send vLLM's completions body: ignore_eos, stream_options.include_usage, repetition_penalty 1.
 # Ours without its warm-up request (vLLM 0.26 sends none by default) and without sampling /metrics

@@ -72,9 +72,11 @@ def _prom(prompt: int, generated: int, finished: int, ttft_sum_s: float) -> str:
         f'vllm:time_to_first_token_seconds_sum{{model_name="m"}} {ttft_sum_s}', ""])
 
 
-def _crosscheck_dir(path: Path, ours_scale: tuple[float, float], vllm_scale: tuple[float, float]) -> Path:
+def _crosscheck_dir(path: Path, ours_scale: tuple[float, float], vllm_scale: tuple[float, float],
+                    records: bool = True) -> Path:
     """What crosscheck_bench_serve.sh leaves: runs alternated ours, vLLM, vLLM, ours; every run the
-    same requests, its clock stretched by its scale (a slower or faster server that run)."""
+    same requests, its clock stretched by its scale (a slower or faster server that run). records:
+    our runs keep their per-request rows and gaps (`--save-itls`, as the script runs it)."""
     import random
 
     from appliance_bench.compare_bench_serve import vllm_records
@@ -96,7 +98,15 @@ def _crosscheck_dir(path: Path, ours_scale: tuple[float, float], vllm_scale: tup
         streams = [Stream(s.start * scale, [(t * scale, p) for t, p in s.events], s.prompt_len) for s in base]
         doc = vllm_result_doc(streams, 1.0 * scale, [50.0, 90.0, 99.0])
         if client == "ours":
-            doc = {"runs": [metrics.summarize(vllm_records(doc), 1.0 * scale)]}
+            recs = vllm_records(doc)
+            run = metrics.summarize(recs, 1.0 * scale)
+            if records:
+                from appliance.benchserve.runner import _row
+                run["requests"] = {"columns": ["prompt_tokens", "output_tokens", "ttft_ms", "tpot_ms", "e2e_ms",
+                                               "max_itl_ms", "client_queue_ms", "finish_reason", "error_kind"],
+                                   "rows": [_row(r) for r in recs]}
+                run["itls_ms"] = [[gap * 1e3 for gap in r.itls_s] for r in recs]
+            doc = {"runs": [run]}
         name = f"w1c64_{client}_r{rnd}"
         (path / f"{name}.json").write_text(json.dumps(doc))
         ttft_sum = sum(s.events[0][0] - s.start for s in streams) - 0.001 * len(streams)  # server: 1 ms less
@@ -134,6 +144,18 @@ def test_crosscheck_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert [r["status"] for r in w["runs"]] == ["0", "0", "0", "0", "skipped"]
     assert w["runs"][1]["server"]["prompt_tokens"] == 64 * 512
     assert "9/9 figures within 3%" in capsys.readouterr().out
+    # Judged on the rounds pooled: each client's 128 requests as one sample, our records rebuilt
+    # from our rows and gaps (vLLM's from its --save-detailed lists).
+    assert w["judged_on"] == "pooled" and w["medians_off"] == []
+    pooled = {r["figure"]: r for r in w["pooled_figures"]}
+    assert pooled["completed"]["ours"] == pooled["completed"]["vllm"] == 128
+    assert pooled["output throughput (tok/s)"]["ratio"] == pytest.approx((1.01 + 0.99) / (1.00 + 1.02))
+    assert all(abs(r["ratio"] - 1) < 0.03 for r in w["pooled_figures"] if r["within"] is not None)
+    # Without our per-request records the verdict falls back to the medians of the rounds.
+    d = _crosscheck_dir(tmp_path / "medians", (1.00, 1.02), (1.01, 0.99), records=False)
+    assert main(["--crosscheck", str(d), "--json", str(d / "x.json")]) == 0
+    w = json.loads((d / "x.json").read_text())["workloads"]["w1c64"]
+    assert w["judged_on"] == "medians of the rounds" and w["pooled_figures"] is None
     # vLLM's rounds 6% and 8% slower: every figure off by about 7%.
     d = _crosscheck_dir(tmp_path / "off", (1.00, 1.00), (1.06, 1.08))
     assert main(["--crosscheck", str(d), "--json", str(d / "x.json")]) == 1
