@@ -178,6 +178,36 @@ def our_records(run: dict[str, Any]) -> list[RequestRecord]:
     return records
 
 
+def slot_turnaround_ms(sent_s: list[float], last_token_s: list[float], concurrency: int) -> list[float]:
+    """Under a concurrency limit, how long each freed slot stayed empty: the k-th request sent after
+    the first `concurrency` took the slot of the k-th answer to end (slots go first come, first
+    served), so its send minus that answer's last token. The client's own turnaround (reading the
+    stream's end, releasing the slot, building and sending the next request), plus the usage chunk
+    and `[DONE]` after the last token. Seconds in, ms out."""
+    sent, ended = sorted(sent_s), sorted(last_token_s)
+    return [(sent[concurrency + k] - ended[k]) * 1e3 for k in range(len(sent) - concurrency)]
+
+
+def _turnarounds(client: str, doc: dict[str, Any]) -> list[float] | None:
+    """One run's slot turnarounds (None: no concurrency limit, or no per-request send times)."""
+    if client == "ours":
+        run = our_run(doc, 0)
+        limit, table = (run.get("load") or {}).get("concurrency"), run.get("requests") or {}
+        col = {name: i for i, name in enumerate(table.get("columns", []))}
+        if not limit or "sent_ms" not in col or "clock_origin_s" not in run:
+            return None
+        ok = [r for r in table["rows"] if r[col["error_kind"]] is None and r[col["sent_ms"]] is not None]
+        sent = [run["clock_origin_s"] + r[col["sent_ms"]] / 1e3 for r in ok]
+        ended = [s + r[col["e2e_ms"]] / 1e3 for s, r in zip(sent, ok, strict=True)]
+    else:
+        limit = doc.get("max_concurrency")
+        if not limit or not isinstance(doc.get("start_times"), list):
+            return None
+        recs = [r for r in vllm_records(doc) if r.ok]
+        sent, ended = [r.start_s for r in recs], [r.token_times_s[-1] for r in recs]
+    return slot_turnaround_ms(sent, ended, int(limit)) if len(sent) > limit else None
+
+
 def pooled_figures(runs: list[tuple[list[RequestRecord], float]]) -> dict[str, Any]:
     """One client's rounds as one sample: every request of every round, over the rounds' summed
     duration, through our arithmetic (a p99 of 16 requests per round is one or two requests; pooled,
@@ -260,6 +290,7 @@ def crosscheck(directory: Path, tolerance: float) -> dict[str, Any]:
     for w in dict.fromkeys(r["workload"] for r in rows):
         runs, sides = [], {"ours": [], "vllm": []}
         records: dict[str, list[tuple[list[RequestRecord], float]] | None] = {"ours": [], "vllm": []}
+        turnaround: dict[str, list[float]] = {"ours": [], "vllm": []}
         for r in (r for r in rows if r["workload"] == w):
             name = f"{w}_{r['client']}_r{r['round']}"
             entry: dict[str, Any] = {"client": r["client"], "round": int(r["round"]), "seed": int(r["seed"]),
@@ -280,6 +311,10 @@ def crosscheck(directory: Path, tolerance: float) -> dict[str, Any]:
                     entry["arithmetic"] = arithmetic_check(doc)
                 except (ValueError, KeyError) as exc:
                     entry["arithmetic"] = {"ok": None, "error": str(exc)}
+            try:
+                turnaround[r["client"]] += _turnarounds(r["client"], doc) or []
+            except (ValueError, KeyError, TypeError):
+                pass  # shown where both clients have them; nothing is judged on it
             pool = records[r["client"]]
             if pool is not None:
                 try:
@@ -308,6 +343,7 @@ def crosscheck(directory: Path, tolerance: float) -> dict[str, Any]:
                         "medians_off": off_medians, "server_figures": server_table,
                         "server_work_identical": _same_server_work(runs),
                         "client_minus_server_mean_ttft_ms": _client_overhead(runs),
+                        "slot_turnaround_ms": {c: _stats(turnaround[c]) for c in ("ours", "vllm")},
                         "arithmetic_identical": _all_ok(runs),
                         "verdict": ("no runs to compare" if not judged or not sides["ours"] or not sides["vllm"]
                                     else f"{len(judged) - len(off)}/{len(judged)} figures within {tolerance:.0%}"
@@ -320,6 +356,13 @@ def crosscheck(directory: Path, tolerance: float) -> dict[str, Any]:
                     "named <w>s: both clients at once, each with half the prompts and half the concurrency",
             **meta, "tolerance": tolerance, "workloads": workloads,
             "agree": bool(workloads) and all(v["agree"] for v in workloads.values())}
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"n": len(values), "mean": statistics.fmean(values), "p50": metrics.percentile(values, 50),
+            "p99": metrics.percentile(values, 99)}
 
 
 def _seconds(ms: str) -> float | None:
@@ -387,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, w in doc["workloads"].items():
             print(f"== {name}: {w['verdict']}; server work identical: {w['server_work_identical']}; "
                   f"vLLM's figures from its records by our arithmetic: {w['arithmetic_identical']}; "
-                  f"client - server mean TTFT (ms): {w['client_minus_server_mean_ttft_ms']}")
+                  f"client - server mean TTFT (ms): {w['client_minus_server_mean_ttft_ms']}; "
+                  f"slot turnaround (ms): {w['slot_turnaround_ms']}")
             if w["pooled_figures"] is not None:
                 print("-- pooled over the rounds (judged):")
                 print_table(w["pooled_figures"], args.tolerance)

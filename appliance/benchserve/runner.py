@@ -120,11 +120,10 @@ async def run_point(config: ClientConfig, requests: Sequence[BenchRequest], poin
                               "server_metrics": server, "client_gc": _gc_summary(pauses),
                               "client_loop_lag_ms": lag.summary()}
     if options.keep_requests:
-        result["requests"] = {
-            "columns": ["prompt_tokens", "output_tokens", "ttft_ms", "tpot_ms", "e2e_ms", "max_itl_ms",
-                        "client_queue_ms", "finish_reason", "error_kind"],
-            "rows": [_row(r) for r in records],
-        }
+        # sent_ms: from t0, whose perf_counter() reading is clock_origin_s (CLOCK_MONOTONIC on Linux:
+        # one clock for every process of the machine, so two clients run side by side line up).
+        result["clock_origin_s"] = t0
+        result["requests"] = {"columns": list(REQUEST_COLUMNS), "rows": [_row(r, t0) for r in records]}
     if options.keep_itls:
         result["itls_ms"] = [[round(gap * 1e3, 4) for gap in r.itls_s] for r in records]
     return result
@@ -193,8 +192,13 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1e3, 3)
 
 
-def _row(r: RequestRecord) -> list[Any]:
+REQUEST_COLUMNS = ("prompt_tokens", "output_tokens", "ttft_ms", "tpot_ms", "e2e_ms", "max_itl_ms",
+                   "client_queue_ms", "finish_reason", "error_kind", "sent_ms")
+
+
+def _row(r: RequestRecord, t0: float) -> list[Any]:
+    sent = _ms(r.start_s - t0)
     if not r.ok:
-        return [r.prompt_tokens, 0, None, None, None, None, _ms(r.client_queue_s), None, r.error_kind]
+        return [r.prompt_tokens, 0, None, None, None, None, _ms(r.client_queue_s), None, r.error_kind, sent]
     return [r.prompt_tokens, r.output_tokens, _ms(r.ttft_s), _ms(r.tpot_s), _ms(r.e2e_s),
-            _ms(max(r.itls_s, default=None)), _ms(r.client_queue_s), r.finish_reason, None]
+            _ms(max(r.itls_s, default=None)), _ms(r.client_queue_s), r.finish_reason, None, sent]

@@ -101,10 +101,9 @@ def _crosscheck_dir(path: Path, ours_scale: tuple[float, float], vllm_scale: tup
             recs = vllm_records(doc)
             run = metrics.summarize(recs, 1.0 * scale)
             if records:
-                from appliance.benchserve.runner import _row
-                run["requests"] = {"columns": ["prompt_tokens", "output_tokens", "ttft_ms", "tpot_ms", "e2e_ms",
-                                               "max_itl_ms", "client_queue_ms", "finish_reason", "error_kind"],
-                                   "rows": [_row(r) for r in recs]}
+                from appliance.benchserve.runner import REQUEST_COLUMNS, _row
+                run["requests"] = {"columns": list(REQUEST_COLUMNS), "rows": [_row(r, 0.0) for r in recs]}
+                run["clock_origin_s"] = 0.0
                 run["itls_ms"] = [[gap * 1e3 for gap in r.itls_s] for r in recs]
             doc = {"runs": [run]}
         name = f"w1c64_{client}_r{rnd}"
@@ -198,3 +197,33 @@ def test_the_vllm_client_loop(tmp_path: Path) -> None:
     assert "args ['bench', 'serve', '--seed', '1', '{\"k\": 1}']" in logs[0].read_text()
     assert "RuntimeError: boom" in logs[2].read_text()
     assert "imported" in out.stderr  # printed at import: kept off the answers (so is --help's output)
+
+
+def test_slot_turnaround_pairs_each_freed_slot_with_the_next_send() -> None:
+    """Concurrency 2: the first two sent at once; the third takes the slot of the first answer to end
+    (last token at 1.0 s, sent at 1.05 s: 50 ms), the fourth that of the second (2.0 -> 2.1: 100 ms).
+    Our rows (sent_ms from the run's clock origin, E2E) and vLLM's records (start times, TTFT, gaps)
+    of the same requests give the same figures."""
+    from appliance_bench.compare_bench_serve import _turnarounds, slot_turnaround_ms
+
+    sent, last = [0.0, 0.0, 1.05, 2.1], [1.0, 2.0, 3.0, 4.0]
+    assert slot_turnaround_ms(sent, last, 2) == pytest.approx([50.0, 100.0])
+    assert slot_turnaround_ms(list(reversed(sent)), last, 2) == pytest.approx([50.0, 100.0])  # order-free
+    assert slot_turnaround_ms(sent, last, 4) == []
+    origin = 100.0
+    from appliance.benchserve.runner import REQUEST_COLUMNS
+    col = {c: i for i, c in enumerate(REQUEST_COLUMNS)}
+    rows = []
+    for s, e in zip(sent, last, strict=True):
+        row: list = [None] * len(REQUEST_COLUMNS)
+        row[col["sent_ms"]], row[col["e2e_ms"]], row[col["ttft_ms"]] = s * 1e3, (e - s) * 1e3, 100.0
+        rows.append(row)
+    ours = {"runs": [{"load": {"concurrency": 2}, "clock_origin_s": origin,
+                      "requests": {"columns": list(REQUEST_COLUMNS), "rows": rows}}]}
+    assert _turnarounds("ours", ours) == pytest.approx([50.0, 100.0])
+    vllm = {"max_concurrency": 2, "start_times": [origin + s for s in sent], "ttfts": [0.1] * 4,
+            "itls": [[e - s - 0.1] for s, e in zip(sent, last, strict=True)], "output_lens": [2] * 4,
+            "input_lens": [8] * 4, "errors": [""] * 4}
+    assert _turnarounds("vllm", vllm) == pytest.approx([50.0, 100.0])
+    assert _turnarounds("vllm", {**vllm, "max_concurrency": None}) is None
+    assert _turnarounds("ours", {"runs": [{**ours["runs"][0], "load": {"concurrency": None}}]}) is None
