@@ -856,6 +856,7 @@ class ModelRunner:
             return
         t0 = time.monotonic()
         big, dev = sizes[-1], self.device
+        free_before = torch.cuda.mem_get_info(dev)[0] if capture else 0
         max_seqs = self.config.scheduler.max_num_seqs
         span = -(-big // _ALIGN) * _ALIGN
         rows = min(big, max_seqs)
@@ -926,9 +927,11 @@ class ModelRunner:
                 self._graph_pool = pool
                 torch.cuda.synchronize(dev)
         self.piecewise = dict(sorted(self.piecewise.items()))
-        log.info("%s piecewise graphs for %d sizes (%d..%d tokens, %d pieces each) in %.1f s",
+        # Device memory they hold (static buffers and the pool's growth): what a smaller GPU must spare.
+        held = f", {(free_before - torch.cuda.mem_get_info(dev)[0]) / 2**20:.0f} MiB" if capture else ""
+        log.info("%s piecewise graphs for %d sizes (%d..%d tokens, %d pieces each) in %.1f s%s",
                  "captured" if capture else "built", len(sizes), sizes[0], big,
-                 len(attention_modules(self.model)) + 1, time.monotonic() - t0)
+                 len(attention_modules(self.model)) + 1, time.monotonic() - t0, held)
 
     def _replay_piecewise(self, hb: _HostBatch, size: int, prev: StepHandle | None) -> torch.Tensor:
         """Fill the static inputs (one copy: padding, sampled rows and the attention metadata) and
