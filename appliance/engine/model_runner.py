@@ -889,10 +889,23 @@ class ModelRunner:
                 logits_buf.append(torch.empty((rows, logits.shape[1]), dtype=logits.dtype, device=dev))
             logits_buf[0][:r].copy_(logits)
 
+        num_attn = len(attention_modules(self.model))
+
+        def check_cuts(recorder: Recorder) -> None:
+            # A layer that attends outside Attention.attend would be captured inside a piece over
+            # the capture's dummy metadata and replayed with it: wrong tokens, no error.
+            if len(recorder.cuts) != num_attn:
+                from appliance.errors import ModelLoadError
+
+                raise ModelLoadError(
+                    f"piecewise CUDA graphs: the forward attended through Attention.attend {len(recorder.cuts)} "
+                    f"times for {num_attn} attention modules; set engine.cuda_graph_piecewise_max_tokens = 0")
+
         with torch.inference_mode():
             if not capture:
-                with cutting(self.model, Recorder(q_buf, out_buf)):
+                with cutting(self.model, Recorder(q_buf, out_buf)) as first:
                     forward(sizes[0])
+                check_cuts(first)
                 for size in sizes:
                     def eager(meta: AttentionMetadata, size: int = size) -> None:
                         recorder = Recorder(q_buf, out_buf)
@@ -921,6 +934,7 @@ class ModelRunner:
                         raise ModelLoadError(
                             f"capturing the piecewise CUDA graphs of {size} tokens failed ({exc}); set "
                             "engine.cuda_graph_piecewise_max_tokens lower, or 0 to run those steps eagerly") from exc
+                    check_cuts(recorder)
                     pool = recorder.pool
                     self.piecewise[size] = PiecewiseForward(recorder.pieces, recorder.cuts,
                                                             logits_buf[0][: min(size, max_seqs)])

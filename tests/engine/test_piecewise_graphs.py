@@ -166,3 +166,25 @@ def test_capture_cuts_the_forward_into_one_piece_more_than_layers(default_model_
     assert calls == ["begin pool-1", "end"] * (layers + 1)
     assert len(recorder.pieces) == layers + 1 and len(recorder.cuts) == layers
     assert q_buf[: 32 * width].abs().sum() > 0  # the last layer's q, copied in
+
+
+def test_a_layer_attending_outside_attend_is_refused(default_model_dir, monkeypatch):
+    """A model whose layer computes attention without Attention.attend would be captured inside a
+    piece over the capture's dummy metadata: setting the pieces up refuses it, naming the key."""
+    from appliance.engine.piecewise import attention_modules
+    from appliance.errors import ModelLoadError
+
+    engine = EngineCore(_config(default_model_dir))
+    layer = attention_modules(engine.runner.model)[3]
+    plain = type(layer).attend
+
+    def bypass(self, q, kv_cache, meta, out=None):  # the cut hook never sees this layer
+        cut, self.cut = self.cut, None
+        try:
+            return plain(self, q, kv_cache, meta, out)
+        finally:
+            self.cut = cut
+
+    monkeypatch.setattr(layer, "attend", bypass.__get__(layer))
+    with pytest.raises(ModelLoadError, match="cuda_graph_piecewise_max_tokens = 0"):
+        engine.runner._setup_piecewise_graphs(capture=False)
