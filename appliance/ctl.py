@@ -165,6 +165,8 @@ def _format_status(s: StatusSnapshot) -> str:
             f" (last {duration(lat.window_s)})",
             f"  queue       {q.admission_queued} awaiting a first token, {q.rejected_total} rejected (429)"
             f", {q.rejected_last_minute} in the last minute",
+            f"  steps       {e.num_steps}: " + (", ".join(f"{n} {p.replace('_', ' ')}" for p, n in e.steps_by_path.items())
+                                               or "none launched"),
             f"  stalls      {e.kernel_compiles} kernel compiles while serving, garbage-collector pauses"
             f" >= 50 ms: {e.gc_long_pauses} engine, {s.daemon_gc_long_pauses} daemon",
         ]

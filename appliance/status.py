@@ -57,6 +57,8 @@ class EngineStatus:
     num_steps: int
     kernel_compiles: int = 0  # Triton compiles after the warm-up: each held a step (engine/compile_watch.py)
     gc_long_pauses: int = 0  # collector pauses >= 50 ms in the engine's process (appliance/gc_watch.py)
+    # launched steps by how they ran (decode/cascade/prefill graph, piecewise graphs, eager), cumulative
+    steps_by_path: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_stats(cls, stats: Any, *, progressing: bool, dead: bool) -> EngineStatus:
@@ -307,6 +309,13 @@ def _decode(tp: Any, data: Any, path: str) -> Any:
             raise WireError(f"{path}: expected a list, got {type(data).__name__}")
         (item,) = typing.get_args(tp)
         return [_decode(item, x, f"{path}[{i}]") for i, x in enumerate(data)]
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise WireError(f"{path}: expected an object, got {type(data).__name__}")
+        key, value = typing.get_args(tp)
+        if key is not str:
+            raise TypeError(f"{path}: only str-keyed dicts are wire types")
+        return {k: _decode(value, v, f"{path}.{k}") for k, v in data.items()}
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise WireError(f"{path}: expected an object, got {type(data).__name__}")

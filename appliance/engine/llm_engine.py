@@ -452,6 +452,7 @@ class EngineCore:
             requests=snapshots,
             kernel_compiles=compile_watch.compiles_so_far(),
             gc_long_pauses=gc_watch.long_pauses_so_far(),
+            steps_by_path=dict(self.runner.step_paths),
         )
 
     def warmup(self) -> None:

@@ -177,6 +177,11 @@ class _Staging:
         self.turn ^= 1
 
 
+# How a launched step ran: a decode graph (plain or cascade attention), a lone-prefill graph, the
+# piecewise graphs, or eagerly (CPU, enforce_eager, prompt logprobs, past the largest graph).
+STEP_PATHS = ("decode_graph", "cascade_graph", "prefill_graph", "piecewise_graphs", "eager")
+
+
 @dataclass
 class StepHandle:
     """One launched step. Its sampled ids stay on the device until `results()` is called."""
@@ -232,6 +237,9 @@ class ModelRunner:
         # Steps no other graph serves (mixed, several prompts): pieces cut at attention, by size.
         self.piecewise: dict[int, PiecewiseForward] = {}
         self.piecewise_steps = 0  # steps served by them (tests, logs)
+        # Every launched step by how it ran (/metrics `llm_appliance_engine_steps_total{path}`):
+        # a step that falls to eager on a GPU pays its launches from Python.
+        self.step_paths = dict.fromkeys(STEP_PATHS, 0)
         self._graph_pool = None
         self._staging = _Staging(device)
         self._table_rows = _TableRows(self.max_blocks_per_seq)
@@ -375,12 +383,16 @@ class ModelRunner:
         prefill_size = None if decode else self._prefill_graph_size_for(hb)
         piecewise_size = None if graph_size or prefill_size or cascade else self._piecewise_size_for(hb)
         if graph_size is not None:
+            self.step_paths["cascade_graph" if cascade else "decode_graph"] += 1
             logits = self._replay(hb, graph_size, prev, cascade)
         elif prefill_size is not None:
+            self.step_paths["prefill_graph"] += 1
             logits = self._replay_prefill(hb, prefill_size)
         elif piecewise_size is not None:
+            self.step_paths["piecewise_graphs"] += 1
             logits = self._replay_piecewise(hb, piecewise_size, prev)
         else:
+            self.step_paths["eager"] += 1
             batch = self._upload_eager(hb, prev, cascade)
             self.cascade_steps += batch.meta.use_cascade
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)

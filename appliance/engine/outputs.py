@@ -113,6 +113,7 @@ class EngineStats(msgspec.Struct, array_like=True, gc=False):
     requests: list[RequestSnapshot] = msgspec.field(default_factory=list)
     kernel_compiles: int = 0  # Triton compiles after the warm-up (engine/compile_watch.py), cumulative
     gc_long_pauses: int = 0  # the engine process's collector pauses >= 50 ms (appliance/gc_watch.py), cumulative
+    steps_by_path: dict[str, int] = msgspec.field(default_factory=dict)  # engine/model_runner.STEP_PATHS, cumulative
 
     @property
     def prefix_cache_hit_rate(self) -> float:

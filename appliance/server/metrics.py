@@ -88,6 +88,14 @@ class _EngineCollector(Collector):
         yield counter("llm_appliance_kernel_compiles",
                       "Triton kernels compiled after the warm-up: each one held a step (and its requests) "
                       "for the compile.", stats.kernel_compiles)
+        paths = CounterMetricFamily("llm_appliance_engine_steps",
+                                    "Engine steps launched, by how they ran: decode_graph, cascade_graph, "
+                                    "prefill_graph, piecewise_graphs (CUDA graphs), or eager (kernels launched "
+                                    "from Python: CPU, enforce_eager, prompt logprobs).",
+                                    labels=["model_name", "path"])
+        for path, n in stats.steps_by_path.items():
+            paths.add_metric([self._model_name, path], n)
+        yield paths
         yield counter("llm_appliance_engine_gc_long_pauses",
                       "Garbage-collector pauses of 50 ms or more in the engine's process (inline: the daemon's).",
                       stats.gc_long_pauses)

@@ -166,6 +166,11 @@ def test_ctl_status_text_and_json(daemon: DaemonProcess) -> None:
     assert as_json["phase"] == "ready"
     assert as_json["engine"]["kernel_compiles"] == 0 and as_json["engine"]["gc_long_pauses"] >= 0
     assert as_json["daemon_gc_long_pauses"] >= 0
+    # Steps by how they ran: a CPU engine launches every step eagerly (the warm-up's included).
+    paths = as_json["engine"]["steps_by_path"]
+    assert set(paths) == {"decode_graph", "cascade_graph", "prefill_graph", "piecewise_graphs", "eager"}
+    assert paths["eager"] > 0 and sum(paths.values()) == paths["eager"] <= as_json["engine"]["num_steps"]
+    assert "eager" in text.stdout.split("  steps       ", 1)[1].split("\n", 1)[0]
 
 
 def test_ctl_without_a_daemon(daemon: DaemonProcess) -> None:

@@ -48,6 +48,8 @@ def test_unknown_keys_are_ignored_and_missing_optional_ones_defaulted() -> None:
     (("engine", "num_running"), "3", "StatusSnapshot.engine.num_running: expected int, got '3'"),
     (("clients", 0, "in_flight"), True, "StatusSnapshot.clients[0].in_flight: expected int, got True"),
     (("throughput",), [], "StatusSnapshot.throughput: expected an object, got list"),
+    (("engine", "steps_by_path"), [], "StatusSnapshot.engine.steps_by_path: expected an object, got list"),
+    (("engine", "steps_by_path", "eager"), 1.5, "StatusSnapshot.engine.steps_by_path.eager: expected int, got 1.5"),
 ])
 def test_a_wrong_field_is_named(path: tuple, value: object, message: str) -> None:
     data = json.loads(json.dumps(next(e["data"] for e in _raw_events("busy") if e["event"] == "stats")))

@@ -69,6 +69,13 @@ def test_metrics_parse_and_move(serve):
                  "llm_appliance_daemon_gc_long_pauses_total"):
         assert (name, tuple(sorted(model.items()))) in after, name
         assert moved(name, **model) >= 0 and float(_value(after, name, **model)).is_integer(), name
+    # Steps by how they ran: on CPU every step is eager (two answers of 4 tokens: 4 steps at least);
+    # the graph paths are there and stay at 0.
+    steps = "llm_appliance_engine_steps_total"
+    assert moved(steps, **model, path="eager") >= 4
+    for path in ("decode_graph", "cascade_graph", "prefill_graph", "piecewise_graphs"):
+        assert (steps, tuple(sorted({**model, "path": path}.items()))) in after, path
+        assert _value(after, steps, **model, path=path) == 0, path
 
 
 def test_a_long_collector_pause_of_the_server_process_is_counted_in_metrics(serve, monkeypatch):
