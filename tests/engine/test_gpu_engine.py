@@ -73,6 +73,8 @@ def test_piecewise_graphs_match_eager_sync() -> None:
     want = _run(_engine(graphs=False))
     got = _run(graphs)
     assert graphs.runner.piecewise_steps > 5
+    assert graphs.runner.step_paths["piecewise_graphs"] == graphs.runner.piecewise_steps
+    assert graphs.runner.step_paths["decode_graph"] > 0
     diverged = [(r, want[r], got[r]) for r in want if got[r] != want[r]]
     assert len(want) == 40 and not diverged, diverged[:3]
 

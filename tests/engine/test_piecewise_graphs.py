@@ -69,6 +69,8 @@ def test_mixed_steps_match_eager_steps(engine, default_model_dir, async_scheduli
     assert any(size > tokens for tokens, _, size in served), served
     assert static.runner.piecewise_steps == len(served)
     assert static.stats().prefix_cache_hits > 0
+    paths = static.stats().steps_by_path  # /metrics' llm_appliance_engine_steps_total{path}
+    assert paths["piecewise_graphs"] == len(served) == sum(paths.values())  # (no decode graphs on CPU)
 
 
 def test_every_layer_is_cut_once_into_two_shared_buffers(default_model_dir):
