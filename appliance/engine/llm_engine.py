@@ -277,7 +277,8 @@ class EngineCore:
         long_len = self.config.cuda_graph_prefill_max_tokens + self.config.cache.block_size + 1
         budget = self.config.scheduler.max_num_batched_tokens
         if long_len + params.max_tokens <= self.max_model_len and long_len <= budget:
-            self.add_request("__warmup_long__", [token] * long_len, params)  # a lone prefill past the prefill graphs (piecewise, or eager with those off)
+            # A lone prefill past the prefill graphs (piecewise, or eager with those off).
+            self.add_request("__warmup_long__", [token] * long_len, params)
             while "__warmup_long__" in self.requests:
                 self.step()
         # Two prompts at once (a multi-sequence prefill), then a third one while they decode (a

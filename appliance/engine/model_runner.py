@@ -236,7 +236,6 @@ class ModelRunner:
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         # Steps no other graph serves (mixed, several prompts): pieces cut at attention, by size.
         self.piecewise: dict[int, PiecewiseForward] = {}
-        self.piecewise_steps = 0  # steps served by them (tests, logs)
         # Every launched step by how it ran (/metrics `llm_appliance_engine_steps_total{path}`):
         # a step that falls to eager on a GPU pays its launches from Python.
         self.step_paths = dict.fromkeys(STEP_PATHS, 0)
@@ -247,6 +246,11 @@ class ModelRunner:
             self._setup_decode_graphs(capture=True)
             self._setup_prefill_graphs(capture=True)
             self._setup_piecewise_graphs(capture=True)
+
+    @property
+    def piecewise_steps(self) -> int:
+        """Steps the piecewise graphs served (tests, bench/offline.py)."""
+        return self.step_paths["piecewise_graphs"]
 
     def _cascade_min_seqs(self) -> int:
         """Rows that must share a prefix for a step to use cascade attention; 0: never (off, or
@@ -956,8 +960,8 @@ class ModelRunner:
         # Device memory they hold (static buffers and the pool's growth): what a smaller GPU must spare.
         held = f", {(free_before - torch.cuda.mem_get_info(dev)[0]) / 2**20:.0f} MiB" if capture else ""
         log.info("%s piecewise graphs for %d sizes (%d..%d tokens, %d pieces each) in %.1f s%s",
-                 "captured" if capture else "built", len(sizes), sizes[0], big,
-                 len(attention_modules(self.model)) + 1, time.monotonic() - t0, held)
+                 "captured" if capture else "built", len(sizes), sizes[0], big, num_attn + 1,
+                 time.monotonic() - t0, held)
 
     def _replay_piecewise(self, hb: _HostBatch, size: int, prev: StepHandle | None) -> torch.Tensor:
         """Fill the static inputs (one copy: padding, sampled rows and the attention metadata) and
@@ -984,7 +988,6 @@ class ModelRunner:
             is_decode_only=n == num_seqs,
             num_decodes=hb.num_decodes,
         )
-        self.piecewise_steps += 1
         return self.piecewise[size].replay(meta)[:num_rows]
 
 
