@@ -43,17 +43,21 @@ from appliance_kernels.intmath import cdiv, next_power_of_2
 from appliance_kernels.prefill_attention import launch_prefill, min_query_tokens_from_env
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Split-KV: never give a partition fewer keys than this, and never more partitions than this.
+# Split-KV: never give a partition fewer keys than this, and never more partitions than the cap
+# for the batch's longest row: _MAX_SPLITS under LONG_ROW_KEYS keys, _MAX_LONG_SPLITS from there.
 _MIN_KEYS_PER_SPLIT = 128
+_MAX_SPLITS = 16
+LONG_ROW_KEYS = 8192
 ENV_MAX_SPLITS = "APPLIANCE_MAX_DECODE_SPLITS"
 
 
 def max_splits_from_env(default: int) -> int:
-    """$APPLIANCE_MAX_DECODE_SPLITS: the most partitions a split-KV decode row takes (a power of
-    two >= 1), `default` when unset. Measured on an H200 (bench/results/...-07eace5-longctx.json):
-    one 32k-token row reads 1.97 TB/s with 16 partitions and 3.42 with 64 (131k: 2.15 -> 4.10).
-    But decode graphs are captured at max_model_len, so the cap also applies to short rows on a
-    long-configured server: the variable is there to measure both before the default moves."""
+    """$APPLIANCE_MAX_DECODE_SPLITS: the most partitions a split-KV decode row takes when the
+    batch's longest row has LONG_ROW_KEYS keys or more (a power of two >= 1), `default` when unset.
+    Measured on an H200 (bench/results/...-07eace5-longctx.json): one 32k-token row reads 1.97 TB/s
+    with 16 partitions and 3.42 with 64 (131k: 2.15 -> 4.10). Shorter batches keep the cap of 16:
+    the model runner captures a second decode graph for the small batches whose partitions differ
+    (appliance/engine/model_runner.py, "long-row graphs"), so short rows replay what they did."""
     text = os.environ.get(ENV_MAX_SPLITS, "").strip()
     if not text:
         return default
@@ -66,7 +70,7 @@ def max_splits_from_env(default: int) -> int:
     return value
 
 
-_MAX_SPLITS = max_splits_from_env(default=16)
+_MAX_LONG_SPLITS = max_splits_from_env(default=64)
 # Decode tile shapes (keys per iteration, warps, pipeline stages), by cache dtype, from a sweep on
 # an H100 (bench/results/...-decode-tile-sweep.json): bf16 at B=512 ctx=640 reads 2.97 TB/s with
 # 64/4/2 (no shape is faster); fp8 tiles convert before the dots, and 128 keys per iteration take
@@ -346,11 +350,13 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Partitions per decode row: enough programs to fill about two waves of the GPU, no partition
-    under _MIN_KEYS_PER_SPLIT keys. A power of two, so few kernel variants get compiled."""
+    under _MIN_KEYS_PER_SPLIT keys, at most the cap for max_seq_len (see LONG_ROW_KEYS). A power
+    of two, so few kernel variants get compiled."""
     programs = max(1, num_seqs * num_kv_heads)
     wanted = cdiv(2 * _num_sms(device), programs)
     by_length = cdiv(max(1, max_seq_len), _MIN_KEYS_PER_SPLIT)
-    splits = max(1, min(wanted, by_length, _MAX_SPLITS))
+    cap = _MAX_LONG_SPLITS if max_seq_len >= LONG_ROW_KEYS else _MAX_SPLITS
+    splits = max(1, min(wanted, by_length, cap))
     return 1 if splits == 1 else next_power_of_2(splits)
 
 

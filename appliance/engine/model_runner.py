@@ -29,7 +29,7 @@ from appliance.engine.piecewise import PiecewiseForward, Recorder, attention_mod
 from appliance.engine.sampler import PendingSamples, Sampler, SampleResult, SampleRow
 from appliance.engine.scheduler import SchedulerOutput
 from appliance.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence
-from appliance.layers.attention import AttentionMetadata
+from appliance.layers.attention import AttentionMetadata, short_decode_bound
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,12 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         # Decode graphs with cascade attention, for the ladder's sizes >= cascade_min_seqs.
         self.cascade_graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
+        # Long-row decode graphs: for the small sizes whose split-KV partitions depend on the
+        # rows' length (appliance.layers.attention.short_decode_bound), the plain graph serves
+        # batches of rows shorter than its bound and this one the others (_setup_decode_graphs).
+        self.long_graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
+        self._short_bound: dict[int, int] = {}
+        self.long_row_steps = 0  # decode steps a long-row graph served (tests, logs)
         self.cascade_min_seqs = self._cascade_min_seqs()  # 0: cascade attention off
         self.cascade_steps = 0  # steps that attended a shared prefix once (tests, logs)
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
@@ -641,12 +647,19 @@ class ModelRunner:
         self._g_qsl = self._g_buf[4 * max_bs : 5 * max_bs + 1]
         self._g_block_tables = torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
         self._g_logits: dict[int, torch.Tensor] = {}
+        for size in sizes:
+            bound = short_decode_bound(size, self.model.num_kv_heads, self.max_model_len, dev)
+            if bound is not None:
+                self._short_bound[size] = bound
         if not capture:
             with torch.inference_mode():
                 for size in sizes:
                     forward = functools.partial(self._static_decode, size, False)
                     self._g_logits[size] = forward()
                     self.graphs[size] = _EagerReplay(forward, self._g_logits[size])
+                for size in self._short_bound:
+                    self.long_graphs[size] = _EagerReplay(functools.partial(self._static_decode, size, False, True),
+                                                          self._g_logits[size])
                 for size in self._cascade_graph_sizes():
                     self.cascade_graphs[size] = _EagerReplay(functools.partial(self._static_decode, size, True),
                                                              self._g_logits[size])
@@ -663,16 +676,28 @@ class ModelRunner:
                 self._g_logits[size] = self._static_decode(size, False)
             pool = graph.pool()
             self.graphs[size] = graph
+        for size in sorted(self._short_bound, reverse=True):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._static_decode(size, False, True)
+            stream.synchronize()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self._g_logits[size].copy_(self._static_decode(size, False, True))
+            pool = graph.pool()
+            self.long_graphs[size] = graph
         self._graph_pool = pool
         torch.cuda.synchronize(dev)
-        log.info("captured %d CUDA graphs (batch %d..%d) in %.1f s", len(sizes), sizes[0], max_bs,
-                 time.monotonic() - t0)
+        log.info("captured %d CUDA graphs (batch %d..%d) in %.1f s; long-row graphs for batch %s",
+                 len(sizes), sizes[0], max_bs, time.monotonic() - t0, sorted(self._short_bound) or "none")
         self._capture_cascade_graphs(stream)
 
-    def _static_decode(self, size: int, cascade: bool) -> torch.Tensor:
-        """The forward a decode graph of `size` rows records, over the static inputs: logits."""
+    def _static_decode(self, size: int, cascade: bool, long: bool = False) -> torch.Tensor:
+        """The forward a decode graph of `size` rows records, over the static inputs: logits. A size
+        with a long-row graph records its plain graph for rows under its short bound."""
+        bound = self.max_model_len if long or cascade else self._short_bound.get(size, self.max_model_len)
         hidden = self.model(self._g_input_ids[:size], self._g_positions[:size], self.kv_caches,
-                            self._graph_meta(size, cascade=cascade))
+                            self._graph_meta(size, cascade=cascade, max_seq_len=bound))
         return self.model.compute_logits(hidden)
 
     def _cascade_graph_sizes(self) -> list[int]:
@@ -705,14 +730,15 @@ class ModelRunner:
                  len(sizes), sizes[0], sizes[-1], time.monotonic() - t0,
                  (free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**20)
 
-    def _graph_meta(self, size: int, cascade: bool = False) -> AttentionMetadata:
+    def _graph_meta(self, size: int, cascade: bool = False, max_seq_len: int | None = None) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self._g_slots[:size],
             query_start_loc=self._g_qsl[: size + 1],
             seq_lens=self._g_seq_lens[:size],
             block_tables=self._g_block_tables[:size],
             max_query_len=1,
-            max_seq_len=self.max_model_len,  # NOTE: the kernel grid must not depend on live lengths
+            # NOTE: the kernel grid must not depend on live lengths: a bound the replayed rows respect.
+            max_seq_len=self.max_model_len if max_seq_len is None else max_seq_len,
             is_decode_only=True,
             use_cascade=cascade,
             cascade_prefix_len=self._gc_buf[:1] if cascade else None,
@@ -742,6 +768,9 @@ class ModelRunner:
             head[_ALIGN + n : _ALIGN + size] = 0
             head[at : at + len(cascade.blocks)] = cascade.blocks
             parts.append(head[: at + len(cascade.blocks)])
+        elif size in self._short_bound and max(hb.seq_lens) > self._short_bound[size]:
+            graph = self.long_graphs[size]
+            self.long_row_steps += 1
         dev, (_, o_tables, o_dst, o_src, *o_cascade) = self._upload(parts, dst=self._g_buf)
         width = hb.width
         # Rows past n keep stale but valid block ids: padding rows read one key of them, harmlessly.

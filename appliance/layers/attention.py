@@ -14,6 +14,7 @@ clamp(x / scale, ±448) and read back as fp8 * scale. The per-tensor scales are 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,26 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: 
         raise ConfigError(f"engine.kv_cache_dtype = \"fp8\" needs a GPU of compute capability 8.9 or later, "
                           f"{torch.cuda.get_device_name(device)} is {torch.cuda.get_device_capability(device)}")
     return FP8_KV_CACHE_DTYPE
+
+
+def short_decode_bound(num_seqs: int, num_kv_heads: int, max_model_len: int, device: torch.device) -> int | None:
+    """For a decode CUDA graph of `num_seqs` rows, captured with max_seq_len = max_model_len: the
+    max_seq_len a second graph of the size should be captured with for batches of short rows, or
+    None when one graph serves every length alike.
+
+    The GPU kernel caps a decode row's split-KV partitions by the batch's longest row (16 under
+    `LONG_ROW_KEYS` keys, 64 from there: kernels/attention.py). A graph's grid cannot follow live
+    lengths, so a small batch on a long-configured server gets two graphs: the short one (bound
+    LONG_ROW_KEYS - 1) for batches whose rows are all shorter, the long one for the others. Only
+    sizes whose partition count differs between the two bounds need it (1-2 rows of 8 KV heads on
+    132 SMs). The CPU path does not split; it answers as the GPU would so CPU tests cover the choice."""
+    from appliance_kernels import attention as triton_attention
+
+    short = triton_attention.LONG_ROW_KEYS - 1
+    if max_model_len <= short:
+        return None
+    pick = functools.partial(triton_attention.choose_num_splits, num_seqs, num_kv_heads, device=device)
+    return short if pick(short) != pick(max_model_len) else None
 
 
 @dataclass

@@ -64,6 +64,24 @@ def test_graphs_and_async_match_eager_sync() -> None:
     assert not diverged, diverged[:3]
 
 
+def test_long_row_graphs_match_eager_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small decode batches get a second graph for rows past LONG_ROW_KEYS (more split-KV
+    partitions: kernels/attention.py); lowered to 48 keys here, so `_run`'s rows cross it and
+    partitions run empty. Both families must give the eager, synchronous tokens."""
+    from appliance_kernels import attention
+
+    monkeypatch.setattr(attention, "LONG_ROW_KEYS", 48)
+    monkeypatch.setattr(attention, "_MIN_KEYS_PER_SPLIT", 1)
+    graphs = _engine(graphs=True)
+    assert graphs.runner.long_graphs and set(graphs.runner.long_graphs) <= set(graphs.runner.graphs)
+    want = _run(_engine(graphs=False))
+    got = _run(graphs)
+    assert graphs.runner.long_row_steps > 0
+    assert graphs.runner.step_paths["decode_graph"] > graphs.runner.long_row_steps
+    diverged = [(r, want[r], got[r]) for r in want if got[r] != want[r]]
+    assert len(want) == 40 and not diverged, diverged[:3]
+
+
 def test_piecewise_graphs_match_eager_sync() -> None:
     """The mixed and multi-prompt steps of `_run` replay the pieces cut at attention (padded token
     counts, attention launched between them) and give the eager, synchronous tokens."""

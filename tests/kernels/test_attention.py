@@ -403,10 +403,17 @@ def test_max_decode_splits_from_env_refuses_nonsense(monkeypatch: pytest.MonkeyP
         attention.max_splits_from_env(default=16)
 
 
-def test_the_split_cap_bounds_a_long_lone_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    # One 32k-token row of 8 KV heads wants 33 partitions (two waves of 132 SMs): the cap decides.
+def test_the_split_cap_follows_the_longest_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One 32k-token row of 8 KV heads wants 33 partitions (two waves of 132 SMs): the cap decides,
+    # and the cap depends on the batch's longest row: 16 under LONG_ROW_KEYS keys, 64 from there.
+    long = attention.LONG_ROW_KEYS
+    assert attention.choose_num_splits(1, 8, 32768, DEVICE) == 64
+    assert attention.choose_num_splits(1, 8, long, DEVICE) == 64
+    assert attention.choose_num_splits(1, 8, long - 1, DEVICE) == 16
+    assert attention.choose_num_splits(1, 8, 4096, DEVICE) == 16  # 4,096 keys could take 32 of 128
+    assert attention.choose_num_splits(2, 8, 32768, DEVICE) == 32  # 17 wanted -> the next power of two
+    assert attention.choose_num_splits(8, 8, 32768, DEVICE) == 8  # 64 programs: a few splits fill the GPU
+    monkeypatch.setattr(attention, "_MAX_LONG_SPLITS", 16)  # APPLIANCE_MAX_DECODE_SPLITS=16
     assert attention.choose_num_splits(1, 8, 32768, DEVICE) == 16
     monkeypatch.setattr(attention, "_MAX_SPLITS", 64)
-    assert attention.choose_num_splits(1, 8, 32768, DEVICE) == 64
-    assert attention.choose_num_splits(1, 8, 4096, DEVICE) == 32  # 4,096 keys: 32 partitions of 128
-    assert attention.choose_num_splits(8, 8, 32768, DEVICE) == 8  # 64 programs: a few splits fill the GPU
+    assert attention.choose_num_splits(1, 8, 4096, DEVICE) == 32
