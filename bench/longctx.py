@@ -65,6 +65,9 @@ PREFILL_CASES = [(1, 8192, 0), (1, 8192, 8192), (1, 8192, 24576)]
 THRESHOLD_CASES = [(16, 512, 0), (1, 512, 16384), (1, 2048, 30720)]
 DECODE_CASES = [(1, 32768, None), (1, 131072, None), (1, 8192, None), (2, 32768, None), (8, 32768, None),
                 (64, 16384, None), (1, 32768, 4096)]
+# Decode tiles tried on the long-row launches (keys per iteration, warps, pipeline stages).
+DECODE_TILE_SWEEP = [{"block_n": n, "num_warps": w, "num_stages": st}
+                     for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
 SMOKE_PREFILL = [(1, 24, 0), (2, 13, 70)]
 SMOKE_THRESHOLD = [(2, 8, 0), (1, 16, 40)]
 SMOKE_DECODE = [(1, 90, None), (2, 60, 16)]
@@ -406,6 +409,21 @@ def _decode_case(num_seqs: int, ctx: int, window: int | None, device: torch.devi
            "rel_err": err, "splits_sweep": {}}
     print(f"decode B={num_seqs:3d} ctx={ctx:6d} window={window} splits={splits}: {us:9.1f} us "
           f"{row['tb_s']:5.2f} TB/s ({row['of_copy']:.0%} of copy) err {err:.1e}", flush=True)
+    if splits > attention._MAX_SPLITS and not attention.is_fp8(args[1]) and device.type == "cuda":
+        # Long-row launches take attention.DECODE_TILE_LONG: which tile reads fastest here?
+        row["tile_sweep"] = {}
+        default = attention.DECODE_TILE_LONG
+        try:
+            for tile in DECODE_TILE_SWEEP:
+                attention.DECODE_TILE_LONG = tile
+                err_t = _rel_err(run(), want)
+                us_t = _time_graph_us(run, device)
+                key = f"{tile['block_n']}/{tile['num_warps']}/{tile['num_stages']}"
+                row["tile_sweep"][key] = {"us": us_t, "tb_s": kv_bytes / us_t / 1e6, "rel_err": err_t}
+                print(f"    tile {key:>9} (keys/warps/stages): {us_t:9.1f} us {kv_bytes / us_t / 1e6:5.2f} TB/s "
+                      f"err {err_t:.1e}", flush=True)
+        finally:
+            attention.DECODE_TILE_LONG = default
     for num_splits in (n for n in sweep if n != splits):  # would another partition count read faster?
         run_n = functools.partial(attention.paged_attention_with_splits, *args, scale, max_query_len=1,
                                   num_splits=num_splits, sliding_window=window)
@@ -437,7 +455,8 @@ def bench_decode(device: torch.device, smoke: bool, copy_bytes_per_s: float, clo
             print(f"decode B={num_seqs} ctx={ctx}: FAILED {rows[-1]['error'][:200]}", flush=True)
 
 
-def kernel_phase(device: torch.device, smoke: bool, clock: Clock, until_s: float, out: dict[str, Any]) -> None:
+def kernel_phase(device: torch.device, smoke: bool, clock: Clock, until_s: float, out: dict[str, Any],
+                 decode_only: bool = False) -> None:
     """Fills `out` as it goes (what was measured survives a failure later in the phase)."""
     from appliance_bench.roofline import measure_copy_bytes_per_s, measure_matmul_flops_per_s
 
@@ -446,8 +465,9 @@ def kernel_phase(device: torch.device, smoke: bool, clock: Clock, until_s: float
     out["ceilings"] = {"matmul_tflop_s": matmul / 1e12, "copy_tb_s": copy / 1e12}
     print(f"ceilings: bf16 matmul {matmul / 1e12:.0f} TFLOP/s, copy {copy / 1e12:.2f} TB/s", flush=True)
     out["prefill"], out["decode"] = [], []
-    out["decision"] = bench_prefill(device, smoke, matmul, clock, until_s, out["prefill"])
-    out["summary"] = kernel_summary(out)
+    if not decode_only:
+        out["decision"] = bench_prefill(device, smoke, matmul, clock, until_s, out["prefill"])
+        out["summary"] = kernel_summary(out)
     bench_decode(device, smoke, copy, clock, until_s, out["decode"])
     if not smoke:
         after = measure_matmul_flops_per_s(device)
@@ -675,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     from appliance_bench.results import write_result
 
     parser = argparse.ArgumentParser(prog="python -m appliance_bench.longctx", description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=["kernels", "engine", "all", "compile"], default="all")
+    parser.add_argument("--phase", choices=["kernels", "decode", "engine", "all", "compile"], default="all",
+                        help="decode: the decode cases of the kernel phase alone")
     parser.add_argument("--results-dir", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     parser.add_argument("--smoke", action="store_true",
                         help="CPU: the kernel phase at tiny shapes under the Triton interpreter, our daemon on the "
@@ -720,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     args.logs_dir = args.results_dir or Path(tempfile.mkdtemp(prefix="longctx-logs-"))
     args.workdir = Path(tempfile.mkdtemp(prefix="longctx-work-"))
     device = torch.device("cuda" if cuda and not args.smoke else "cpu")
-    run_kernels = args.phase in ("kernels", "all")
+    run_kernels = args.phase in ("kernels", "decode", "all")
     run_engine = args.phase in ("engine", "all") and bool(args.servers)
     if not cuda and not args.smoke:
         reason = ("no CUDA device: the long-context benchmark measures an H100/H200 (on CPU, "
@@ -750,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
         if run_kernels:
             payload["kernels"] = {}
             try:
-                kernel_phase(device, args.smoke, clock, args.kernel_phase_s, payload["kernels"])
+                kernel_phase(device, args.smoke, clock, args.kernel_phase_s, payload["kernels"],
+                             decode_only=args.phase == "decode")
             except Exception as exc:  # the engine phase still runs; the JSON says why
                 if args.smoke:
                     raise
