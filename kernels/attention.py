@@ -257,17 +257,10 @@ def _paged_attention_kernel(
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     row_elems = NUM_KV_HEADS * HEAD_DIM
 
-    # The block ids of each key tile are loaded one tile ahead and carried (as in
-    # prefill_attention.py): a K/V address that depends on a load of its own iteration waits for
-    # that load every tile, which dominates a split-KV partition of a few hundred keys.
-    tile_keys = tl.arange(0, BLOCK_N)
-    next_ids = tl.load(block_table_row + (kv_lo + tile_keys) // PAGE_SIZE, mask=kv_lo + tile_keys < kv_hi, other=0)
     for start in range(kv_lo, kv_hi, BLOCK_N):
-        keys = start + tile_keys
+        keys = start + tl.arange(0, BLOCK_N)
         key_valid = keys < kv_hi
-        block_ids = next_ids.to(tl.int64)
-        ahead = keys + BLOCK_N
-        next_ids = tl.load(block_table_row + ahead // PAGE_SIZE, mask=ahead < kv_hi, other=0)
+        block_ids = tl.load(block_table_row + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
         key_offs = (block_ids * PAGE_SIZE + keys % PAGE_SIZE) * row_elems + kv_head * HEAD_DIM  # [BLOCK_N]
         kv_mask = key_valid[:, None] & dim_valid[None, :]
         k = tl.load(k_cache_ptr + key_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
