@@ -61,15 +61,22 @@ def server_requests(log_text: str) -> list[dict[str, Any]]:
             continue
         arrival = dt.datetime.fromisoformat(rec["time"].replace("Z", "+00:00")).timestamp()
         out.append({"arrival_s": arrival, "prompt_tokens": rec.get("prompt_tokens"),
-                    "ttft_ms": rec["ttft_s"] * 1e3, "total_ms": rec["total_s"] * 1e3})
+                    "ttft_ms": rec["ttft_s"] * 1e3, "total_ms": rec["total_s"] * 1e3,
+                    "tpot_ms": _tpot(rec["ttft_s"] * 1e3, rec["total_s"] * 1e3, rec.get("completion_tokens"))})
     return out
+
+
+def _tpot(ttft_ms: float, e2e_ms: float, output_tokens: int | None) -> float | None:
+    """(E2E - TTFT) / (output tokens - 1), the definition both clients use; None under 2 tokens."""
+    return (e2e_ms - ttft_ms) / (output_tokens - 1) if output_tokens and output_tokens > 1 else None
 
 
 def client_requests(doc: dict[str, Any], client: str) -> list[dict[str, Any]]:
     """One run's successful requests: send (perf_counter seconds), prompt tokens, TTFT and E2E (ms)."""
     if client == "vllm":
         return [{"send_s": r.start_s, "prompt_tokens": r.prompt_tokens, "ttft_ms": r.ttft_s * 1e3,
-                 "e2e_ms": r.e2e_s * 1e3} for r in vllm_records(doc) if r.ok]
+                 "e2e_ms": r.e2e_s * 1e3, "tpot_ms": _tpot(r.ttft_s * 1e3, r.e2e_s * 1e3, r.output_tokens)}
+                for r in vllm_records(doc) if r.ok]
     run = our_run(doc, 0)
     table = run.get("requests") or {}
     col = {name: i for i, name in enumerate(table.get("columns", []))}
@@ -77,7 +84,8 @@ def client_requests(doc: dict[str, Any], client: str) -> list[dict[str, Any]]:
         raise ValueError("our result has no send times (rows need sent_ms and the run clock_origin_s)")
     origin = float(run["clock_origin_s"])
     return [{"send_s": origin + row[col["sent_ms"]] / 1e3, "prompt_tokens": row[col["prompt_tokens"]],
-             "ttft_ms": row[col["ttft_ms"]], "e2e_ms": row[col["e2e_ms"]]}
+             "ttft_ms": row[col["ttft_ms"]], "e2e_ms": row[col["e2e_ms"]],
+             "tpot_ms": _tpot(row[col["ttft_ms"]], row[col["e2e_ms"]], row[col["output_tokens"]])}
             for row in table.get("rows", [])
             if row[col["error_kind"]] is None and row[col["ttft_ms"]] is not None and row[col["sent_ms"]] is not None]
 
@@ -155,17 +163,19 @@ def half_view(reqs: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in reqs if r.get("server") is not None]
     view: dict[str, Any] = {"requests": len(reqs), "paired": len(ok),
                             "ambiguous": sum(1 for r in reqs if r.get("ambiguous"))}
-    for name, client_key, server_key in (("ttft", "ttft_ms", "ttft_ms"), ("e2e", "e2e_ms", "total_ms")):
-        view[name] = {"client": _pcts([r[client_key] for r in ok]),
-                      "server": _pcts([r["server"][server_key] for r in ok]),
-                      "client_minus_server": _pcts([r[client_key] - r["server"][server_key] for r in ok])}
+    for name, client_key, server_key in (("ttft", "ttft_ms", "ttft_ms"), ("tpot", "tpot_ms", "tpot_ms"),
+                                         ("e2e", "e2e_ms", "total_ms")):
+        both = [r for r in ok if r[client_key] is not None and r["server"][server_key] is not None]
+        view[name] = {"client": _pcts([r[client_key] for r in both]),
+                      "server": _pcts([r["server"][server_key] for r in both]),
+                      "client_minus_server": _pcts([r[client_key] - r["server"][server_key] for r in both])}
     return view
 
 
 def split_ratios(ours: dict[str, Any], vllm: dict[str, Any]) -> dict[str, Any]:
     """client ratio = service ratio x measurement ratio, per figure and statistic."""
     out: dict[str, Any] = {}
-    for name in ("ttft", "e2e"):
+    for name in ("ttft", "tpot", "e2e"):
         for stat in ("mean", "p50", "p99"):
             try:
                 client = ours[name]["client"][stat] / vllm[name]["client"][stat]

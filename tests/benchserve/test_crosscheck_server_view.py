@@ -68,6 +68,7 @@ def test_a_slower_half_is_service_not_measurement(tmp_path: Path) -> None:
         r = entry["ratios"][f"{stat} ttft"]
         assert r["service"] == pytest.approx(1.1, rel=0.08)  # each half drew its own 100 TTFTs
         assert r["measurement"] == pytest.approx(1.0, abs=0.01)
+    assert entry["ratios"]["p50 tpot"]["measurement"] == pytest.approx(1.0, abs=1e-3)  # 5 ms/token both ways
     gap = entry["halves"]["ours"]["ttft"]["client_minus_server"]
     assert gap["p50"] == pytest.approx(1.5, abs=0.06)  # the server log keeps 0.1 ms
 
@@ -81,6 +82,8 @@ def test_a_client_that_adds_time_shows_in_the_measurement(tmp_path: Path) -> Non
     vllm_gap = entry["halves"]["vllm"]["ttft"]["client_minus_server"]["mean"]
     assert vllm_gap == pytest.approx(4.5, abs=0.06)
     assert entry["ratios"]["mean ttft"]["measurement"] < 0.93
+    # Its TPOT, (E2E - TTFT) / 31, reads 3/31 ms per token short of the server's 5 ms.
+    assert entry["ratios"]["mean tpot"]["measurement"] == pytest.approx(5.0 / (5.0 - 3.0 / 31), rel=1e-3)
 
 
 def test_a_record_whose_end_disagrees_is_not_paired(tmp_path: Path) -> None:
