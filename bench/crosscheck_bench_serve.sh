@@ -36,7 +36,8 @@
 # fails to come up, each run falls back to `python3 -m vllm.entrypoints.cli.main bench serve`.
 # BUDGET_S (default 225) stops starting runs that would not finish within it.
 # Output in $OUT (or ./crosscheck-out): every run's JSON and log, the scrapes, runs.tsv, and
-# crosscheck_<LABEL>.json from bench/compare_bench_serve.py --crosscheck (exit 1: not within 3%).
+# crosscheck_<LABEL>.json from bench/compare_bench_serve.py --crosscheck (exit 1: not within 3%), and
+# crosscheck_server_view_<LABEL>.json from bench/crosscheck_server_view.py (our daemon only).
 set -u
 L=$1; P=$2; TOK=$3; shift 4
 O=${OUT:-$PWD/crosscheck-out}; mkdir -p "$O"
@@ -178,5 +179,11 @@ cat >"$O/meta.json" <<EOF
 EOF
 PYTHONPATH=$OURPP python3 "$HERE/compare_bench_serve.py" --crosscheck "$O" --json "$O/crosscheck_$L.json"
 status=$?
+# Each request against the server's own record of it (our daemon's request log; another server
+# has none): the ratios split into the service each half got and the clients' measurement.
+if grep -q "appliance.requests:" "$O/serve_$L.log" 2>/dev/null; then
+  PYTHONPATH=$OURPP python3 "$HERE/crosscheck_server_view.py" --crosscheck "$O" --json "$O/crosscheck_server_view_$L.json" \
+    || echo "$L: crosscheck_server_view failed (the verdict above stands)"
+fi
 echo "$L: done after $(el) s"
 exit $status
