@@ -410,12 +410,13 @@ def _decode_case(num_seqs: int, ctx: int, window: int | None, device: torch.devi
     print(f"decode B={num_seqs:3d} ctx={ctx:6d} window={window} splits={splits}: {us:9.1f} us "
           f"{row['tb_s']:5.2f} TB/s ({row['of_copy']:.0%} of copy) err {err:.1e}", flush=True)
     if splits > attention._MAX_SPLITS and not attention.is_fp8(args[1]) and device.type == "cuda":
-        # Long-row launches take attention.DECODE_TILE_LONG: which tile reads fastest here?
+        # Would another decode tile read a long row faster? (DECODE_TILE swapped for this launch,
+        # as bench/tile_sweep.py does for the short ones.)
         row["tile_sweep"] = {}
-        default = attention.DECODE_TILE_LONG
+        default = attention.DECODE_TILE
         try:
             for tile in DECODE_TILE_SWEEP:
-                attention.DECODE_TILE_LONG = tile
+                attention.DECODE_TILE = tile
                 err_t = _rel_err(run(), want)
                 us_t = _time_graph_us(run, device)
                 key = f"{tile['block_n']}/{tile['num_warps']}/{tile['num_stages']}"
@@ -423,7 +424,7 @@ def _decode_case(num_seqs: int, ctx: int, window: int | None, device: torch.devi
                 print(f"    tile {key:>9} (keys/warps/stages): {us_t:9.1f} us {kv_bytes / us_t / 1e6:5.2f} TB/s "
                       f"err {err_t:.1e}", flush=True)
         finally:
-            attention.DECODE_TILE_LONG = default
+            attention.DECODE_TILE = default
     for num_splits in (n for n in sweep if n != splits):  # would another partition count read faster?
         run_n = functools.partial(attention.paged_attention_with_splits, *args, scale, max_query_len=1,
                                   num_splits=num_splits, sliding_window=window)

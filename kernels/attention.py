@@ -77,9 +77,6 @@ _MAX_LONG_SPLITS = max_splits_from_env(default=64)
 # B=512 ctx=640 from 375 to 320 us (1.79 -> 2.10 TB/s) and B=1 ctx=4096 from 13.6 to 11.8 us.
 DECODE_TILE = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 DECODE_TILE_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
-# Long-row decode launches (more partitions than _MAX_SPLITS: a batch of one or two rows of
-# LONG_ROW_KEYS keys or more, each program reading hundreds of keys): bf16 caches take this tile.
-DECODE_TILE_LONG = dict(DECODE_TILE)
 # Prefill/mixed tile shape (rows = query tokens x GQA heads per program). A sweep on an H100
 # (16 x 512-token causal prefills, Llama-3.1-8B heads) found 130-145 TFLOP/s for every shape
 # tried; 128 rows x 32 keys was 11% faster than this one but doubles the idle rows of the decode
@@ -523,8 +520,7 @@ def _launch(
     block_d = max(16, next_power_of_2(head_dim))
     group_pad = next_power_of_2(group)
     if max_query_len == 1:
-        tile = (DECODE_TILE_FP8 if is_fp8(k_cache) else DECODE_TILE_LONG if num_splits > _MAX_SPLITS
-                else DECODE_TILE)
+        tile = DECODE_TILE_FP8 if is_fp8(k_cache) else DECODE_TILE
         block_q, block_n, num_warps, num_stages = 1, tile["block_n"], tile["num_warps"], tile["num_stages"]
     else:
         # Prefill tiles hold about PREFILL_TILE["rows"] (token, head) rows; a GQA group never
